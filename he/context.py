@@ -1,0 +1,215 @@
+"""CKKS parameters, the public context every party shares, and the secret key set.
+
+heclave's enclave re-encrypts every layer's input, so each linear layer starts
+at the top level and needs multiplicative depth one: the coefficient modulus is
+one 60-bit prime for decryption headroom, one 40-bit prime that the single
+rescale consumes, and the 60-bit special prime for key switching. With N = 8192
+that is 160 bits, inside SEAL's 128-bit-security bound of 218 bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import msgpack
+import numpy as np
+import tenseal.sealapi as seal
+
+from protocol.errors import CiphertextError, ErrorCode, ProtocolError
+
+from .serialize import (
+    ciphertext_from_bytes,
+    galois_keys_from_bytes,
+    public_key_from_bytes,
+    relin_keys_from_bytes,
+    to_bytes,
+)
+
+CONTEXT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CkksParams:
+    """CKKS encryption parameters: ring degree, coefficient-modulus bit sizes, scale."""
+
+    poly_modulus_degree: int = 8192
+    coeff_mod_bits: tuple[int, ...] = (60, 40, 60)
+    scale_bits: int = 40
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def scale(self) -> float:
+        return float(2**self.scale_bits)
+
+    def seal_context(self) -> seal.SEALContext:
+        parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+        parms.set_poly_modulus_degree(self.poly_modulus_degree)
+        parms.set_coeff_modulus(seal.CoeffModulus.Create(self.poly_modulus_degree, list(self.coeff_mod_bits)))
+        context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+        if not context.parameters_set():
+            raise ProtocolError(
+                f"CKKS parameters {self} are invalid: {context.parameters_error_message()}", ErrorCode.BAD_FIELD
+            )
+        return context
+
+    def to_wire(self) -> dict:
+        return {"n": self.poly_modulus_degree, "q": list(self.coeff_mod_bits), "scale": self.scale_bits}
+
+    @classmethod
+    def from_wire(cls, data: dict) -> "CkksParams":
+        try:
+            n, q, s = int(data["n"]), tuple(int(b) for b in data["q"]), int(data["scale"])
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError("CKKS parameters must be a map with n, q and scale.", ErrorCode.BAD_FIELD) from None
+        if n not in (4096, 8192, 16384, 32768) or not 2 <= len(q) <= 16 or not 20 <= s <= 60:
+            raise ProtocolError(f"Unsupported CKKS parameters n={n}, q={q}, scale={s}.", ErrorCode.BAD_FIELD)
+        return cls(n, q, s)
+
+
+def galois_element(step: int, params: CkksParams) -> int:
+    """SEAL's Galois element for a left rotation by ``step`` slots."""
+    return pow(3, step % params.slots, 2 * params.poly_modulus_degree)
+
+
+@dataclass
+class Toolkit:
+    """SEAL objects built once per context and shared by the kernels of a process."""
+
+    params: CkksParams
+    context: seal.SEALContext = field(init=False)
+    encoder: seal.CKKSEncoder = field(init=False)
+    evaluator: seal.Evaluator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.context = self.params.seal_context()
+        self.encoder = seal.CKKSEncoder(self.context)
+        self.evaluator = seal.Evaluator(self.context)
+
+    def encode(self, values: np.ndarray, scale: float | None = None) -> seal.Plaintext:
+        """Encode a real vector (zero-padded to the slot count) at the top level."""
+        plain = seal.Plaintext()
+        padded = np.zeros(self.params.slots)
+        padded[: len(values)] = values
+        self.encoder.encode(padded.tolist(), scale or self.params.scale, plain)
+        return plain
+
+    def load_ciphertext(self, data: bytes, what: str = "ciphertext", top_level: bool = True) -> seal.Ciphertext:
+        """A validated ciphertext; fresh inputs must be at the top level and the standard scale."""
+        ct = ciphertext_from_bytes(self.context, data, what)
+        if top_level and (ct.parms_id() != self.context.first_parms_id() or ct.scale != self.params.scale):
+            raise CiphertextError(
+                f"The {what} is not a fresh ciphertext at the top level with scale 2^{self.params.scale_bits}; "
+                "encrypt inputs with the deployment's public context."
+            )
+        return ct
+
+
+class PublicContext:
+    """What every party may hold: parameters, public key, relinearization keys, Galois keys.
+
+    ``to_bytes`` is the exact byte string the enclave's evidence binds, so an
+    owner checks the evidence against what it actually received.
+    """
+
+    def __init__(
+        self,
+        params: CkksParams,
+        public_key: bytes,
+        relin_keys: bytes,
+        galois_keys: bytes = b"",
+        galois_steps: Iterable[int] = (),
+    ) -> None:
+        self.params = params
+        self.toolkit = Toolkit(params)
+        self._public_key_bytes = public_key
+        self._relin_bytes = relin_keys
+        self._galois_bytes = galois_keys
+        self.galois_steps = tuple(sorted(set(galois_steps)))
+        self.public_key = public_key_from_bytes(self.toolkit.context, public_key)
+        self.relin_keys = relin_keys_from_bytes(self.toolkit.context, relin_keys)
+        self.galois_keys = galois_keys_from_bytes(self.toolkit.context, galois_keys) if galois_keys else None
+        self._encryptor = seal.Encryptor(self.toolkit.context, self.public_key)
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {
+                "format": CONTEXT_FORMAT,
+                "params": self.params.to_wire(),
+                "public_key": self._public_key_bytes,
+                "relin_keys": self._relin_bytes,
+                "galois_keys": self._galois_bytes,
+                "galois_steps": list(self.galois_steps),
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "PublicContext":
+        try:
+            d = msgpack.unpackb(data, raw=False)
+            if d.get("format") != CONTEXT_FORMAT:
+                raise ProtocolError(
+                    f"Public context format {d.get('format')!r} is not {CONTEXT_FORMAT}; upgrade the older side.",
+                    ErrorCode.UNSUPPORTED_VERSION,
+                )
+            return cls(
+                CkksParams.from_wire(d["params"]),
+                d["public_key"],
+                d["relin_keys"],
+                d.get("galois_keys", b""),
+                d.get("galois_steps", ()),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError, msgpack.UnpackException):
+            raise ProtocolError("The public context is malformed.", ErrorCode.BAD_FIELD) from None
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.to_bytes()).digest()
+
+    def with_galois(self, galois_keys: bytes, steps: Iterable[int]) -> "PublicContext":
+        """The same context plus Galois keys for exactly the rotation steps a plan uses."""
+        return PublicContext(self.params, self._public_key_bytes, self._relin_bytes, galois_keys, steps)
+
+    def encrypt(self, values: np.ndarray) -> bytes:
+        """Public-key encryption of a real vector, serialised."""
+        ct = seal.Ciphertext()
+        self._encryptor.encrypt(self.toolkit.encode(values), ct)
+        return to_bytes(ct)
+
+
+class SecretKeySet:
+    """The full CKKS key set. Only the enclave constructs one; the secret key never leaves it."""
+
+    def __init__(self, params: CkksParams, secret_key: seal.SecretKey | None = None) -> None:
+        self.params = params
+        self.toolkit = Toolkit(params)
+        context = self.toolkit.context
+        self._keygen = seal.KeyGenerator(context, secret_key) if secret_key is not None else seal.KeyGenerator(context)
+        self._secret = self._keygen.secret_key()
+        self._encryptor = seal.Encryptor(context, self._secret)
+        self._decryptor = seal.Decryptor(context, self._secret)
+        public_key = seal.PublicKey()
+        self._keygen.create_public_key(public_key)
+        self.public = PublicContext(params, to_bytes(public_key), to_bytes(self._keygen.create_relin_keys()))
+
+    def secret_key_bytes(self) -> bytes:
+        """For sealing to the enclave's own storage only."""
+        return to_bytes(self._secret)
+
+    def galois_keys(self, steps: Iterable[int]) -> bytes:
+        """Seeded Galois keys for exactly these left-rotation steps."""
+        elements = sorted({galois_element(s, self.params) for s in steps if s % self.params.slots})
+        return to_bytes(self._keygen.create_galois_keys(elements)) if elements else b""
+
+    def encrypt_symmetric(self, values: np.ndarray) -> bytes:
+        """Secret-key encryption, serialised seeded: faster and half the bytes of public-key encryption."""
+        return to_bytes(self._encryptor.encrypt_symmetric(self.toolkit.encode(values)))
+
+    def decrypt(self, ct: seal.Ciphertext) -> np.ndarray:
+        plain = seal.Plaintext()
+        self._decryptor.decrypt(ct, plain)
+        return np.asarray(self.toolkit.encoder.decode_double(plain))

@@ -1,0 +1,161 @@
+"""The encrypted affine layer: baby-step giant-step over generalised diagonals.
+
+The weights come in one of two forms, fixed at deployment: plaintexts encoded
+once (the server is trusted with the weights), or ciphertexts encrypted by the
+model owner under the enclave's public key (the default: the server learns
+nothing about the weights). Products of one giant-step group are summed while
+still of size three and relinearized once per group, then rescaled *before*
+the giant rotation, which costs half as much one level down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Sequence
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from protocol.errors import CiphertextError, PlanError
+
+from .context import PublicContext, Toolkit
+from .layout import LinearGeometry
+
+
+class WeightForm(str, Enum):
+    """How the server holds a layer's weights."""
+
+    ENCRYPTED = "encrypted"
+    PLAIN = "plain"
+
+    @classmethod
+    def parse(cls, value: str) -> "WeightForm":
+        try:
+            return cls(value)
+        except ValueError:
+            raise PlanError(f"Unknown weight form {value!r}; use one of: {', '.join(f.value for f in cls)}.") from None
+
+
+def diagonal_mask(geometry: LinearGeometry, weights: np.ndarray) -> np.ndarray:
+    """Which diagonals ``[out_cts, in_cts, k]`` are not all zero; the server skips the rest."""
+    return np.any(geometry.diagonals(weights) != 0, axis=-1)
+
+
+def encrypt_weights(context: PublicContext, geometry: LinearGeometry, weights: np.ndarray) -> list[bytes]:
+    """The model owner's side: the nonzero diagonals, encrypted, in mask order."""
+    diags = geometry.diagonals(weights)
+    mask = np.any(diags != 0, axis=-1)
+    return [context.encrypt(diags[idx]) for idx in zip(*np.nonzero(mask))]
+
+
+@dataclass
+class OpCounter:
+    """Homomorphic operations performed, for reports and for checking the cost model."""
+
+    rotations: int = 0
+    multiplications: int = 0
+    relinearizations: int = 0
+    rescales: int = 0
+
+
+@dataclass
+class LinearKernel:
+    """One deployed affine layer on the server: its geometry and its prepared weights."""
+
+    toolkit: Toolkit
+    geometry: LinearGeometry
+    form: WeightForm
+    mask: np.ndarray
+    weights: dict[tuple[int, int, int], seal.Plaintext | seal.Ciphertext] = field(repr=False)
+
+    @classmethod
+    def from_plain(cls, toolkit: Toolkit, geometry: LinearGeometry, weights: np.ndarray) -> "LinearKernel":
+        """Encode the diagonals of plaintext weights once, at deployment."""
+        diags = geometry.diagonals(weights)
+        mask = np.any(diags != 0, axis=-1)
+        encoded = {idx: toolkit.encode(diags[idx]) for idx in zip(*np.nonzero(mask))}
+        return cls(toolkit, geometry, WeightForm.PLAIN, mask, encoded)
+
+    @classmethod
+    def from_encrypted(
+        cls, toolkit: Toolkit, geometry: LinearGeometry, mask: np.ndarray, frames: Sequence[bytes]
+    ) -> "LinearKernel":
+        """Load the model owner's encrypted diagonals, one frame per nonzero diagonal."""
+        mask = np.asarray(mask, dtype=bool)
+        expected = (geometry.out_cts, geometry.in_cts, geometry.k)
+        if mask.shape != expected:
+            raise PlanError(f"Weight mask has shape {mask.shape}, the layer's geometry needs {expected}.")
+        keys = list(zip(*np.nonzero(mask)))
+        if len(keys) != len(frames):
+            raise PlanError(f"The layer needs {len(keys)} encrypted diagonals, the bundle carries {len(frames)}.")
+        loaded = {k: toolkit.load_ciphertext(f, "encrypted weight") for k, f in zip(keys, frames)}
+        return cls(toolkit, geometry, WeightForm.ENCRYPTED, mask, loaded)
+
+    def evaluate(
+        self, inputs: Sequence[seal.Ciphertext], context: PublicContext, counter: OpCounter | None = None
+    ) -> list[seal.Ciphertext]:
+        """``[out_cts]`` ciphertexts of partial sums, one level down, for the enclave to finish."""
+        g = self.geometry
+        if len(inputs) != g.in_cts:
+            raise CiphertextError(f"The layer takes {g.in_cts} input ciphertexts, got {len(inputs)}.")
+        counter = counter or OpCounter()
+        ev = self.toolkit.evaluator
+        babies = [self._baby_steps(ct, context, counter) for ct in inputs]
+        outputs = []
+        for o in range(g.out_cts):
+            total = None
+            for giant in range(g.giant):
+                part = self._giant_group(o, giant, babies, context, counter)
+                if part is None:
+                    continue
+                if giant:
+                    ev.rotate_vector_inplace(part, giant * g.baby, context.galois_keys)
+                    counter.rotations += 1
+                total = part if total is None else _add(ev, total, part)
+            if total is None:
+                raise PlanError(f"Output ciphertext {o} of the layer has no nonzero weights; re-plan the model.")
+            outputs.append(total)
+        return outputs
+
+    def _baby_steps(self, ct: seal.Ciphertext, context: PublicContext, counter: OpCounter) -> list[seal.Ciphertext]:
+        steps = [ct]
+        for b in range(1, min(self.geometry.baby, self.geometry.k)):
+            rotated = seal.Ciphertext()
+            self.toolkit.evaluator.rotate_vector(ct, b, context.galois_keys, rotated)
+            steps.append(rotated)
+        counter.rotations += len(steps) - 1
+        return steps
+
+    def _giant_group(
+        self, o: int, giant: int, babies: list[list[seal.Ciphertext]], context: PublicContext, counter: OpCounter
+    ) -> seal.Ciphertext | None:
+        g, ev = self.geometry, self.toolkit.evaluator
+        part = None
+        for b in range(g.baby):
+            k = giant * g.baby + b
+            if k >= g.k:
+                break
+            for i in range(g.in_cts):
+                if not self.mask[o, i, k]:
+                    continue
+                product = seal.Ciphertext()
+                if self.form is WeightForm.PLAIN:
+                    ev.multiply_plain(babies[i][b], self.weights[(o, i, k)], product)
+                else:
+                    ev.multiply(babies[i][b], self.weights[(o, i, k)], product)
+                counter.multiplications += 1
+                part = product if part is None else _add(ev, part, product)
+        if part is None:
+            return None
+        if self.form is WeightForm.ENCRYPTED:
+            ev.relinearize_inplace(part, context.relin_keys)
+            counter.relinearizations += 1
+        ev.rescale_to_next_inplace(part)
+        counter.rescales += 1
+        return part
+
+
+def _add(ev: seal.Evaluator, a: seal.Ciphertext, b: seal.Ciphertext) -> seal.Ciphertext:
+    ev.add_inplace(a, b)
+    return a

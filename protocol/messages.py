@@ -1,0 +1,136 @@
+"""Wire messages: a msgpack header frame followed by raw binary frames.
+
+A message is a ZeroMQ multipart ``[header, *buffers]``. The header is a msgpack
+map ``{v, type, id, parent, content, nbuf}``; ciphertexts and other bulk data
+travel as the raw ``buffers``, never inside msgpack and never pickled. A reply
+carries the id of the request it answers in ``parent`` (as jupyter_client's
+``parent_header`` does), and is either ``ok`` or ``error``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import msgpack
+
+from .errors import ErrorCode, HeclaveError, ProtocolError, error_from_reply
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+MAX_BUFFERS = 8192
+OK = "ok"
+ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One protocol message: its type, content map, binary buffers and ids."""
+
+    type: str
+    content: dict[str, Any] = field(default_factory=dict)
+    buffers: Sequence[bytes] = ()
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
+    parent: str | None = None
+
+    def reply(self, content: dict[str, Any] | None = None, buffers: Sequence[bytes] = ()) -> "Message":
+        """An ``ok`` reply to this message."""
+        return Message(OK, content or {}, tuple(buffers), parent=self.id)
+
+    def error_reply(self, error: HeclaveError) -> "Message":
+        """An ``error`` reply carrying the error's stable code and sentence."""
+        return error_message(error, parent=self.id)
+
+    def raise_for_error(self) -> "Message":
+        """Raise the remote error if this is an error reply; return self otherwise."""
+        if self.type == ERROR:
+            raise error_from_reply(str(self.content.get("code")), str(self.content.get("message")))
+        return self
+
+
+def error_message(error: HeclaveError, parent: str | None) -> Message:
+    """An ``error`` message for ``error``, answering ``parent`` when known."""
+    return Message(ERROR, {"code": error.code.value, "message": error.message}, (), parent=parent)
+
+
+def encode(message: Message) -> list[bytes]:
+    """Serialise a message into ZeroMQ frames."""
+    header = {
+        "v": PROTOCOL_VERSION,
+        "type": message.type,
+        "id": message.id,
+        "parent": message.parent,
+        "content": message.content,
+        "nbuf": len(message.buffers),
+    }
+    return [msgpack.packb(header, use_bin_type=True), *[bytes(b) for b in message.buffers]]
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Parse ZeroMQ frames into a message, refusing anything malformed.
+
+    Raises :class:`ProtocolError` with a stable code; it never evaluates or
+    unpickles anything from the frames.
+    """
+    if not frames:
+        raise ProtocolError("Empty message: send a msgpack header frame first.")
+    head = frames[0]
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(
+            f"Header frame of {len(head)} bytes exceeds {MAX_HEADER_BYTES}; send bulk data as buffers.",
+            ErrorCode.TOO_LARGE,
+        )
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True, max_bin_len=MAX_HEADER_BYTES)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"Header frame is not valid msgpack ({type(exc).__name__}).") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("Header frame must be a msgpack map with keys v, type, id, content, nbuf.")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"Protocol version {version!r} is not supported; this peer speaks version {PROTOCOL_VERSION}. "
+            "Upgrade the older side.",
+            ErrorCode.UNSUPPORTED_VERSION,
+        )
+    kind, mid, parent = header.get("type"), header.get("id"), header.get("parent")
+    content, nbuf = header.get("content", {}), header.get("nbuf")
+    if not isinstance(kind, str) or not isinstance(mid, str) or not (parent is None or isinstance(parent, str)):
+        raise ProtocolError("Header fields 'type' and 'id' must be strings, 'parent' a string or nil.", ErrorCode.BAD_FIELD)
+    if not isinstance(content, dict):
+        raise ProtocolError("Header field 'content' must be a map.", ErrorCode.BAD_FIELD)
+    if not isinstance(nbuf, int) or nbuf != len(frames) - 1:
+        raise ProtocolError(
+            f"Header announces {nbuf!r} buffers but {len(frames) - 1} followed; the message was truncated or padded.",
+            ErrorCode.BAD_FIELD,
+        )
+    if nbuf > MAX_BUFFERS:
+        raise ProtocolError(f"{nbuf} buffers exceed the limit of {MAX_BUFFERS}.", ErrorCode.TOO_LARGE)
+    return Message(kind, content, tuple(bytes(f) for f in frames[1:]), mid, parent)
+
+
+def try_parse_id(frames: Sequence[bytes]) -> str | None:
+    """Best-effort request id of a malformed message, so its error reply can name it."""
+    try:
+        header = msgpack.unpackb(frames[0], raw=False, max_bin_len=MAX_HEADER_BYTES)
+        mid = header.get("id") if isinstance(header, dict) else None
+        return mid if isinstance(mid, str) else None
+    except Exception:
+        return None
+
+
+def field_of(content: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    """A required content field of the given type, or a :class:`ProtocolError` naming it."""
+    if name not in content:
+        raise ProtocolError(f"Missing field {name!r}.", ErrorCode.BAD_FIELD)
+    value = content[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ProtocolError(f"Field {name!r} must be {names}, got {type(value).__name__}.", ErrorCode.BAD_FIELD)
+    return value
+
+
+def size_of(frames: Iterable[bytes]) -> int:
+    """Total bytes of a list of frames."""
+    return sum(len(f) for f in frames)

@@ -1,0 +1,150 @@
+"""Request/reply over ZeroMQ: a DEALER client with timeouts and a ROUTER serving loop.
+
+Every request gets exactly one reply. The serving loop turns any failure while
+handling a message into an ``error`` reply and goes on serving; it never lets
+a bad message end the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from .errors import ErrorCode, HeclaveError, ProtocolError, UnavailableError
+from .messages import Message, decode, encode, error_message, size_of, try_parse_id
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME_BYTES = 64 << 20
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """A CURVE key pair in Z85 text form, as ZeroMQ expects it."""
+
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def generate(cls) -> "CurveKeys":
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+
+def write_public_key(path: Path, key: bytes) -> None:
+    """Write a CURVE public key where parties can pin it (atomically)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(key + b"\n")
+    tmp.replace(path)
+
+
+def read_public_key(path: Path) -> bytes:
+    """Read a pinned CURVE public key written by :func:`write_public_key`."""
+    key = path.read_bytes().strip()
+    if len(key) != 40:
+        raise ProtocolError(f"{path} does not hold a 40-character Z85 CURVE public key.", ErrorCode.BAD_FIELD)
+    return key
+
+
+class Client:
+    """A DEALER socket that sends one request at a time and waits for its reply."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        server_key: bytes | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        if server_key is not None:
+            own = CurveKeys.generate()
+            self._socket.curve_serverkey = server_key
+            self._socket.curve_publickey = own.public
+            self._socket.curve_secretkey = own.secret
+        self._socket.connect(endpoint)
+
+    def request(self, message: Message, timeout_s: float | None = None) -> Message:
+        """Send ``message`` and return its reply, raising the remote error if any."""
+        frames = encode(message)
+        self._socket.send_multipart(frames, copy=False)
+        self.bytes_sent += size_of(frames)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._socket.poll(int(remaining * 1000)):
+                raise UnavailableError(
+                    f"No reply from {self.endpoint} to {message.type!r} within {timeout_s or self.timeout_s:.0f} s; "
+                    "check that the process is running and the address is right."
+                )
+            reply_frames = self._socket.recv_multipart()
+            self.bytes_received += size_of(reply_frames)
+            reply = decode(reply_frames)
+            if reply.parent == message.id:
+                return reply.raise_for_error()
+            log.debug("discarding stale reply to %s", reply.parent)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Handler = Callable[[Message], Message]
+
+
+def router(endpoint: str, curve: CurveKeys | None = None, context: zmq.Context | None = None) -> tuple[zmq.Socket, str]:
+    """Bind a ROUTER socket (CURVE on when ``curve`` is given); return it and its real endpoint."""
+    sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    if curve is not None:
+        sock.curve_server = True
+        sock.curve_publickey = curve.public
+        sock.curve_secretkey = curve.secret
+    sock.bind(endpoint)
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def handle_frames(frames: list[bytes], handler: Handler) -> list[bytes]:
+    """Decode a request, run the handler and encode exactly one reply, whatever happens."""
+    request: Message | None = None
+    try:
+        request = decode(frames)
+        reply = handler(request)
+    except HeclaveError as exc:
+        reply = error_message(exc, request.id if request else try_parse_id(frames))
+    except Exception as exc:
+        # Only the exception type is logged: messages of numerical libraries can quote data.
+        log.error("internal error handling %s: %s", request.type if request else "?", type(exc).__name__)
+        reply = error_message(
+            HeclaveError(f"Internal error ({type(exc).__name__}); the request was not processed.", ErrorCode.INTERNAL),
+            request.id if request else try_parse_id(frames),
+        )
+    return encode(reply)
+
+
+def serve(sock: zmq.Socket, handler: Handler, should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Answer requests on a bound ROUTER socket until ``should_stop`` returns true."""
+    while not should_stop():
+        if not sock.poll(200):
+            continue
+        identity, *frames = sock.recv_multipart()
+        sock.send_multipart([identity, *handle_frames(frames, handler)], copy=False)
