@@ -42,11 +42,13 @@ def diagonal_mask(geometry: LinearGeometry, weights: np.ndarray) -> np.ndarray:
     return np.any(geometry.diagonals(weights) != 0, axis=-1)
 
 
-def encrypt_weights(context: PublicContext, geometry: LinearGeometry, weights: np.ndarray) -> list[bytes]:
-    """The model owner's side: the nonzero diagonals, encrypted, in mask order."""
+def encrypt_weights(
+    context: PublicContext, geometry: LinearGeometry, weights: np.ndarray
+) -> tuple[np.ndarray, list[bytes]]:
+    """The model owner's side: the diagonal mask, and the nonzero diagonals encrypted in mask order."""
     diags = geometry.diagonals(weights)
     mask = np.any(diags != 0, axis=-1)
-    return [context.encrypt(diags[idx]) for idx in zip(*np.nonzero(mask))]
+    return mask, [context.encrypt(diags[idx]) for idx in zip(*np.nonzero(mask))]
 
 
 @dataclass

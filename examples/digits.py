@@ -1,0 +1,50 @@
+"""The demo's workload: a small CNN trained on scikit-learn's 8x8 digits (shipped with the package)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+INPUT_SHAPE = (1, 8, 8)
+
+
+def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train and held-out test images scaled to [0, 1], shape (N, 1, 8, 8), and their labels."""
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None]
+    return train_test_split(x, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
+
+
+def digits_cnn() -> nn.Module:
+    """Conv + batch-norm + ReLU + max-pool, then two dense layers: every import path exercised."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, kernel_size=3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+def train_digits_cnn(epochs: int = 12, seed: int = 0) -> tuple[nn.Module, np.ndarray, np.ndarray]:
+    """Train the CNN in a few seconds on CPU; returns the model and the held-out images and labels."""
+    torch.manual_seed(seed)
+    x_train, x_test, y_train, y_test = digits_split(seed)
+    model = digits_cnn()
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(xs), generator=generator).split(64):
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(xs[batch]), ys[batch]).backward()
+            optimiser.step()
+    model.eval()
+    return model, x_test, y_test

@@ -1,0 +1,192 @@
+"""The ``heclave`` command line: one subcommand per process or client, and the demo."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from he.graph import ReleaseMode, ReleasePolicy
+from he.linear import WeightForm
+from protocol.errors import HeclaveError
+from protocol.evidence import VerifierPolicy
+from protocol.transport import Client, CurveKeys, router, serve, write_public_key
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _policy(allow_unattested: bool) -> VerifierPolicy:
+    return VerifierPolicy(allow_unattested=allow_unattested)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated shape such as 1,8,8") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """heclave: confidential inference with CKKS on the server and an enclave for the exact nonlinear steps."""
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def enclave(ctx: click.Context) -> None:
+    """Run the enclave process (options: see `heclave enclave -h`)."""
+    os.execv(sys.executable, [sys.executable, "-m", "tee", *ctx.args])
+
+
+@main.command()
+@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, help="Endpoint for the parties (CURVE).")
+@click.option("--enclave", "enclave_endpoint", default="tcp://127.0.0.1:5556", show_default=True)
+@click.option("--key-file", type=click.Path(path_type=Path), default=Path("server.key"), show_default=True,
+              help="Where to write the server's CURVE public key for the parties to pin.")
+@click.option("--ready-file", type=click.Path(path_type=Path), help="Write {endpoint, public_key} here once serving.")
+@click.option("--enclave-timeout", default=120.0, show_default=True, help="Seconds to wait for the enclave.")
+@click.option("-v", "--verbose", is_flag=True)
+def server(bind: str, enclave_endpoint: str, key_file: Path, ready_file: Path | None, enclave_timeout: float,
+           verbose: bool) -> None:
+    """Run the untrusted server: CKKS linear layers, relaying to the enclave."""
+    from parties.server import Server
+
+    _logging(True if ready_file else verbose)
+    keys = CurveKeys.generate()
+    sock, endpoint = router(bind, curve=keys)
+    write_public_key(key_file, keys.public)
+    handler = Server(Client(enclave_endpoint, timeout_s=enclave_timeout))
+    stopping: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    if ready_file:
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"endpoint": endpoint, "public_key": keys.public.decode()}))
+        tmp.replace(ready_file)
+    click.echo(f"server listening on {endpoint}; CURVE public key {keys.public.decode()} written to {key_file}", err=True)
+    serve(sock, handler.handle, lambda: bool(stopping))
+
+
+def _load_model(spec: str, state_dict: Path | None):
+    """A torch module from ``path/to/file.py:name`` or ``package.module:name`` (a module or a factory)."""
+    import torch
+
+    source, _, attr = spec.partition(":")
+    if not attr:
+        raise click.BadParameter("use FILE.py:NAME or MODULE:NAME", param_hint="--model")
+    if source.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location("heclave_user_model", source)
+        if module_spec is None or module_spec.loader is None:
+            raise click.BadParameter(f"cannot import {source}", param_hint="--model")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(source)
+    obj = getattr(module, attr)
+    model = obj if isinstance(obj, torch.nn.Module) else obj()
+    if state_dict is not None:
+        model.load_state_dict(torch.load(state_dict, weights_only=True))
+    return model.eval()
+
+
+def _client_options(f):
+    f = click.option("--server", "endpoint", required=True, help="The server's party endpoint, e.g. tcp://host:5555.")(f)
+    f = click.option("--server-key", type=click.Path(exists=True, path_type=Path), required=True,
+                     help="The server's CURVE public key file to pin.")(f)
+    f = click.option("--allow-unattested", is_flag=True,
+                     help="DEVELOPMENT ONLY: accept an enclave that presents no SGX quote.")(f)
+    return f
+
+
+@main.group("model-owner")
+def model_owner() -> None:
+    """Model-owner commands."""
+
+
+@model_owner.command()
+@_client_options
+@click.option("--model", "model_spec", required=True, help="FILE.py:NAME or MODULE:NAME of an nn.Module or factory.")
+@click.option("--state-dict", type=click.Path(exists=True, path_type=Path), help="Weights (torch.save of a state_dict).")
+@click.option("--input-shape", required=True, help="Input shape without batch axis, e.g. 1,8,8.")
+@click.option("--weights", type=click.Choice([f.value for f in WeightForm]), default="encrypted", show_default=True,
+              help="'plain' hands the server the weights in the clear.")
+@click.option("--release", type=click.Choice([m.value for m in ReleaseMode]), default="logits", show_default=True)
+@click.option("--decimals", default=4, show_default=True, help="Precision of released logits.")
+def deploy(endpoint: str, server_key: Path, allow_unattested: bool, model_spec: str, state_dict: Path | None,
+           input_shape: str, weights: str, release: str, decimals: int) -> None:
+    """Plan a torch model and deploy it; prints the model id."""
+    from parties.model_owner import ModelOwner
+
+    _logging(False)
+    owner = ModelOwner(endpoint, server_key, _policy(allow_unattested))
+    plan = owner.plan(_load_model(model_spec, state_dict), _shape(input_shape), weights,
+                      ReleasePolicy(ReleaseMode(release), decimals))
+    click.echo(owner.deploy(plan))
+
+
+@main.group("data-owner")
+def data_owner() -> None:
+    """Data-owner commands."""
+
+
+@data_owner.command()
+@_client_options
+@click.option("--model-id", required=True)
+@click.option("--input", "input_file", type=click.Path(exists=True, path_type=Path), required=True,
+              help=".npy file: one input, or a batch along the first axis.")
+def infer(endpoint: str, server_key: Path, allow_unattested: bool, model_id: str, input_file: Path) -> None:
+    """Classify private inputs; prints one JSON result per input."""
+    from parties.data_owner import DataOwner
+
+    _logging(False)
+    owner = DataOwner(endpoint, server_key, _policy(allow_unattested))
+    x = np.load(input_file, allow_pickle=False)
+    shape = owner.graph(model_id).input_shape
+    batch = x.reshape((-1, *shape)) if x.size % int(np.prod(shape)) == 0 else x
+    for sample in batch:
+        inference = owner.infer(model_id, sample)
+        click.echo(json.dumps({**inference.result, "latency_ms": round(inference.latency_ms, 2)}))
+
+
+@main.command()
+@click.option("--samples", default=100, show_default=True, help="Held-out digits to classify.")
+@click.option("--weights", type=click.Choice([f.value for f in WeightForm]), default="encrypted", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def demo(samples: int, weights: str, as_json: bool) -> None:
+    """Train a CNN on digits, start an enclave and a server, deploy, classify, report."""
+    from parties.demo import run_demo
+
+    run_demo(samples, WeightForm(weights), as_json)
+
+
+def run() -> None:
+    """Console entry point that turns heclave's errors into one clear line and exit code 1."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except HeclaveError as exc:
+        click.echo(f"error [{exc.code.value}]: {exc.message}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,65 @@
+"""An owner's attested connection: pinned transport to the server, verified evidence, a session.
+
+Both owners start the same way: fetch the enclave's evidence and public context
+through the server, check them against the owner's policy *before* anything
+secret is sent, then open a secure channel to the attested identity key.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from he.context import PublicContext
+from protocol.channel import Session, check_confirmation, open_owner_session
+from protocol.errors import ChannelError
+from protocol.evidence import Evidence, VerifierPolicy
+from protocol.messages import Message, field_of
+from protocol.transport import Client, read_public_key
+
+log = logging.getLogger(__name__)
+
+
+class AttestedConnection:
+    """A client of the server whose enclave passed the owner's policy, with an open session."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        server_key: bytes | Path,
+        policy: VerifierPolicy = VerifierPolicy(),
+        timeout_s: float = 120.0,
+    ) -> None:
+        key = read_public_key(server_key) if isinstance(server_key, Path) else server_key
+        self.client = Client(endpoint, server_key=key, timeout_s=timeout_s)
+        reply = self.client.request(Message("evidence"))
+        self.evidence = Evidence.from_wire(reply.content.get("evidence"))
+        if len(reply.buffers) != 1:
+            raise ChannelError("The server relayed evidence without the public context it binds.")
+        policy.verify(self.evidence, reply.buffers[0])
+        self.public_context = PublicContext.from_bytes(reply.buffers[0])
+        self.session = self._open_session()
+
+    def _open_session(self) -> Session:
+        session, own_public = open_owner_session(self.evidence.identity_public, self.evidence.digest())
+        reply = self.client.request(Message("open_session", {"owner_public": own_public}))
+        if field_of(reply.content, "session_id", bytes) != session.session_id:
+            raise ChannelError("The enclave derived a different session; the channel is not trustworthy.")
+        check_confirmation(session, field_of(reply.content, "confirm", bytes))
+        return session
+
+    def reopen(self) -> None:
+        """Replace the session with a fresh one (after a failure that may have desynchronised it)."""
+        self.session = self._open_session()
+
+    def request(self, message: Message) -> Message:
+        return self.client.request(message)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "AttestedConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

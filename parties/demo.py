@@ -1,0 +1,130 @@
+"""``heclave demo``: four processes classify held-out digits, compared with plaintext torch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from examples.digits import INPUT_SHAPE, train_digits_cnn
+from he.linear import WeightForm
+from protocol.errors import HeclaveError
+from protocol.evidence import VerifierPolicy
+
+from .data_owner import DataOwner
+from .model_owner import ModelOwner
+from .processes import Cluster
+
+DEVELOPMENT_POLICY = VerifierPolicy(allow_unattested=True)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else 0.0
+
+
+def _summarise(samples: int, plain_logits: np.ndarray, labels: np.ndarray, inferences: list, deploy_s: float,
+               weights: WeightForm) -> dict:
+    enc_logits = np.stack([inf.logits for inf in inferences])
+    he_ms = sum(inf.server["he_ms"] for inf in inferences)
+    enclave_ms = sum(inf.server["enclave_ms"] for inf in inferences)
+    total_ms = sum(inf.latency_ms for inf in inferences)
+    encrypt_ms = sum(inf.encrypt_ms for inf in inferences)
+    spread = float(plain_logits.max() - plain_logits.min())
+    return {
+        "samples": samples,
+        "weights": weights.value,
+        "accuracy_plaintext": float((plain_logits.argmax(1) == labels).mean()),
+        "accuracy_encrypted": float((enc_logits.argmax(1) == labels).mean()),
+        "agreement": float((enc_logits.argmax(1) == plain_logits.argmax(1)).mean()),
+        "max_abs_logit_error": float(np.abs(enc_logits - plain_logits).max()),
+        "logit_range": spread,
+        "latency_ms_p50": _percentile([inf.latency_ms for inf in inferences], 50),
+        "latency_ms_p95": _percentile([inf.latency_ms for inf in inferences], 95),
+        "server_he_ms_per_image": he_ms / samples,
+        "enclave_ms_per_image": enclave_ms / samples,
+        "client_encrypt_ms_per_image": encrypt_ms / samples,
+        "transport_ms_per_image": max(total_ms - he_ms - enclave_ms - encrypt_ms, 0.0) / samples,
+        "enclave_share": enclave_ms / max(he_ms + enclave_ms, 1e-9),
+        "bytes_per_image": sum(inf.bytes_moved for inf in inferences) / samples,
+        "rotations_per_image": sum(inf.server.get("rotations", 0) for inf in inferences) / samples,
+        "deploy_s": deploy_s,
+    }
+
+
+def _table(report: dict) -> Table:
+    table = Table(title=f"heclave demo: {report['samples']} held-out digits, {report['weights']} weights")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("plaintext accuracy", f"{report['accuracy_plaintext']:.3f}"),
+        ("encrypted accuracy", f"{report['accuracy_encrypted']:.3f}"),
+        ("label agreement", f"{report['agreement']:.3f}"),
+        ("largest logit difference", f"{report['max_abs_logit_error']:.2e} (logit range {report['logit_range']:.1f})"),
+        ("latency per image p50 / p95", f"{report['latency_ms_p50']:.1f} / {report['latency_ms_p95']:.1f} ms"),
+        ("  server HE work", f"{report['server_he_ms_per_image']:.1f} ms"),
+        ("  enclave work", f"{report['enclave_ms_per_image']:.1f} ms"),
+        ("  data-owner encryption", f"{report['client_encrypt_ms_per_image']:.1f} ms"),
+        ("  transport and queuing", f"{report['transport_ms_per_image']:.1f} ms"),
+        ("enclave share of compute", f"{report['enclave_share']:.2f}"),
+        ("bytes moved per image", f"{report['bytes_per_image'] / 1e6:.2f} MB"),
+        ("rotations per image", f"{report['rotations_per_image']:.0f}"),
+        ("deployment (plan, encrypt, upload)", f"{report['deploy_s']:.1f} s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def run_demo(samples: int, weights: WeightForm, as_json: bool) -> dict:
+    """Run the whole demo; returns the report it prints."""
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
+    console.print("[bold yellow]DEVELOPMENT RUN[/]: the enclave runs natively and presents no SGX quote; "
+                  "the owners accept it only because this is a demo.")
+    with console.status("model owner: training a CNN on scikit-learn's digits"):
+        model, x_test, y_test = train_digits_cnn()
+    count = min(samples, len(x_test))
+    x, labels = x_test[:count], y_test[:count]
+    with torch.no_grad():
+        plain_logits = model.double()(torch.from_numpy(x).double()).numpy()
+    report = _run_with_cluster(console, model, x, labels, plain_logits, weights, count)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        Console().print(_table(report))
+    return report
+
+
+def _run_with_cluster(console: Console, model, x, labels, plain_logits, weights, count) -> dict:
+    with console.status("starting enclave and server"):
+        cluster = Cluster().__enter__()
+    try:
+        started = time.perf_counter()
+        with console.status(f"model owner: planning and deploying with {weights.value} weights"):
+            owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEVELOPMENT_POLICY)
+            model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, weights, name="digits-cnn"))
+        deploy_s = time.perf_counter() - started
+        data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEVELOPMENT_POLICY)
+        inferences = []
+        columns = (TextColumn("data owner: classifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("infer", total=count)
+            for sample in x:
+                try:
+                    inferences.append(data_owner.infer(model_id, sample))
+                except HeclaveError:
+                    cluster.check()
+                    raise
+                progress.advance(task)
+        owner.close()
+        data_owner.close()
+        return _summarise(count, plain_logits, labels, inferences, deploy_s, weights)
+    finally:
+        cluster.stop()

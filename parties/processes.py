@@ -1,0 +1,117 @@
+"""Starting, watching and stopping the enclave and server as real child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from protocol.errors import ErrorCode, UnavailableError
+
+
+class Child:
+    """One child process that reports readiness by writing a JSON file."""
+
+    def __init__(self, name: str, args: list[str], workdir: Path) -> None:
+        self.name = name
+        self.ready_file = workdir / f"{name}.ready.json"
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", *args, "--ready-file", str(self.ready_file)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 120.0) -> dict:
+        """Block until the child is serving; raise with its log's tail if it dies first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                return json.loads(self.ready_file.read_text())
+            self.check()
+            time.sleep(0.05)
+        raise UnavailableError(f"The {self.name} did not start within {timeout_s:.0f} s; see {self.log_path}.")
+
+    def check(self) -> None:
+        """Raise a clear error if the child has exited."""
+        code = self.process.poll()
+        if code is not None:
+            raise UnavailableError(
+                f"The {self.name} process exited with code {code}. Last lines of {self.log_path}:\n{self.tail()}",
+                ErrorCode.ENCLAVE_UNAVAILABLE,
+            )
+
+    def tail(self, lines: int = 15) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if the child does not exit in time."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+class Cluster:
+    """An enclave and a server on free loopback ports; a context manager that always stops both."""
+
+    def __init__(self, workdir: Path | None = None, server_args: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="heclave-demo-"))
+        self.children: list[Child] = []
+        self.server_args = server_args
+        self.endpoint = ""
+        self.server_key_file = self.workdir / "server.key"
+
+    def __enter__(self) -> "Cluster":
+        try:
+            enclave = self._start("enclave", ["tee", "--bind", "tcp://127.0.0.1:*"])
+            info = enclave.wait_ready()
+            server = self._start(
+                "server",
+                [
+                    "parties.cli",
+                    "server",
+                    "--bind",
+                    "tcp://127.0.0.1:*",
+                    "--enclave",
+                    info["endpoint"],
+                    "--key-file",
+                    str(self.server_key_file),
+                    *self.server_args,
+                ],
+            )
+            self.endpoint = server.wait_ready()["endpoint"]
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, name: str, args: list[str]) -> Child:
+        child = Child(name, args, self.workdir)
+        self.children.append(child)
+        return child
+
+    def check(self) -> None:
+        """Raise a clear error naming any child that has crashed."""
+        for child in self.children:
+            child.check()
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

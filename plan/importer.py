@@ -1,0 +1,243 @@
+"""Import a torch model as heclave's chain of exact affine maps and nonlinear steps.
+
+The model is traced with ``torch.fx`` (a public API), and must be a chain: each
+operation consumes the previous one's output. Linear, Conv2d (any stride and
+padding), AvgPool2d, BatchNorm, Flatten, Dropout and Identity are affine in
+evaluation mode, so every run of them is composed into one affine map
+``y = W x + b`` over the flattened activations, computed exactly in float64 by
+applying the run to the standard basis. That is how batch-norm gets folded into
+the preceding linear layer, and average pooling into its neighbours: no special
+cases, and nothing approximated. ReLU and MaxPool2d become enclave steps.
+Anything else is refused with a message naming the layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from he.graph import EnclaveOp, OpKind
+from protocol.errors import PlanError
+
+AFFINE_MODULES = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.AvgPool2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.Flatten,
+    nn.Dropout,
+    nn.Identity,
+)
+AFFINE_FUNCTIONS = {torch.flatten, F.dropout, F.avg_pool2d}
+AFFINE_METHODS = {"view", "reshape", "flatten"}
+RELU_FUNCTIONS = {torch.relu, F.relu}
+SHAPE_METHODS = {"size", "dim"}
+MAX_AFFINE_ENTRIES = 64_000_000
+
+
+@dataclass
+class AffineMap:
+    """``y = weight @ x + bias`` over flattened activations, exact in float64."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def augmented(self) -> np.ndarray:
+        """``[W | b]``: the weights of the layer on ``x' = [x, 1]``."""
+        return np.concatenate([self.weight, self.bias[:, None]], axis=1)
+
+
+@dataclass
+class ImportedModel:
+    """A chain of (affine map, enclave steps) stages, as imported from torch."""
+
+    input_shape: tuple[int, ...]
+    stages: list[tuple[AffineMap, list[EnclaveOp]]]
+
+
+@dataclass
+class _Step:
+    node: fx.Node
+    kind: str
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    name: str
+    module: nn.Module | None = None
+
+
+def _describe(node: fx.Node, module: nn.Module | None) -> str:
+    if module is not None:
+        return f"layer '{node.target}' ({type(module).__name__})"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"operation '{node.name}' ({node.op} {target})"
+
+
+def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str, nn.Module | None]:
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, AFFINE_MODULES):
+            return "affine", module
+        if isinstance(module, nn.ReLU):
+            return "relu", module
+        if isinstance(module, nn.MaxPool2d):
+            return "maxpool", module
+        raise PlanError(
+            f"{_describe(node, module)} is not supported. heclave imports Linear, Conv2d, ReLU, Flatten, "
+            "AvgPool2d, MaxPool2d, BatchNorm1d/2d, Dropout and Identity."
+        )
+    if node.op == "call_function" and node.target in AFFINE_FUNCTIONS:
+        return "affine", None
+    if node.op == "call_function" and node.target in RELU_FUNCTIONS:
+        return "relu", None
+    if node.op == "call_method" and node.target in AFFINE_METHODS:
+        return "affine", None
+    if node.op == "call_method" and node.target == "relu":
+        return "relu", None
+    raise PlanError(f"{_describe(node, None)} is not supported; express it with supported torch layers.")
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in SHAPE_METHODS) or (
+        node.op == "call_function" and node.target in (getattr, operator.getitem)
+    )
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:
+        raise PlanError(
+            f"The model cannot be traced by torch.fx ({type(exc).__name__}): heclave needs a forward pass "
+            "without data-dependent control flow."
+        ) from None
+
+
+def _chain(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> list[_Step]:
+    """The model's operations in order, each applied to the previous one's output."""
+    shapes: dict[fx.Node, tuple[int, ...]] = {}
+    steps: list[_Step] = []
+    current: fx.Node | None = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if current is not None:
+                raise PlanError("heclave models take exactly one input tensor.")
+            current = node
+            shapes[node] = input_shape
+            continue
+        if node.op == "output":
+            if node.args[0] is not current:
+                raise PlanError("The model's output must be the result of its last layer.")
+            break
+        if _is_shape_query(node):
+            continue
+        kind, module = _classify(node, gm)
+        chain_inputs = [a for a in node.all_input_nodes if not _is_shape_query(a)]
+        if chain_inputs != [current]:
+            raise PlanError(
+                f"{_describe(node, module)} does not consume the previous layer's output: heclave imports "
+                "sequential models (no skip connections or multiple branches)."
+            )
+        steps.append(_Step(node, kind, _applier(node, gm, current, shapes), _describe(node, module), module))
+        current = node
+    return steps
+
+
+def _applier(node: fx.Node, gm: fx.GraphModule, prev: fx.Node, shapes: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function computing ``node`` from its chain input, resolving shape queries on the fly."""
+
+    def resolve(arg: Any, x: torch.Tensor) -> Any:
+        if isinstance(arg, fx.Node):
+            if arg is prev:
+                return x
+            if _is_shape_query(arg):
+                args = [resolve(a, x) for a in arg.args]
+                if arg.op == "call_method":
+                    return getattr(args[0], str(arg.target))(*args[1:])
+                return arg.target(*args)
+            return torch.empty((x.shape[0], *shapes[arg]), dtype=x.dtype)
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(resolve(a, x) for a in arg)
+        return arg
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        args = [resolve(a, x) for a in node.args]
+        kwargs = {k: resolve(v, x) for k, v in node.kwargs.items()}
+        if node.op == "call_module":
+            out = gm.get_submodule(str(node.target))(*args, **kwargs)
+        elif node.op == "call_method":
+            out = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        else:
+            out = node.target(*args, **kwargs)
+        shapes[node] = tuple(out.shape[1:])
+        return out
+
+    return apply
+
+
+def _affine(run: list[_Step], in_shape: tuple[int, ...]) -> AffineMap:
+    n = int(np.prod(in_shape))
+    with torch.no_grad():
+        zero = torch.zeros((1, *in_shape), dtype=torch.float64)
+        basis = torch.eye(n, dtype=torch.float64).reshape((n, *in_shape))
+        y0, yb = zero, basis
+        for step in run:
+            y0, yb = step.apply(y0), step.apply(yb)
+    out_shape = tuple(y0.shape[1:])
+    bias = y0.reshape(-1).numpy().copy()
+    if bias.size * n > MAX_AFFINE_ENTRIES:
+        raise PlanError(f"{run[0].name}: an affine map of {bias.size}x{n} is too large to compose exactly.")
+    weight = (yb.reshape(n, -1) - y0.reshape(1, -1)).numpy().T.copy()
+    return AffineMap(weight, bias, in_shape, out_shape, [s.name for s in run])
+
+
+def _enclave_op(step: _Step, in_shape: tuple[int, ...]) -> EnclaveOp:
+    if step.kind == "relu":
+        return EnclaveOp(OpKind.RELU, in_shape)
+    pool = step.module
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    if len(in_shape) != 3:
+        raise PlanError(f"{step.name} needs a (channels, height, width) input, got shape {in_shape}.")
+    if pair(pool.dilation) != (1, 1) or pool.ceil_mode or pool.return_indices:
+        raise PlanError(f"{step.name}: only dilation 1, ceil_mode=False and no indices are supported.")
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    return EnclaveOp(OpKind.MAXPOOL2D, in_shape, pair(pool.kernel_size), pair(stride), pair(pool.padding))
+
+
+def from_pytorch(model: nn.Module, input_shape: tuple[int, ...]) -> ImportedModel:
+    """Import ``model`` (evaluated as in ``model.eval()``) for inputs of shape ``input_shape`` (no batch axis)."""
+    if not isinstance(model, nn.Module):
+        raise PlanError(f"from_pytorch takes a torch.nn.Module, got {type(model).__name__}.")
+    model = copy.deepcopy(model).double().eval()
+    steps = _chain(_trace(model), tuple(input_shape))
+    if not steps or steps[0].kind != "affine":
+        raise PlanError("The model must start with a linear layer (Linear, Conv2d, ...): the server computes it.")
+    stages: list[tuple[AffineMap, list[EnclaveOp]]] = []
+    shape = tuple(input_shape)
+    i = 0
+    with torch.no_grad():
+        while i < len(steps):
+            run = []
+            while i < len(steps) and steps[i].kind == "affine":
+                run.append(steps[i])
+                i += 1
+            affine = _affine(run, shape)
+            shape, ops = affine.out_shape, []
+            while i < len(steps) and steps[i].kind != "affine":
+                op = _enclave_op(steps[i], shape)
+                ops.append(op)
+                shape = op.out_shape
+                i += 1
+            stages.append((affine, ops))
+    return ImportedModel(tuple(input_shape), stages)

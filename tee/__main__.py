@@ -1,0 +1,54 @@
+"""Entry point of the enclave process (``python -m tee``), also the Gramine manifest's entrypoint.
+
+Deliberately stdlib-only on top of the enclave's own dependencies: ``heclave
+enclave`` replaces itself with this program, so the enclave's measured code is
+no larger than it must be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from protocol.evidence import Runtime
+from protocol.transport import router, serve
+
+from .enclave import Enclave
+from .runtime import detect
+
+log = logging.getLogger("heclave.enclave")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="heclave enclave", description=__doc__)
+    parser.add_argument("--bind", default="tcp://127.0.0.1:5556", help="loopback endpoint the server connects to")
+    parser.add_argument("--ready-file", type=Path, help="write {endpoint, runtime} here once serving")
+    parser.add_argument("--runtime", choices=[r.value for r in Runtime], help="refuse to start unless detected")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s enclave %(levelname)s %(message)s", stream=sys.stderr)
+
+    detected = detect()
+    if args.runtime and Runtime(args.runtime) is not detected:
+        log.error("expected runtime %s but this process runs as %s", args.runtime, detected.value)
+        return 2
+    enclave = Enclave(runtime=detected)
+    sock, endpoint = router(args.bind)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    if args.ready_file:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"endpoint": endpoint, "runtime": detected.value}))
+        tmp.replace(args.ready_file)
+    log.info("serving on %s (runtime %s)", endpoint, detected.value)
+    serve(sock, enclave.handle, lambda: bool(stopping))
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
