@@ -193,7 +193,13 @@ def _affine(run: list[_Step], in_shape: tuple[int, ...]) -> AffineMap:
         basis = torch.eye(n, dtype=torch.float64).reshape((n, *in_shape))
         y0, yb = zero, basis
         for step in run:
-            y0, yb = step.apply(y0), step.apply(yb)
+            try:
+                y0, yb = step.apply(y0), step.apply(yb)
+            except RuntimeError as exc:
+                raise PlanError(
+                    f"{step.name} rejects its input of shape {tuple(y0.shape[1:])} ({str(exc).splitlines()[0]}); "
+                    "check --input-shape and the layer sizes."
+                ) from None
     out_shape = tuple(y0.shape[1:])
     bias = y0.reshape(-1).numpy().copy()
     if bias.size * n > MAX_AFFINE_ENTRIES:

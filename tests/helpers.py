@@ -1,0 +1,28 @@
+"""Test helpers that compose the real components in-process (no mocks)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from he.context import SecretKeySet
+from he.graph import ModelGraph
+from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from tee.nonlinear import apply_ops
+
+
+def run_encrypted(keys: SecretKeySet, graph: ModelGraph, weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Run a planned model layer by layer: kernels as the server runs them, steps as the enclave does."""
+    context = keys.public.with_galois(keys.galois_keys(graph.rotation_steps), graph.rotation_steps)
+    toolkit = context.toolkit
+    activation = np.asarray(x, dtype=np.float64).reshape(-1)
+    for stage, w in zip(graph.stages, weights):
+        g = stage.geometry
+        if graph.weight_form is WeightForm.PLAIN:
+            kernel = LinearKernel.from_plain(toolkit, g, w)
+        else:
+            mask, frames = encrypt_weights(context, g, w)
+            kernel = LinearKernel.from_encrypted(toolkit, g, mask, frames)
+        inputs = [toolkit.load_ciphertext(keys.encrypt_symmetric(row)) for row in g.gather(np.append(activation, 1.0))]
+        outputs = kernel.evaluate(inputs, context, OpCounter())
+        activation = apply_ops(g.scatter(np.stack([keys.decrypt(ct) for ct in outputs])), stage.ops)
+    return activation
