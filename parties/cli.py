@@ -173,6 +173,11 @@ def demo(samples: int, weights: str, as_json: bool) -> None:
     run_demo(samples, WeightForm(weights), as_json)
 
 
+from parties.bench import bench
+
+main.add_command(bench)
+
+
 def run() -> None:
     """Console entry point that turns heclave's errors into one clear line and exit code 1."""
     try:

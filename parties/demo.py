@@ -103,8 +103,10 @@ def run_demo(samples: int, weights: WeightForm, as_json: bool) -> dict:
 
 
 def _run_with_cluster(console: Console, model, x, labels, plain_logits, weights, count) -> dict:
+    cluster = Cluster()
     with console.status("starting enclave and server"):
-        cluster = Cluster().__enter__()
+        cluster.start()
+    died = cluster.watch()
     try:
         started = time.perf_counter()
         with console.status(f"model owner: planning and deploying with {weights.value} weights"):
@@ -117,14 +119,14 @@ def _run_with_cluster(console: Console, model, x, labels, plain_logits, weights,
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("infer", total=count)
             for sample in x:
-                try:
-                    inferences.append(data_owner.infer(model_id, sample))
-                except HeclaveError:
-                    cluster.check()
-                    raise
+                inferences.append(data_owner.infer(model_id, sample))
                 progress.advance(task)
         owner.close()
         data_owner.close()
         return _summarise(count, plain_logits, labels, inferences, deploy_s, weights)
+    except (KeyboardInterrupt, HeclaveError):
+        if died.is_set():
+            cluster.check()
+        raise
     finally:
         cluster.stop()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -74,8 +75,14 @@ class Cluster:
         self.server_args = server_args
         self.endpoint = ""
         self.server_key_file = self.workdir / "server.key"
+        self._stopping = False
 
     def __enter__(self) -> "Cluster":
+        self.start()
+        return self
+
+    def start(self) -> None:
+        """Start the enclave, then the server connected to it; stop both if either fails."""
         try:
             enclave = self._start("enclave", ["tee", "--bind", "tcp://127.0.0.1:*"])
             info = enclave.wait_ready()
@@ -97,7 +104,6 @@ class Cluster:
         except BaseException:
             self.stop()
             raise
-        return self
 
     def _start(self, name: str, args: list[str]) -> Child:
         child = Child(name, args, self.workdir)
@@ -109,7 +115,26 @@ class Cluster:
         for child in self.children:
             child.check()
 
+    def watch(self, interval_s: float = 0.5) -> threading.Event:
+        """Interrupt the main thread as soon as a child dies; returns the event that records it.
+
+        Without this a crashed child would only surface when a request times out. A real
+        SIGINT, unlike ``_thread.interrupt_main``, also wakes a thread blocked in ZeroMQ.
+        """
+        died = threading.Event()
+
+        def poll() -> None:
+            while not died.is_set() and not self._stopping:
+                if any(c.process.poll() is not None for c in self.children):
+                    died.set()
+                    os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(interval_s)
+
+        threading.Thread(target=poll, daemon=True, name="cluster-watch").start()
+        return died
+
     def stop(self) -> None:
+        self._stopping = True
         for child in reversed(self.children):
             child.stop()
 

@@ -1,0 +1,244 @@
+"""TenSEAL's tutorial CNN three ways in one run: heclave's four processes, TenSEAL's recipe, plaintext torch.
+
+The network is the one of TenSEAL's tutorial "Encrypted Convolution on MNIST":
+a 28x28 image, ``Conv2d(1, 4, kernel 7, stride 3)`` (256 values), a dense
+layer to 64 and one to 10, with random (seeded) weights and random images.
+
+- heclave: exact ReLU, through a real enclave process and a real server
+  process started by :class:`parties.processes.Cluster`; the model owner
+  deploys, the data owner classifies. Latency is the data owner's, from
+  encrypting the input to opening the sealed result.
+- TenSEAL's recipe, as the tutorial writes it: im2col encoding, one
+  ``conv2d_im2col`` per kernel, ``pack_vectors``, ``x^2`` activations and
+  ``mm``, with the tutorial's context (N = 8192, a 31/26.../31-bit modulus,
+  scale 2^26, every power-of-two Galois key). Its time covers encoding and
+  encryption, the network, and decryption, and it always has plaintext weights.
+- Plaintext torch with ReLU, one image at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Callable
+
+import numpy as np
+import tenseal as ts
+import torch
+import torch.nn as nn
+
+from he.context import SecretKeySet
+from he.linear import WeightForm
+from parties.data_owner import DataOwner, Inference
+from parties.model_owner import ModelOwner
+from parties.processes import Cluster
+from protocol.errors import HeclaveError, PlanError
+from protocol.evidence import VerifierPolicy
+
+INPUT_SHAPE = (1, 28, 28)
+KERNEL, STRIDE = 7, 3
+TENSEAL_SCALE_BITS = 26
+# The enclave runs natively here and presents no SGX quote: acceptable for a benchmark only.
+BENCH_POLICY = VerifierPolicy(allow_unattested=True)
+
+
+class Square(nn.Module):
+    """TenSEAL's recipe replaces ReLU by ``x^2``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+def tutorial_cnn(activation: Callable[[], nn.Module] = nn.ReLU) -> nn.Sequential:
+    """The tutorial's shapes: conv 4x7x7 stride 3 (256 values), dense 256->64, dense 64->10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, kernel_size=KERNEL, stride=STRIDE),
+        activation(),
+        nn.Flatten(),
+        nn.Linear(256, 64),
+        activation(),
+        nn.Linear(64, 10),
+    )
+
+
+def _with_square(model: nn.Sequential) -> nn.Sequential:
+    squared = tutorial_cnn(Square)
+    squared.load_state_dict(model.state_dict())
+    return squared.eval()
+
+
+class TensealRecipe:
+    """The tutorial's ``EncConvNet``, on the tutorial's context."""
+
+    def __init__(self, model: nn.Sequential) -> None:
+        conv, fc1, fc2 = model[0], model[3], model[5]
+        self.conv_weight = conv.weight.data.view(conv.out_channels, KERNEL, KERNEL).tolist()
+        self.conv_bias = conv.bias.data.tolist()
+        self.fc1_weight, self.fc1_bias = fc1.weight.T.data.tolist(), fc1.bias.data.tolist()
+        self.fc2_weight, self.fc2_bias = fc2.weight.T.data.tolist(), fc2.bias.data.tolist()
+        bits = TENSEAL_SCALE_BITS
+        self.context = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192,
+                                  coeff_mod_bit_sizes=[31, bits, bits, bits, bits, bits, bits, 31])
+        self.context.global_scale = 2.0**bits
+        self.context.generate_galois_keys()
+
+    def public_context_bytes(self) -> int:
+        return len(self.context.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=True,
+                                          save_relin_keys=True))
+
+    def infer(self, image: np.ndarray) -> np.ndarray:
+        """Encrypt, run the network and decrypt one 28x28 image, as the tutorial does."""
+        enc_x, windows_nb = ts.im2col_encoding(self.context, image.reshape(28, 28).tolist(), KERNEL, KERNEL, STRIDE)
+        channels = [enc_x.conv2d_im2col(kernel, windows_nb) + bias
+                    for kernel, bias in zip(self.conv_weight, self.conv_bias)]
+        enc_x = ts.CKKSVector.pack_vectors(channels)
+        enc_x.square_()
+        enc_x = enc_x.mm(self.fc1_weight) + self.fc1_bias
+        enc_x.square_()
+        enc_x = enc_x.mm(self.fc2_weight) + self.fc2_bias
+        return np.asarray(enc_x.decrypt())
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM) in MB, while it is still running."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    return float("nan")
+
+
+def _plaintext(model: nn.Module, images: np.ndarray) -> tuple[float, np.ndarray]:
+    """Median ms of one image through float32 torch, and float64 logits for every image."""
+    times = []
+    with torch.no_grad():
+        for image in torch.from_numpy(images.astype(np.float32)):
+            started = time.perf_counter()
+            model(image[None])
+            times.append((time.perf_counter() - started) * 1e3)
+        logits = copy.deepcopy(model).double()(torch.from_numpy(images)).numpy()
+    return median(times), logits
+
+
+def _run_ours(cluster: Cluster, model: nn.Module, images: np.ndarray, weights: WeightForm, batch: int,
+              say: Callable[[str], None]) -> dict:
+    say(f"model owner: planning and deploying with {weights.value} weights")
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, BENCH_POLICY)
+    started = time.perf_counter()
+    plan = owner.plan(model, INPUT_SHAPE, weights, name="tenseal-tutorial-cnn")
+    model_id = owner.deploy(plan)
+    deploy_s = time.perf_counter() - started
+    base = owner.connection.public_context
+    # The deploy reply's Galois keys are the enclave's, for exactly these steps and parameters; an identical
+    # key set here gives their size without reaching into the owner's reply.
+    galois_bytes = len(SecretKeySet(base.params).galois_keys(plan.graph.rotation_steps))
+    owner.close()
+
+    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, BENCH_POLICY)
+    try:
+        say("data owner: warm-up inference")
+        data_owner.infer(model_id, images[0])
+        inferences: list[Inference] = []
+        wall_s = 0.0
+        for first in range(0, len(images), batch):
+            group = images[first:first + batch]
+            say(f"data owner: classifying images {first + 1}-{first + len(group)} of {len(images)}")
+            started = time.perf_counter()
+            inferences.extend(data_owner.infer(model_id, image) for image in group)
+            wall_s += time.perf_counter() - started
+    except HeclaveError:
+        cluster.check()
+        raise
+    finally:
+        data_owner.close()
+    rss = {child.name: _peak_rss_mb(child.process.pid) for child in cluster.children}
+    return {
+        "inferences": inferences,
+        "wall_s": wall_s,
+        "deploy_s": deploy_s,
+        "base_context_bytes": len(base.to_bytes()),
+        "galois_bytes": galois_bytes,
+        "galois_steps": len(plan.graph.rotation_steps),
+        "rss": rss,
+        "stages": plan.summary(),
+    }
+
+
+def bench_cnn(weights: WeightForm = WeightForm.ENCRYPTED, samples: int = 20, batch: int = 1, tenseal_runs: int = 2,
+              seed: int = 0, say: Callable[[str], None] = lambda message: None) -> dict:
+    """Run the comparison; returns the report ``heclave bench cnn`` prints. ``say`` receives progress lines."""
+    if samples < 1 or batch < 1 or tenseal_runs < 1:
+        raise PlanError("Samples, batch and TenSEAL runs must each be at least 1.")
+    torch.manual_seed(seed)
+    model = tutorial_cnn().eval()
+    images = torch.rand((samples, *INPUT_SHAPE), generator=torch.Generator().manual_seed(seed + 1)).double().numpy()
+
+    say("plaintext torch")
+    plaintext_ms, plain_logits = _plaintext(model, images)
+    squared = _with_square(model)
+    with torch.no_grad():
+        square_logits = squared.double()(torch.from_numpy(images)).numpy()
+
+    say("TenSEAL's recipe: keys")
+    recipe = TensealRecipe(model)
+    recipe_times, recipe_logits = [], []
+    for i in range(min(tenseal_runs, samples)):
+        say(f"TenSEAL's recipe: image {i + 1} of {min(tenseal_runs, samples)}")
+        started = time.perf_counter()
+        recipe_logits.append(recipe.infer(images[i])[:10])
+        recipe_times.append((time.perf_counter() - started) * 1e3)
+    recipe_logits_arr = np.stack(recipe_logits)
+    reference = square_logits[: len(recipe_logits)]
+
+    say("starting enclave and server")
+    with tempfile.TemporaryDirectory(prefix="heclave-bench-") as workdir, Cluster(Path(workdir)) as cluster:
+        ours = _run_ours(cluster, model, images, weights, batch, say)
+
+    inferences: list[Inference] = ours["inferences"]
+    enc_logits = np.stack([inf.logits for inf in inferences])
+    he_ms = sum(inf.server["he_ms"] for inf in inferences)
+    enclave_ms = sum(inf.server["enclave_ms"] for inf in inferences)
+    ours_ms = median(inf.latency_ms for inf in inferences)
+    tenseal_ms = median(recipe_times)
+    public_bytes = ours["base_context_bytes"] + ours["galois_bytes"]
+    return {
+        "benchmark": "cnn",
+        "weights": weights.value,
+        "tenseal_weights": WeightForm.PLAIN.value,
+        "samples": samples,
+        "batch": batch,
+        "ours_ms": ours_ms,
+        "tenseal_recipe_ms": tenseal_ms,
+        "plaintext_ms": plaintext_ms,
+        "speedup_vs_tenseal": tenseal_ms / ours_ms,
+        "slowdown_vs_plaintext": ours_ms / plaintext_ms,
+        "enclave_share": enclave_ms / max(he_ms + enclave_ms, 1e-9),
+        "agreement": float((enc_logits.argmax(1) == plain_logits.argmax(1)).mean()),
+        "max_abs_logit_error": float(np.abs(enc_logits - plain_logits).max()),
+        "images_per_s": len(inferences) / ours["wall_s"],
+        "latency_ms_p95": float(np.percentile([inf.latency_ms for inf in inferences], 95)),
+        "server_he_ms_per_image": he_ms / len(inferences),
+        "enclave_ms_per_image": enclave_ms / len(inferences),
+        "client_encrypt_ms_per_image": sum(inf.encrypt_ms for inf in inferences) / len(inferences),
+        "rotations_per_image": sum(inf.server.get("rotations", 0) for inf in inferences) / len(inferences),
+        "bytes_per_image": sum(inf.bytes_moved for inf in inferences) / len(inferences),
+        "public_context_mb": public_bytes / 1e6,
+        "base_context_mb": ours["base_context_bytes"] / 1e6,
+        "galois_keys_mb": ours["galois_bytes"] / 1e6,
+        "galois_steps": ours["galois_steps"],
+        "tenseal_public_context_mb": recipe.public_context_bytes() / 1e6,
+        "server_peak_rss_mb": ours["rss"].get("server", float("nan")),
+        "enclave_peak_rss_mb": ours["rss"].get("enclave", float("nan")),
+        "deploy_s": ours["deploy_s"],
+        "tenseal_runs": len(recipe_times),
+        "tenseal_agreement_with_x2": float((recipe_logits_arr.argmax(1) == reference.argmax(1)).mean()),
+        "tenseal_max_abs_err_vs_x2": float(np.abs(recipe_logits_arr - reference).max()),
+        "stages": [
+            f"{s['shape']} k={s['k']} baby={s['baby']} giant={s['giant']} rotations={s['rotations']} "
+            f"then {s['enclave']}"
+            for s in ours["stages"]
+        ],
+    }

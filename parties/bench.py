@@ -1,0 +1,115 @@
+"""``heclave bench``: heclave against TenSEAL and plaintext torch, measured in one run on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from he.linear import WeightForm
+
+WEIGHT_CHOICE = click.Choice([f.value for f in WeightForm])
+
+
+def _machine() -> str:
+    """The CPU model and core count, for the table's caption."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def _emit(report: dict, as_json: bool, title: str, rows: list[tuple[str, str]]) -> None:
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    table = Table(title=title, caption=f"{time.strftime('%Y-%m-%d')} on {_machine()}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks against TenSEAL and plaintext torch (every number measured in the same run)."""
+
+
+@bench.command()
+@click.option("--in", "n_in", default=784, show_default=True, help="Inputs of the dense layer.")
+@click.option("--out", "n_out", default=128, show_default=True, help="Outputs of the dense layer.")
+@click.option("--weights", type=WEIGHT_CHOICE, default="encrypted", show_default=True,
+              help="heclave's weight form; TenSEAL's matmul always has plaintext weights.")
+@click.option("--runs", default=10, show_default=True, help="Timed runs of heclave's layer (the median is reported).")
+@click.option("--tenseal-runs", default=2, show_default=True, help="Timed runs of TenSEAL's matmul (seconds each).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def linear(n_in: int, n_out: int, weights: str, runs: int, tenseal_runs: int, seed: int, as_json: bool) -> None:
+    """One encrypted dense layer: heclave's kernel, TenSEAL's CKKSVector.matmul, and the rotation/multiply floor."""
+    from benchmarks.linear import bench_linear
+
+    with Console(stderr=True).status(f"timing a {n_out}x{n_in} dense layer"):
+        r = bench_linear(n_in, n_out, WeightForm(weights), runs, tenseal_runs, seed)
+    rows = [
+        ("heclave (server kernel)", f"{r['ours_ms']:.1f} ms"),
+        ("TenSEAL matmul (plaintext weights)", f"{r['tenseal_ms']:.0f} ms"),
+        ("floor (rotations + multiplications)", f"{r['floor_ms']:.1f} ms"),
+        ("speedup over TenSEAL", f"{r['speedup_vs_tenseal']:.0f}x"),
+        ("heclave / floor", f"{r['ours_over_floor']:.2f}x"),
+        ("rotations (baby + giant)", f"{r['rotations']} ({r['baby_rotations']} + {r['giant_rotations']})"),
+        ("multiplications", f"{r['multiplications']}"),
+        ("unit times: rotation, rotation a level down, multiply",
+         f"{r['t_rotation_ms']:.2f}, {r['t_rotation_rescaled_ms']:.2f}, {r['t_multiply_ms']:.2f} ms"),
+        ("max relative error (heclave / TenSEAL)", f"{r['max_rel_err']:.1e} / {r['tenseal_max_rel_err']:.1e}"),
+        ("layout", r["layout"]),
+    ]
+    _emit(r, as_json, f"dense {n_out}x{n_in}, {weights} weights, N = 8192", rows)
+
+
+@bench.command()
+@click.option("--weights", type=WEIGHT_CHOICE, default="encrypted", show_default=True,
+              help="heclave's weight form; TenSEAL's recipe always has plaintext weights.")
+@click.option("--samples", default=20, show_default=True, help="Random 28x28 images heclave classifies.")
+@click.option("--batch", default=1, show_default=True,
+              help="Images per measurement. The pipeline has no batching yet: a batch's images are sent one "
+                   "after another and images_per_s is images over total time.")
+@click.option("--tenseal-runs", default=2, show_default=True, help="Images through TenSEAL's recipe (seconds each).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def cnn(weights: str, samples: int, batch: int, tenseal_runs: int, seed: int, as_json: bool) -> None:
+    """TenSEAL's tutorial CNN through heclave's four processes, against TenSEAL's recipe and plaintext torch.
+
+    DEVELOPMENT RUN: the enclave runs natively and presents no SGX quote; the owners accept it only here.
+    """
+    from benchmarks.cnn import bench_cnn
+
+    with Console(stderr=True).status("starting") as status:
+        r = bench_cnn(WeightForm(weights), samples, batch, tenseal_runs, seed, say=status.update)
+    rows = [
+        ("heclave, four processes (p50 latency)", f"{r['ours_ms']:.1f} ms"),
+        ("TenSEAL recipe (x^2, plaintext weights)", f"{r['tenseal_recipe_ms']:.0f} ms"),
+        ("plaintext torch", f"{r['plaintext_ms']:.2f} ms"),
+        ("speedup over TenSEAL", f"{r['speedup_vs_tenseal']:.1f}x"),
+        ("slowdown against plaintext", f"{r['slowdown_vs_plaintext']:.0f}x"),
+        ("  server HE work per image", f"{r['server_he_ms_per_image']:.1f} ms"),
+        ("  enclave work per image", f"{r['enclave_ms_per_image']:.1f} ms"),
+        ("  data-owner encryption per image", f"{r['client_encrypt_ms_per_image']:.1f} ms"),
+        ("enclave share of compute", f"{r['enclave_share']:.2f}"),
+        ("label agreement with plaintext", f"{r['agreement']:.3f} ({r['samples']} images)"),
+        ("images per second", f"{r['images_per_s']:.1f} (batch {r['batch']}, sent one by one)"),
+        ("public context (base + Galois keys)",
+         f"{r['public_context_mb']:.1f} MB ({r['base_context_mb']:.1f} + {r['galois_keys_mb']:.1f}); "
+         f"TenSEAL {r['tenseal_public_context_mb']:.1f} MB"),
+        ("peak RSS server / enclave", f"{r['server_peak_rss_mb']:.0f} / {r['enclave_peak_rss_mb']:.0f} MB"),
+        ("rotations per image", f"{r['rotations_per_image']:.0f}"),
+    ]
+    _emit(r, as_json, f"TenSEAL's tutorial CNN, {weights} weights", rows)

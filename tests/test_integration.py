@@ -1,0 +1,130 @@
+"""The four parties for real: enclave and server as subprocesses, both owners in this process."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from examples.digits import INPUT_SHAPE, train_digits_cnn
+from parties.data_owner import DataOwner
+from parties.model_owner import ModelOwner
+from protocol.errors import AttestationError, CiphertextError, HeclaveError, UnavailableError
+from protocol.evidence import VerifierPolicy
+from protocol.messages import Message, decode, encode
+from protocol.transport import Client, CurveKeys, read_public_key
+
+DEV = VerifierPolicy(allow_unattested=True)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model, x_test, y_test = train_digits_cnn(epochs=6, seed=1)
+    with torch.no_grad():
+        logits = model.double()(torch.from_numpy(x_test).double()).numpy()
+    return model.float(), x_test, logits
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster, trained):
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    model_id = owner.deploy(owner.plan(trained[0], INPUT_SHAPE, "encrypted"))
+    yield model_id
+    owner.close()
+
+
+@pytest.fixture
+def data_owner(cluster):
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    yield owner
+    owner.close()
+
+
+def _check_agreement(owner, model_id, x, reference):
+    got = np.stack([owner.infer(model_id, sample).logits for sample in x])
+    assert (got.argmax(1) == reference.argmax(1)).all()
+    spread = reference.max() - reference.min()
+    assert np.abs(got - reference).max() < 1e-3 * spread
+
+
+def test_encrypted_weights_agree_with_plaintext_on_30_digits(deployed, data_owner, trained):
+    _, x, reference = trained
+    rng = np.random.default_rng()
+    pick = rng.choice(len(x), 30, replace=False)
+    _check_agreement(data_owner, deployed, x[pick], reference[pick])
+
+
+def test_plain_weights_agree_with_plaintext(cluster, data_owner, trained):
+    model, x, reference = trained
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    model_id = owner.deploy(owner.plan(model, INPUT_SHAPE, "plain"))
+    owner.close()
+    _check_agreement(data_owner, model_id, x[:10], reference[:10])
+
+
+def test_default_policy_refuses_the_unattested_enclave(cluster):
+    with pytest.raises(AttestationError, match="runtime"):
+        DataOwner(cluster.endpoint, cluster.server_key_file)
+
+
+def test_wrong_pinned_server_key_never_connects(cluster):
+    with pytest.raises(UnavailableError):
+        DataOwner(cluster.endpoint, CurveKeys.generate().public, DEV, timeout_s=2)
+
+
+def _raw(cluster) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    own = CurveKeys.generate()
+    sock.curve_serverkey = read_public_key(cluster.server_key_file)
+    sock.curve_publickey, sock.curve_secretkey = own.public, own.secret
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.endpoint)
+    return sock
+
+
+@pytest.mark.parametrize(
+    "frames, code",
+    [
+        ([b"not msgpack \xc1"], "bad_message"),
+        ([msgpack.packb({"v": 7, "type": "infer", "id": "x", "content": {}, "nbuf": 0})], "unsupported_version"),
+        (encode(Message("launch_missiles")), "unknown_type"),
+        (encode(Message("infer", {"model_id": 5})), "bad_field"),
+        (encode(Message("model_info", {"model_id": "nope"})), "unknown_model"),
+    ],
+)
+def test_malformed_requests_get_an_error_and_the_server_keeps_serving(cluster, frames, code):
+    sock = _raw(cluster)
+    sock.send_multipart(frames)
+    assert sock.poll(30_000), "the server did not answer a malformed request"
+    reply = decode(sock.recv_multipart())
+    assert reply.type == "error" and reply.content["code"] == code, reply.content
+    sock.close()
+    with Client(cluster.endpoint, read_public_key(cluster.server_key_file), timeout_s=30) as good:
+        assert good.request(Message("evidence")).content["evidence"]["runtime"] == "native"
+
+
+def test_garbage_ciphertext_is_refused_then_inference_still_works(deployed, data_owner, trained):
+    session = data_owner.connection.session
+    content = {"model_id": deployed, "session_id": session.session_id, "request_id": "r1", "envelope": b"x" * 40}
+    with pytest.raises(CiphertextError):
+        data_owner.connection.request(Message("infer", content, [b"\x00" * 1000]))
+    _, x, reference = trained
+    _check_agreement(data_owner, deployed, x[:3], reference[:3])
+
+
+def test_forged_release_authorisation_is_refused(deployed, data_owner, trained):
+    _, x, _ = trained
+    graph = data_owner.graph(deployed)
+    ctx = data_owner.connection.public_context
+    frames = [ctx.encrypt(row) for row in graph.stages[0].geometry.gather(np.append(x[0].ravel(), 1.0))]
+    content = {
+        "model_id": deployed,
+        "session_id": data_owner.connection.session.session_id,
+        "request_id": "forged",
+        "envelope": b"\x00" * 60,
+    }
+    with pytest.raises(HeclaveError) as info:
+        data_owner.connection.request(Message("infer", content, frames))
+    assert info.value.code.value == "channel"
