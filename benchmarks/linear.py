@@ -46,7 +46,7 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
 
 
-def _kernel(keys: SecretKeySet, context: PublicContext, geometry: LinearGeometry, w_aug: np.ndarray,
+def _kernel(context: PublicContext, geometry: LinearGeometry, w_aug: np.ndarray,
             form: WeightForm) -> LinearKernel:
     if form is WeightForm.PLAIN:
         return LinearKernel.from_plain(context.toolkit, geometry, w_aug)
@@ -98,12 +98,12 @@ def tenseal_matmul(w: np.ndarray, b: np.ndarray, x: np.ndarray, runs: int) -> tu
     enc_x = ts.ckks_vector(ctx, x.tolist())
     w_t, bias = w.T.tolist(), b.tolist()
     results = []
-    elapsed = _median_ms(lambda: results.append(enc_x.matmul(w_t) + bias), max(runs, 1))
+    elapsed = _median_ms(lambda: results.append(enc_x.matmul(w_t) + bias), runs)
     return elapsed, np.asarray(results[-1].decrypt())
 
 
 def bench_linear(n_in: int, n_out: int, weights: WeightForm = WeightForm.ENCRYPTED, runs: int = 10,
-                 tenseal_runs: int = 1, seed: int = 0) -> dict:
+                 tenseal_runs: int = 2, seed: int = 0) -> dict:
     """Time an ``n_out x n_in`` dense layer three ways; returns the report ``heclave bench linear`` prints."""
     if n_in < 1 or n_out < 1 or runs < 1 or tenseal_runs < 1:
         raise PlanError("The layer needs at least one input and one output, and every timing at least one run.")
@@ -122,7 +122,7 @@ def bench_linear(n_in: int, n_out: int, weights: WeightForm = WeightForm.ENCRYPT
     steps = geometry.rotation_steps
     unit_step = steps[0] if steps else 1
     context = keys.public.with_galois(keys.galois_keys([*steps, unit_step]), [*steps, unit_step])
-    kernel = _kernel(keys, context, geometry, w_aug, weights)
+    kernel = _kernel(context, geometry, w_aug, weights)
     inputs = [context.toolkit.load_ciphertext(keys.encrypt_symmetric(row))
               for row in geometry.gather(np.append(x, 1.0))]
 
