@@ -3,7 +3,7 @@
 from .context import CkksParams, PublicContext, SecretKeySet, Toolkit
 from .graph import EnclaveOp, ModelGraph, OpKind, ReleaseMode, ReleasePolicy, Stage
 from .layout import LinearGeometry, UnitCosts, choose_geometry
-from .linear import LinearKernel, OpCounter, WeightForm, diagonal_mask, encrypt_weights
+from .linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
 
 __all__ = [
     "CkksParams",
@@ -22,6 +22,5 @@ __all__ = [
     "UnitCosts",
     "WeightForm",
     "choose_geometry",
-    "diagonal_mask",
     "encrypt_weights",
 ]

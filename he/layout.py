@@ -121,6 +121,8 @@ class LinearGeometry:
             and self.period % self.k == 0
             and 0 < self.chunk <= self.period
             and self.blocks >= 1
+            and self.baby >= 1
+            and self.giant >= 1
             and self.baby * self.giant >= self.k
             and self.rows > 0
             and self.cols > 0

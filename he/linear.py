@@ -37,11 +37,6 @@ class WeightForm(str, Enum):
             raise PlanError(f"Unknown weight form {value!r}; use one of: {', '.join(f.value for f in cls)}.") from None
 
 
-def diagonal_mask(geometry: LinearGeometry, weights: np.ndarray) -> np.ndarray:
-    """Which diagonals ``[out_cts, in_cts, k]`` are not all zero; the server skips the rest."""
-    return np.any(geometry.diagonals(weights) != 0, axis=-1)
-
-
 def encrypt_weights(
     context: PublicContext, geometry: LinearGeometry, weights: np.ndarray
 ) -> tuple[np.ndarray, list[bytes]]:
@@ -75,9 +70,16 @@ class LinearKernel:
     def from_plain(cls, toolkit: Toolkit, geometry: LinearGeometry, weights: np.ndarray) -> "LinearKernel":
         """Encode the diagonals of plaintext weights once, at deployment."""
         diags = geometry.diagonals(weights)
-        mask = np.any(diags != 0, axis=-1)
-        encoded = {idx: toolkit.encode(diags[idx]) for idx in zip(*np.nonzero(mask))}
-        return cls(toolkit, geometry, WeightForm.PLAIN, mask, encoded)
+        encoded = {}
+        for idx in zip(*np.nonzero(np.any(diags != 0, axis=-1))):
+            plain = toolkit.encode(diags[idx])
+            # A diagonal below the encoding precision encodes to zero, and SEAL refuses its product.
+            if not plain.is_zero():
+                encoded[idx] = plain
+        mask = np.zeros((geometry.out_cts, geometry.in_cts, geometry.k), dtype=bool)
+        for idx in encoded:
+            mask[idx] = True
+        return cls._checked(toolkit, geometry, WeightForm.PLAIN, mask, encoded)
 
     @classmethod
     def from_encrypted(
@@ -92,7 +94,20 @@ class LinearKernel:
         if len(keys) != len(frames):
             raise PlanError(f"The layer needs {len(keys)} encrypted diagonals, the bundle carries {len(frames)}.")
         loaded = {k: toolkit.load_ciphertext(f, "encrypted weight") for k, f in zip(keys, frames)}
-        return cls(toolkit, geometry, WeightForm.ENCRYPTED, mask, loaded)
+        return cls._checked(toolkit, geometry, WeightForm.ENCRYPTED, mask, loaded)
+
+    @classmethod
+    def _checked(
+        cls, toolkit: Toolkit, geometry: LinearGeometry, form: WeightForm, mask: np.ndarray, weights: dict
+    ) -> "LinearKernel":
+        """The kernel, unless an output ciphertext would have no product to start from."""
+        empty = [o for o in range(geometry.out_cts) if not mask[o].any()]
+        if empty:
+            raise PlanError(
+                f"Output ciphertext(s) {empty} of a {geometry.rows}x{geometry.cols - 1} layer have no weight above "
+                f"CKKS's encoding precision (scale 2^{toolkit.params.scale_bits}); rescale the layer's weights."
+            )
+        return cls(toolkit, geometry, form, mask, weights)
 
     def evaluate(
         self, inputs: Sequence[seal.Ciphertext], context: PublicContext, counter: OpCounter | None = None
@@ -115,8 +130,6 @@ class LinearKernel:
                     ev.rotate_vector_inplace(part, giant * g.baby, context.galois_keys)
                     counter.rotations += 1
                 total = part if total is None else _add(ev, total, part)
-            if total is None:
-                raise PlanError(f"Output ciphertext {o} of the layer has no nonzero weights; re-plan the model.")
             outputs.append(total)
         return outputs
 

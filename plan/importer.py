@@ -226,6 +226,9 @@ def from_pytorch(model: nn.Module, input_shape: tuple[int, ...]) -> ImportedMode
     if not isinstance(model, nn.Module):
         raise PlanError(f"from_pytorch takes a torch.nn.Module, got {type(model).__name__}.")
     model = copy.deepcopy(model).double().eval()
+    if isinstance(model, (*AFFINE_MODULES, nn.ReLU, nn.MaxPool2d)):
+        # fx traces through a bare leaf module's forward; as a one-layer chain it stays a layer.
+        model = nn.Sequential(model)
     steps = _chain(_trace(model), tuple(input_shape))
     if not steps or steps[0].kind != "affine":
         raise PlanError("The model must start with a linear layer (Linear, Conv2d, ...): the server computes it.")
