@@ -2,12 +2,14 @@
 
 from .context import CkksParams, PublicContext, SecretKeySet, Toolkit
 from .graph import EnclaveOp, ModelGraph, OpKind, ReleaseMode, ReleasePolicy, Stage
-from .layout import LinearGeometry, UnitCosts, choose_geometry
+from .layout import GroupedLayout, Layout, LinearGeometry, UnitCosts, choose_geometry, choose_layout
 from .linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
 
 __all__ = [
     "CkksParams",
     "EnclaveOp",
+    "GroupedLayout",
+    "Layout",
     "LinearGeometry",
     "LinearKernel",
     "ModelGraph",
@@ -22,5 +24,6 @@ __all__ = [
     "UnitCosts",
     "WeightForm",
     "choose_geometry",
+    "choose_layout",
     "encrypt_weights",
 ]

@@ -20,7 +20,7 @@ import msgpack
 from protocol.errors import ErrorCode, PlanError, ProtocolError
 
 from .context import CkksParams
-from .layout import LinearGeometry
+from .layout import Layout, layout_from_wire
 from .linear import WeightForm
 
 GRAPH_FORMAT = 1
@@ -113,7 +113,7 @@ class EnclaveOp:
 class Stage:
     """An affine layer on the server, then the enclave's nonlinear steps."""
 
-    geometry: LinearGeometry
+    geometry: Layout
     out_shape: tuple[int, ...]
     ops: tuple[EnclaveOp, ...] = ()
 
@@ -132,7 +132,7 @@ class Stage:
     def from_wire(cls, d: dict) -> "Stage":
         try:
             return cls(
-                LinearGeometry.from_wire(d["geometry"]),
+                layout_from_wire(d["geometry"]),
                 tuple(int(v) for v in d["out_shape"]),
                 tuple(EnclaveOp.from_wire(op) for op in d["ops"]),
             )

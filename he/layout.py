@@ -49,9 +49,102 @@ class UnitCosts:
     enclave_factor: float = 2.0
 
 
+class Layout:
+    """What every slot layout provides; the server's kernel and the enclave use only this.
+
+    A layout is given by two maps: which entry of ``x'`` each input slot holds
+    (``input_index``) and whose partial sum each output slot accumulates
+    (``output_row``), plus ``k`` rotations split into baby and giant steps.
+    Diagonal ``k`` of output ciphertext ``o`` and input ciphertext ``i`` is
+    ``d[s] = W'[output_row[o, s], input_index[i, s + k]]`` where both are defined
+    and the pair is linked.
+    """
+
+    rows: int
+    cols: int
+    slots: int
+    k: int
+    baby: int
+    giant: int
+    kind: str
+
+    input_index: np.ndarray
+    output_row: np.ndarray
+
+    @property
+    def in_cts(self) -> int:
+        return int(self.input_index.shape[0])
+
+    @property
+    def out_cts(self) -> int:
+        return int(self.output_row.shape[0])
+
+    def linked(self, o: int, i: int) -> bool:
+        """Whether output ciphertext ``o`` takes products from input ciphertext ``i``."""
+        return True
+
+    @property
+    def rotation_steps(self) -> list[int]:
+        """The left-rotation steps the server needs Galois keys for."""
+        baby = [b for b in range(1, self.baby) if b < self.k]
+        giant = [g * self.baby for g in range(1, self.giant) if g * self.baby < self.k]
+        return sorted(set(baby + giant))
+
+    def counts(self) -> dict[str, int]:
+        """Operations the server performs per query (at most: all-zero diagonals are skipped)."""
+        used_giants = len([g for g in range(self.giant) if g * self.baby < self.k])
+        links = sum(self.linked(o, i) for o in range(self.out_cts) for i in range(self.in_cts))
+        baby = self.in_cts * (min(self.baby, self.k) - 1)
+        giant = self.out_cts * (used_giants - 1)
+        return {
+            "rotations": baby + giant,
+            "baby_rotations": baby,
+            "giant_rotations": giant,
+            "rescales": self.out_cts * used_giants,
+            "multiplications": links * self.k,
+            "input_ciphertexts": self.in_cts,
+            "output_ciphertexts": self.out_cts,
+        }
+
+    def gather(self, x_aug: np.ndarray) -> np.ndarray:
+        """Lay out ``x' = [x, 1]`` in this layer's input slots: ``[in_cts, slots]``."""
+        padded = np.concatenate([x_aug, np.zeros(1)])
+        return padded[self.input_index]
+
+    def scatter(self, partials: np.ndarray) -> np.ndarray:
+        """Sum decrypted partial sums ``[out_cts, slots]`` into the layer's output vector."""
+        rows = self.output_row.ravel()
+        used = rows >= 0
+        return np.bincount(rows[used], weights=partials.ravel()[used], minlength=self.rows)
+
+    def diagonals(self, weights: np.ndarray) -> np.ndarray:
+        """``[out_cts, in_cts, k, slots]`` diagonals, each pre-rotated by minus its giant step."""
+        out = np.zeros((self.out_cts, self.in_cts, self.k, self.slots))
+        for o in range(self.out_cts):
+            rows = self.output_row[o]
+            for i in range(self.in_cts):
+                if not self.linked(o, i):
+                    continue
+                for k in range(self.k):
+                    cols = np.roll(self.input_index[i], -k)
+                    valid = (rows >= 0) & (cols >= 0)
+                    d = np.zeros(self.slots)
+                    d[valid] = weights[rows[valid], cols[valid]]
+                    out[o, i, k] = np.roll(d, (k // self.baby) * self.baby)
+        return out
+
+    def describe(self) -> str:
+        return f"{self.kind} k={self.k} baby={self.baby} giant={self.giant} in_cts={self.in_cts} out_cts={self.out_cts}"
+
+    def to_wire(self) -> dict:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class LinearGeometry:
-    """The slot layout of one affine layer; plain data, part of the deployment plan."""
+class LinearGeometry(Layout):
+    """The cyclic layout of the module docstring: dense layers; plain data in the plan."""
+
+    kind = "cyclic"
 
     rows: int
     cols: int
@@ -80,30 +173,8 @@ class LinearGeometry:
     def out_cts(self) -> int:
         return math.ceil(self.rows / self.rows_per_ct)
 
-    @property
-    def rotation_steps(self) -> list[int]:
-        """The left-rotation steps the server needs Galois keys for."""
-        baby = [b for b in range(1, self.baby) if b < self.k]
-        giant = [g * self.baby for g in range(1, self.giant) if g * self.baby < self.k]
-        return sorted(set(baby + giant))
-
-    def counts(self) -> dict[str, int]:
-        """Operations the server performs per query (at most: all-zero diagonals are skipped)."""
-        used_giants = len([g for g in range(self.giant) if g * self.baby < self.k])
-        baby = self.in_cts * (min(self.baby, self.k) - 1)
-        giant = self.out_cts * (used_giants - 1)
-        return {
-            "rotations": baby + giant,
-            "baby_rotations": baby,
-            "giant_rotations": giant,
-            "rescales": self.out_cts * used_giants,
-            "multiplications": self.in_cts * self.out_cts * self.k,
-            "input_ciphertexts": self.in_cts,
-            "output_ciphertexts": self.out_cts,
-        }
-
-    def to_wire(self) -> dict[str, int]:
-        return asdict(self)
+    def to_wire(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
 
     @classmethod
     def from_wire(cls, data: dict) -> "LinearGeometry":
@@ -154,32 +225,6 @@ class LinearGeometry:
             rows[o, valid] = row[valid]
         return rows
 
-    def gather(self, x_aug: np.ndarray) -> np.ndarray:
-        """Lay out ``x' = [x, 1]`` (or a batch's worth, last axis) in this layer's input slots."""
-        padded = np.concatenate([x_aug, np.zeros(1)])
-        return padded[self.input_index]
-
-    def scatter(self, partials: np.ndarray) -> np.ndarray:
-        """Sum decrypted partial sums ``[out_cts, slots]`` into the layer's output vector."""
-        rows = self.output_row.ravel()
-        used = rows >= 0
-        return np.bincount(rows[used], weights=partials.ravel()[used], minlength=self.rows)
-
-    def diagonals(self, weights: np.ndarray) -> np.ndarray:
-        """``[out_cts, in_cts, k, slots]`` diagonals, each pre-rotated by minus its giant step."""
-        rows_all, cols_all = self.output_row, self.input_index
-        out = np.zeros((self.out_cts, self.in_cts, self.k, self.slots))
-        for o in range(self.out_cts):
-            rows = rows_all[o]
-            for i in range(self.in_cts):
-                for k in range(self.k):
-                    cols = np.roll(cols_all[i], -k)
-                    valid = (rows >= 0) & (cols >= 0)
-                    d = np.zeros(self.slots)
-                    d[valid] = weights[rows[valid], cols[valid]]
-                    out[o, i, k] = np.roll(d, (k // self.baby) * self.baby)
-        return out
-
 
 def _best_split(k: int, in_cts: int, out_cts: int) -> tuple[int, int]:
     """Baby and giant step counts that minimise rotations for ``k`` diagonals."""
@@ -193,13 +238,26 @@ def _best_split(k: int, in_cts: int, out_cts: int) -> tuple[int, int]:
     return best
 
 
+def estimate_ms(layout: Layout, encrypted_weights: bool, costs: UnitCosts = UnitCosts()) -> float:
+    """The cost model: server time plus enclave time (weighted by its slowdown) per query."""
+    c = layout.counts()
+    multiply = costs.multiply_cipher if encrypted_weights else costs.multiply_plain
+    return (
+        c["baby_rotations"] * costs.rotation
+        + c["giant_rotations"] * costs.rotation_rescaled
+        + c["rescales"] * costs.rescale
+        + c["multiplications"] * (multiply + costs.add)
+        + (c["rescales"] * costs.relinearize if encrypted_weights else 0.0)
+        + costs.enclave_factor * (layout.out_cts * costs.enclave_decrypt + layout.in_cts * costs.enclave_encrypt)
+    )
+
+
 def choose_geometry(
     rows: int, cols: int, slots: int, encrypted_weights: bool, costs: UnitCosts = UnitCosts()
 ) -> LinearGeometry:
-    """The cheapest layout, by the cost model, for a ``rows x cols`` affine layer (``cols`` counts the bias)."""
+    """The cheapest cyclic layout, by the cost model, for a ``rows x cols`` layer (``cols`` counts the bias)."""
     if rows < 1 or cols < 1:
         raise PlanError(f"An affine layer needs at least one row and one column, got {rows}x{cols}.")
-    multiply = costs.multiply_cipher if encrypted_weights else costs.multiply_plain
     best: tuple[float, LinearGeometry] | None = None
     in_cts = math.ceil(cols / slots)
     chunk = math.ceil(cols / in_cts)
@@ -212,17 +270,143 @@ def choose_geometry(
             continue
         baby, giant = _best_split(k, in_cts, candidate.out_cts)
         g = LinearGeometry(rows, cols, slots, k, period, chunk, baby, giant)
-        c = g.counts()
-        cost = (
-            c["baby_rotations"] * costs.rotation
-            + c["giant_rotations"] * costs.rotation_rescaled
-            + c["rescales"] * costs.rescale
-            + c["multiplications"] * (multiply + costs.add)
-            + (g.out_cts * giant * costs.relinearize if encrypted_weights else 0.0)
-            + costs.enclave_factor * (g.out_cts * costs.enclave_decrypt + in_cts * costs.enclave_encrypt)
-        )
+        cost = estimate_ms(g, encrypted_weights, costs)
         if best is None or cost < best[0]:
             best = (cost, g)
     if best is None:
         raise PlanError(f"No slot layout fits a {rows}x{cols} layer in {slots} slots.")
     return best[1]
+
+
+def choose_layout(support: np.ndarray, slots: int, encrypted_weights: bool, costs: UnitCosts = UnitCosts()) -> Layout:
+    """The cheaper of the cyclic and the grouped layout for a layer whose structural nonzeros are ``support``."""
+    rows, cols = support.shape
+    cyclic = choose_geometry(rows, cols, slots, encrypted_weights, costs)
+    if support.all():
+        return cyclic
+    grouped = GroupedLayout.from_support(support, slots)
+    if grouped is None:
+        return cyclic
+    return min((cyclic, grouped), key=lambda layout: estimate_ms(layout, encrypted_weights, costs))
+
+
+@dataclass(frozen=True, eq=False)
+class GroupedLayout(Layout):
+    """A rotation-free layout for sparse layers (convolutions, pooling, batch-norm): im2col, generalised.
+
+    Rows that read the same inputs (a convolution's output channels at one
+    position) form a group. An input ciphertext holds, for each group of a
+    chunk, the group's inputs once, replicated ``copies`` times across the
+    slots; output ciphertext ``t`` of the chunk pairs copy ``a`` of a group's
+    slots with the group's row ``t * copies + a``. Every product then sits in
+    its own slot: one multiplication per output ciphertext, no rotation, and
+    the enclave adds each row's partial sums after decrypting. The maps are
+    stored explicitly in the plan.
+    """
+
+    rows: int
+    cols: int
+    slots: int
+    input_index: np.ndarray
+    output_row: np.ndarray
+    output_chunk: np.ndarray
+
+    kind = "grouped"
+    k = 1
+    baby = 1
+    giant = 1
+
+    def linked(self, o: int, i: int) -> bool:
+        return int(self.output_chunk[o]) == i
+
+    @classmethod
+    def from_support(cls, support: np.ndarray, slots: int) -> "GroupedLayout | None":
+        """Build the layout from a boolean ``rows x cols`` support; ``None`` if a group exceeds the slots."""
+        rows, cols = support.shape
+        groups: dict[bytes, tuple[np.ndarray, list[int]]] = {}
+        for r in range(rows):
+            key = np.packbits(support[r]).tobytes()
+            groups.setdefault(key, (np.flatnonzero(support[r]), []))[1].append(r)
+        chunks: list[list[tuple[np.ndarray, list[int]]]] = [[]]
+        used = 0
+        for group in groups.values():
+            width = len(group[0])
+            if width > slots:
+                return None
+            if used + width > slots:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(group)
+            used += width
+        inputs, outputs, owner = [], [], []
+        for i, chunk in enumerate(chunks):
+            width = sum(len(g[0]) for g in chunk)
+            if width == 0:
+                return None
+            depth = max(len(g[1]) for g in chunk)
+            copies = max(1, min(depth, slots // width))
+            index = np.full(slots, -1, dtype=np.int64)
+            segment = np.concatenate([g[0] for g in chunk])
+            for a in range(copies):
+                index[a * width : (a + 1) * width] = segment
+            inputs.append(index)
+            for t in range(math.ceil(depth / copies)):
+                row_map = np.full(slots, -1, dtype=np.int64)
+                for a in range(copies):
+                    offset = a * width
+                    for cols_g, rows_g in chunk:
+                        if t * copies + a < len(rows_g):
+                            row_map[offset : offset + len(cols_g)] = rows_g[t * copies + a]
+                        offset += len(cols_g)
+                outputs.append(row_map)
+                owner.append(i)
+        return cls(rows, cols, slots, np.stack(inputs), np.stack(outputs), np.asarray(owner, dtype=np.int64))
+
+    def to_wire(self) -> dict:
+        return {
+            "kind": self.kind,
+            "rows": self.rows,
+            "cols": self.cols,
+            "slots": self.slots,
+            "input_index": self.input_index.astype("<i4").tobytes(),
+            "output_row": self.output_row.astype("<i4").tobytes(),
+            "output_chunk": self.output_chunk.astype("<i4").tobytes(),
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict) -> "GroupedLayout":
+        try:
+            rows, cols, slots = int(data["rows"]), int(data["cols"]), int(data["slots"])
+            maps = [np.frombuffer(data[k], dtype="<i4").astype(np.int64) for k in ("input_index", "output_row")]
+            chunk = np.frombuffer(data["output_chunk"], dtype="<i4").astype(np.int64)
+            layout = cls(rows, cols, slots, maps[0].reshape(-1, slots), maps[1].reshape(-1, slots), chunk)
+        except (KeyError, TypeError, ValueError):
+            raise PlanError("A grouped layout is malformed.") from None
+        layout.validate()
+        return layout
+
+    def validate(self) -> None:
+        """Refuse maps that point outside the layer or link to missing ciphertexts."""
+        ok = (
+            self.rows > 0
+            and self.cols > 0
+            and self.input_index.shape[1] == self.output_row.shape[1] == self.slots
+            and len(self.output_chunk) == self.out_cts
+            and self.input_index.min() >= -1
+            and self.input_index.max() < self.cols
+            and self.output_row.min() >= -1
+            and self.output_row.max() < self.rows
+            and (self.output_chunk >= 0).all()
+            and (self.output_chunk < self.in_cts).all()
+        )
+        if not ok:
+            raise PlanError(f"Inconsistent grouped layout for a {self.rows}x{self.cols} layer.")
+
+
+def layout_from_wire(data: dict) -> Layout:
+    """A layout from the plan, of whichever kind it names."""
+    kinds = {"cyclic": LinearGeometry, "grouped": GroupedLayout}
+    kind = data.get("kind", "cyclic") if isinstance(data, dict) else None
+    if kind not in kinds:
+        raise PlanError(f"Unknown layout kind {kind!r}; expected one of {', '.join(kinds)}.")
+    return kinds[kind].from_wire(data)

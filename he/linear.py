@@ -20,7 +20,7 @@ import tenseal.sealapi as seal
 from protocol.errors import CiphertextError, PlanError
 
 from .context import PublicContext, Toolkit
-from .layout import LinearGeometry
+from .layout import Layout
 
 
 class WeightForm(str, Enum):
@@ -38,7 +38,7 @@ class WeightForm(str, Enum):
 
 
 def encrypt_weights(
-    context: PublicContext, geometry: LinearGeometry, weights: np.ndarray
+    context: PublicContext, geometry: Layout, weights: np.ndarray
 ) -> tuple[np.ndarray, list[bytes]]:
     """The model owner's side: the diagonal mask, and the nonzero diagonals encrypted in mask order."""
     diags = geometry.diagonals(weights)
@@ -61,13 +61,13 @@ class LinearKernel:
     """One deployed affine layer on the server: its geometry and its prepared weights."""
 
     toolkit: Toolkit
-    geometry: LinearGeometry
+    geometry: Layout
     form: WeightForm
     mask: np.ndarray
     weights: dict[tuple[int, int, int], seal.Plaintext | seal.Ciphertext] = field(repr=False)
 
     @classmethod
-    def from_plain(cls, toolkit: Toolkit, geometry: LinearGeometry, weights: np.ndarray) -> "LinearKernel":
+    def from_plain(cls, toolkit: Toolkit, geometry: Layout, weights: np.ndarray) -> "LinearKernel":
         """Encode the diagonals of plaintext weights once, at deployment."""
         diags = geometry.diagonals(weights)
         encoded = {}
@@ -83,7 +83,7 @@ class LinearKernel:
 
     @classmethod
     def from_encrypted(
-        cls, toolkit: Toolkit, geometry: LinearGeometry, mask: np.ndarray, frames: Sequence[bytes]
+        cls, toolkit: Toolkit, geometry: Layout, mask: np.ndarray, frames: Sequence[bytes]
     ) -> "LinearKernel":
         """Load the model owner's encrypted diagonals, one frame per nonzero diagonal."""
         mask = np.asarray(mask, dtype=bool)
@@ -98,7 +98,7 @@ class LinearKernel:
 
     @classmethod
     def _checked(
-        cls, toolkit: Toolkit, geometry: LinearGeometry, form: WeightForm, mask: np.ndarray, weights: dict
+        cls, toolkit: Toolkit, geometry: Layout, form: WeightForm, mask: np.ndarray, weights: dict
     ) -> "LinearKernel":
         """The kernel, unless an output ciphertext would have no product to start from."""
         empty = [o for o in range(geometry.out_cts) if not mask[o].any()]

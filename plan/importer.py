@@ -46,12 +46,17 @@ MAX_AFFINE_ENTRIES = 64_000_000
 
 @dataclass
 class AffineMap:
-    """``y = weight @ x + bias`` over flattened activations, exact in float64."""
+    """``y = weight @ x + bias`` over flattened activations, exact in float64.
+
+    ``support`` marks the entries of ``[weight | bias]`` the architecture allows to
+    be nonzero (a convolution's connectivity), whatever the trained values.
+    """
 
     weight: np.ndarray
     bias: np.ndarray
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    support: np.ndarray
     names: list[str] = field(default_factory=list)
 
     @property
@@ -186,26 +191,50 @@ def _applier(node: fx.Node, gm: fx.GraphModule, prev: fx.Node, shapes: dict) -> 
     return apply
 
 
-def _affine(run: list[_Step], in_shape: tuple[int, ...]) -> AffineMap:
+def _apply_run(run: list[_Step], in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """The run's exact matrix and offset, from its outputs on zero and on the standard basis."""
     n = int(np.prod(in_shape))
-    with torch.no_grad():
-        zero = torch.zeros((1, *in_shape), dtype=torch.float64)
-        basis = torch.eye(n, dtype=torch.float64).reshape((n, *in_shape))
-        y0, yb = zero, basis
-        for step in run:
-            try:
-                y0, yb = step.apply(y0), step.apply(yb)
-            except RuntimeError as exc:
-                raise PlanError(
-                    f"{step.name} rejects its input of shape {tuple(y0.shape[1:])} ({str(exc).splitlines()[0]}); "
-                    "check --input-shape and the layer sizes."
-                ) from None
-    out_shape = tuple(y0.shape[1:])
-    bias = y0.reshape(-1).numpy().copy()
-    if bias.size * n > MAX_AFFINE_ENTRIES:
-        raise PlanError(f"{run[0].name}: an affine map of {bias.size}x{n} is too large to compose exactly.")
+    y0 = torch.zeros((1, *in_shape), dtype=torch.float64)
+    yb = torch.eye(n, dtype=torch.float64).reshape((n, *in_shape))
+    for step in run:
+        try:
+            y0, yb = step.apply(y0), step.apply(yb)
+        except RuntimeError as exc:
+            raise PlanError(
+                f"{step.name} rejects its input of shape {tuple(y0.shape[1:])} ({str(exc).splitlines()[0]}); "
+                "check --input-shape and the layer sizes."
+            ) from None
+        if yb[0].numel() * n > MAX_AFFINE_ENTRIES:
+            raise PlanError(f"{step.name}: an affine map of {yb[0].numel()}x{n} is too large to compose exactly.")
     weight = (yb.reshape(n, -1) - y0.reshape(1, -1)).numpy().T.copy()
-    return AffineMap(weight, bias, in_shape, out_shape, [s.name for s in run])
+    return weight, y0.reshape(-1).numpy().copy(), tuple(y0.shape[1:])
+
+
+def _structural_support(run: list[_Step], in_shape: tuple[int, ...]) -> np.ndarray:
+    """Nonzeros of ``[W | b]`` with every parameter replaced by a random positive value.
+
+    The layout is chosen from this pattern, not from the trained weights, so the
+    plan reveals the architecture's sparsity (public) but never which trained
+    weights happen to be zero.
+    """
+    tensors = [t for s in run if s.module is not None for t in (*s.module.parameters(), *s.module.buffers())]
+    saved = [t.detach().clone() for t in tensors]
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for t in tensors:
+            if t.is_floating_point():
+                t.data.copy_(torch.rand(t.shape, generator=generator, dtype=t.dtype) + 0.5)
+        weight, bias, _ = _apply_run(run, in_shape)
+    finally:
+        for t, value in zip(tensors, saved):
+            t.data.copy_(value)
+    return np.concatenate([weight != 0, bias[:, None] != 0], axis=1)
+
+
+def _affine(run: list[_Step], in_shape: tuple[int, ...]) -> AffineMap:
+    weight, bias, out_shape = _apply_run(run, in_shape)
+    support = _structural_support(run, in_shape)
+    return AffineMap(weight, bias, in_shape, out_shape, support, [s.name for s in run])
 
 
 def _enclave_op(step: _Step, in_shape: tuple[int, ...]) -> EnclaveOp:

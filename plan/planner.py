@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from he.context import CkksParams
 from he.graph import ModelGraph, ReleasePolicy, Stage
-from he.layout import UnitCosts, choose_geometry
+from he.layout import UnitCosts, choose_layout
 from he.linear import WeightForm
 
 from .importer import ImportedModel, from_pytorch
@@ -31,10 +31,7 @@ class Plan:
                 {
                     "stage": i,
                     "shape": f"{g.rows}x{g.cols - 1}",
-                    "k": g.k,
-                    "period": g.period,
-                    "baby": g.baby,
-                    "giant": g.giant,
+                    "layout": g.describe(),
                     **g.counts(),
                     "enclave": "+".join(op.kind.value for op in stage.ops) or "release",
                 }
@@ -55,8 +52,8 @@ def plan_model(
     stages, weights = [], []
     for affine, ops in imported.stages:
         w = affine.augmented
-        geometry = choose_geometry(w.shape[0], w.shape[1], params.slots, form is WeightForm.ENCRYPTED, costs)
-        stages.append(Stage(geometry, affine.out_shape, tuple(ops)))
+        layout = choose_layout(affine.support, params.slots, form is WeightForm.ENCRYPTED, costs)
+        stages.append(Stage(layout, affine.out_shape, tuple(ops)))
         weights.append(w)
     graph = ModelGraph(imported.input_shape, tuple(stages), params, form, release, name)
     return Plan(graph, weights)

@@ -360,12 +360,17 @@ def test_model_starting_with_a_nonlinearity_is_refused(first):
         plan_pytorch(model, (2, 4, 4) if isinstance(first, nn.MaxPool2d) else (2, 2, 2))
 
 
-@pytest.mark.xfail(strict=True, raises=PlanError, reason="bug: a bare nn.Linear/nn.Conv2d is traced into get_attr nodes")
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f.value)
 @pytest.mark.parametrize(
-    "layer, shape", [(nn.Linear(5, 3), (5,)), (nn.Conv2d(1, 2, 3), (1, 5, 5))], ids=["linear", "conv2d"]
+    "case_id, factory, shape",
+    [("bare-linear", lambda: nn.Linear(5, 3), (5,)), ("bare-conv2d", lambda: nn.Conv2d(1, 2, 3, stride=2), (1, 6, 6))],
+    ids=["linear", "conv2d"],
 )
-def test_a_single_layer_model_is_imported(keys, layer, shape):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    plan = plan_pytorch(layer, shape, weight_form="plain")
+def test_a_single_layer_model_is_imported(keys, case_id, factory, shape, form):
+    """A bare layer, not wrapped in nn.Sequential: fx would trace into its forward."""
+    layer, gen = _build(case_id, factory, form)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    plan = plan_pytorch(layer, shape, weight_form=form)
+    assert len(plan.graph.stages) == 1
     got = run_encrypted(keys, plan.graph, plan.weights, x.numpy())
     assert _relative_error(got, _reference(layer, x)) <= TARGET
