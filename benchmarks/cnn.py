@@ -237,8 +237,7 @@ def bench_cnn(weights: WeightForm = WeightForm.ENCRYPTED, samples: int = 20, bat
         "tenseal_agreement_with_x2": float((recipe_logits_arr.argmax(1) == reference.argmax(1)).mean()),
         "tenseal_max_abs_err_vs_x2": float(np.abs(recipe_logits_arr - reference).max()),
         "stages": [
-            f"{s['shape']} k={s['k']} baby={s['baby']} giant={s['giant']} rotations={s['rotations']} "
-            f"then {s['enclave']}"
+            f"{s['shape']} {s['layout']} rotations={s['rotations']} then {s['enclave']}"
             for s in ours["stages"]
         ],
     }

@@ -99,8 +99,12 @@ class Toolkit:
         return plain
 
     def load_ciphertext(self, data: bytes, what: str = "ciphertext", top_level: bool = True) -> seal.Ciphertext:
-        """A validated ciphertext; fresh inputs must be at the top level and the standard scale."""
-        ct = ciphertext_from_bytes(self.context, data, what)
+        """A validated ciphertext; fresh inputs must be at the top level and the standard scale.
+
+        Layer outputs (``top_level=False``) may keep the third polynomial of an
+        unrelinearized product: the enclave decrypts them as they are.
+        """
+        ct = ciphertext_from_bytes(self.context, data, what, max_size=2 if top_level else 3)
         if top_level and (ct.parms_id() != self.context.first_parms_id() or ct.scale != self.params.scale):
             raise CiphertextError(
                 f"The {what} is not a fresh ciphertext at the top level with scale 2^{self.params.scale_bits}; "

@@ -42,7 +42,7 @@ class UnitCosts:
     rescale: float = 0.36
     multiply_plain: float = 0.11
     multiply_cipher: float = 0.25
-    relinearize: float = 1.3
+    relinearize_rescaled: float = 0.67
     add: float = 0.04
     enclave_decrypt: float = 0.7
     enclave_encrypt: float = 1.5
@@ -247,7 +247,7 @@ def estimate_ms(layout: Layout, encrypted_weights: bool, costs: UnitCosts = Unit
         + c["giant_rotations"] * costs.rotation_rescaled
         + c["rescales"] * costs.rescale
         + c["multiplications"] * (multiply + costs.add)
-        + (c["rescales"] * costs.relinearize if encrypted_weights else 0.0)
+        + (c["giant_rotations"] * costs.relinearize_rescaled if encrypted_weights else 0.0)
         + costs.enclave_factor * (layout.out_cts * costs.enclave_decrypt + layout.in_cts * costs.enclave_encrypt)
     )
 

@@ -4,8 +4,9 @@ The weights come in one of two forms, fixed at deployment: plaintexts encoded
 once (the server is trusted with the weights), or ciphertexts encrypted by the
 model owner under the enclave's public key (the default: the server learns
 nothing about the weights). Products of one giant-step group are summed while
-still of size three and relinearized once per group, then rescaled *before*
-the giant rotation, which costs half as much one level down.
+still of size three and rescaled; only a group that must then be rotated is
+relinearized, one level down where that and the rotation cost half as much.
+The unrotated group's three-polynomial sum goes to the enclave as it is.
 """
 
 from __future__ import annotations
@@ -163,11 +164,12 @@ class LinearKernel:
                 part = product if part is None else _add(ev, part, product)
         if part is None:
             return None
-        if self.form is WeightForm.ENCRYPTED:
-            ev.relinearize_inplace(part, context.relin_keys)
-            counter.relinearizations += 1
         ev.rescale_to_next_inplace(part)
         counter.rescales += 1
+        # Only a rotation needs two polynomials; the enclave decrypts the others as they are.
+        if self.form is WeightForm.ENCRYPTED and giant > 0:
+            ev.relinearize_inplace(part, context.relin_keys)
+            counter.relinearizations += 1
         return part
 
 

@@ -61,10 +61,12 @@ def _load(obj, context: seal.SEALContext, data: bytes, what: str):
     return obj
 
 
-def ciphertext_from_bytes(context: seal.SEALContext, data: bytes, what: str = "ciphertext") -> seal.Ciphertext:
-    """Load and validate a ciphertext; reject transparent or non-linear (size != 2) ones."""
+def ciphertext_from_bytes(
+    context: seal.SEALContext, data: bytes, what: str = "ciphertext", max_size: int = 2
+) -> seal.Ciphertext:
+    """Load and validate a ciphertext of 2 (or up to ``max_size``) polynomials; reject degenerate ones."""
     ct = _load(seal.Ciphertext(), context, data, what)
-    if ct.size() != 2 or ct.is_transparent() or not ct.is_ntt_form():
+    if not 2 <= ct.size() <= max_size or ct.is_transparent() or not ct.is_ntt_form():
         raise CiphertextError(f"The {what} frame holds a degenerate ciphertext (size {ct.size()}); refusing it.")
     return ct
 

@@ -21,7 +21,9 @@ from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
 from protocol.errors import HeclaveError, PlanError
 
 SLOTS = 4096
-TARGET = 1e-4  # max abs error over max abs of the reference output
+# Max abs error over the largest output's summand magnitude (|W| |x| + |b|): an output that
+# cancels to almost zero must not make a 1e-9 absolute error look large.
+TARGET = 1e-4
 FORMS = [WeightForm.PLAIN, WeightForm.ENCRYPTED]
 
 PURE = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -283,13 +285,16 @@ def check_affine(keys, g: LinearGeometry, form: WeightForm, seed: int) -> None:
     expected = weight @ x + bias
     got, kernel, counter = run_kernel(keys, g, form, np.column_stack([weight, bias]), np.append(x, 1.0))
     assert got.shape == expected.shape
-    err = np.abs(got - expected).max() / np.abs(expected).max()
+    magnitude = (np.abs(weight) @ np.abs(x) + np.abs(bias)).max()
+    err = np.abs(got - expected).max() / magnitude
     assert err <= TARGET, f"relative error {err:.2e} for {g}"
     counts = g.counts()
     assert counter.multiplications == int(kernel.mask.sum()) <= counts["multiplications"]
     assert counter.rotations <= counts["rotations"]
     assert counter.rescales <= counts["rescales"]
-    assert counter.relinearizations == (counter.rescales if form is WeightForm.ENCRYPTED else 0)
+    giant_rotations = counter.rotations - g.in_cts * (min(g.baby, g.k) - 1)
+    # Only a group that is rotated is relinearized; the rest reach the enclave with three polynomials.
+    assert counter.relinearizations == (giant_rotations if form is WeightForm.ENCRYPTED else 0)
 
 
 layer_shapes = st.one_of(
