@@ -24,6 +24,7 @@ from .serialize import (
     galois_keys_from_bytes,
     public_key_from_bytes,
     relin_keys_from_bytes,
+    secret_key_from_bytes,
     to_bytes,
 )
 
@@ -130,8 +131,8 @@ class PublicContext:
     ) -> None:
         self.params = params
         self.toolkit = Toolkit(params)
-        self._public_key_bytes = public_key
-        self._relin_bytes = relin_keys
+        self.public_key_bytes = public_key
+        self.relin_keys_bytes = relin_keys
         self._galois_bytes = galois_keys
         self.galois_steps = tuple(sorted(set(galois_steps)))
         self.public_key = public_key_from_bytes(self.toolkit.context, public_key)
@@ -144,8 +145,8 @@ class PublicContext:
             {
                 "format": CONTEXT_FORMAT,
                 "params": self.params.to_wire(),
-                "public_key": self._public_key_bytes,
-                "relin_keys": self._relin_bytes,
+                "public_key": self.public_key_bytes,
+                "relin_keys": self.relin_keys_bytes,
                 "galois_keys": self._galois_bytes,
                 "galois_steps": list(self.galois_steps),
             },
@@ -176,7 +177,7 @@ class PublicContext:
 
     def with_galois(self, galois_keys: bytes, steps: Iterable[int]) -> "PublicContext":
         """The same context plus Galois keys for exactly the rotation steps a plan uses."""
-        return PublicContext(self.params, self._public_key_bytes, self._relin_bytes, galois_keys, steps)
+        return PublicContext(self.params, self.public_key_bytes, self.relin_keys_bytes, galois_keys, steps)
 
     def encrypt(self, values: np.ndarray) -> bytes:
         """Public-key encryption of a real vector, serialised."""
@@ -188,21 +189,31 @@ class PublicContext:
 class SecretKeySet:
     """The full CKKS key set. Only the enclave constructs one; the secret key never leaves it."""
 
-    def __init__(self, params: CkksParams, secret_key: seal.SecretKey | None = None) -> None:
+    def __init__(self, params: CkksParams, restored: dict | None = None) -> None:
+        """A fresh key set, or the one :meth:`export` wrote (public keys included, so they stay identical)."""
         self.params = params
         self.toolkit = Toolkit(params)
         context = self.toolkit.context
-        self._keygen = seal.KeyGenerator(context, secret_key) if secret_key is not None else seal.KeyGenerator(context)
+        if restored is None:
+            self._keygen = seal.KeyGenerator(context)
+            public_key = seal.PublicKey()
+            self._keygen.create_public_key(public_key)
+            self.public = PublicContext(params, to_bytes(public_key), to_bytes(self._keygen.create_relin_keys()))
+        else:
+            self._keygen = seal.KeyGenerator(context, secret_key_from_bytes(context, restored["secret_key"]))
+            self.public = PublicContext(params, restored["public_key"], restored["relin_keys"])
         self._secret = self._keygen.secret_key()
         self._encryptor = seal.Encryptor(context, self._secret)
         self._decryptor = seal.Decryptor(context, self._secret)
-        public_key = seal.PublicKey()
-        self._keygen.create_public_key(public_key)
-        self.public = PublicContext(params, to_bytes(public_key), to_bytes(self._keygen.create_relin_keys()))
 
-    def secret_key_bytes(self) -> bytes:
-        """For sealing to the enclave's own storage only."""
-        return to_bytes(self._secret)
+    def export(self) -> dict:
+        """The whole key set, for sealing to the enclave's own storage only."""
+        return {
+            "params": self.params.to_wire(),
+            "secret_key": to_bytes(self._secret),
+            "public_key": self.public.public_key_bytes,
+            "relin_keys": self.public.relin_keys_bytes,
+        }
 
     def galois_keys(self, steps: Iterable[int]) -> bytes:
         """Seeded Galois keys for exactly these left-rotation steps."""

@@ -22,7 +22,7 @@ class Child:
         self.name = name
         self.ready_file = workdir / f"{name}.ready.json"
         self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", *args, "--ready-file", str(self.ready_file)],
             stdout=self._log,
@@ -74,6 +74,7 @@ class Cluster:
         self.children: list[Child] = []
         self.server_args = server_args
         self.endpoint = ""
+        self.enclave_endpoint = ""
         self.server_key_file = self.workdir / "server.key"
         self._stopping = False
 
@@ -84,8 +85,8 @@ class Cluster:
     def start(self) -> None:
         """Start the enclave, then the server connected to it; stop both if either fails."""
         try:
-            enclave = self._start("enclave", ["tee", "--bind", "tcp://127.0.0.1:*"])
-            info = enclave.wait_ready()
+            enclave = self._start("enclave", self._enclave_args("tcp://127.0.0.1:*"))
+            self.enclave_endpoint = enclave.wait_ready()["endpoint"]
             server = self._start(
                 "server",
                 [
@@ -94,7 +95,7 @@ class Cluster:
                     "--bind",
                     "tcp://127.0.0.1:*",
                     "--enclave",
-                    info["endpoint"],
+                    self.enclave_endpoint,
                     "--key-file",
                     str(self.server_key_file),
                     *self.server_args,
@@ -104,6 +105,18 @@ class Cluster:
         except BaseException:
             self.stop()
             raise
+
+    def _enclave_args(self, bind: str) -> list[str]:
+        return ["tee", "--bind", bind, "--state-dir", str(self.workdir / "enclave-state")]
+
+    def restart_enclave(self) -> None:
+        """Kill the enclave and start it again on the same endpoint and sealed state, as a host might."""
+        old = self.children[0]
+        old.process.kill()
+        old.stop()
+        old.ready_file.unlink(missing_ok=True)
+        self.children[0] = Child("enclave", self._enclave_args(self.enclave_endpoint), self.workdir)
+        self.children[0].wait_ready()
 
     def _start(self, name: str, args: list[str]) -> Child:
         child = Child(name, args, self.workdir)

@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", default="tcp://127.0.0.1:5556", help="loopback endpoint the server connects to")
     parser.add_argument("--ready-file", type=Path, help="write {endpoint, runtime} here once serving")
     parser.add_argument("--runtime", choices=[r.value for r in Runtime], help="refuse to start unless detected")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep the key set, identity key and registered models sealed here, so a restart keeps them "
+        "(without it the keys live only as long as the process)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s enclave %(levelname)s %(message)s", stream=sys.stderr)
 
@@ -35,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runtime and Runtime(args.runtime) is not detected:
         log.error("expected runtime %s but this process runs as %s", args.runtime, detected.value)
         return 2
-    enclave = Enclave(runtime=detected)
+    enclave = Enclave(runtime=detected, state_dir=args.state_dir)
     sock, endpoint = router(args.bind)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))

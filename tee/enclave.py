@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -36,6 +36,7 @@ from protocol.messages import Message, field_of
 from .nonlinear import apply_ops
 from .release import seal_result
 from .runtime import collect_evidence, detect
+from .state import EnclaveState
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,17 @@ MAX_SESSIONS = 4096
 MAX_MODELS = 256
 
 
-@dataclass
-class _Deployed:
-    graph: ModelGraph
-    session_id: bytes
-
-
 class Enclave:
     """Key holder and exact-nonlinearity service; one instance per enclave process."""
 
-    def __init__(self, params: CkksParams = CkksParams(), runtime: Runtime | None = None) -> None:
-        self.keys = SecretKeySet(params)
-        self.identity = X25519PrivateKey.generate()
+    def __init__(
+        self, params: CkksParams = CkksParams(), runtime: Runtime | None = None, state_dir: Path | None = None
+    ) -> None:
+        self._state = EnclaveState(state_dir) if state_dir is not None else None
+        if self._state is not None:
+            self.keys, self.identity = self._state.keys(params)
+        else:
+            self.keys, self.identity = SecretKeySet(params), X25519PrivateKey.generate()
         self.runtime = runtime or detect()
         self.public_context = self.keys.public.to_bytes()
         self.evidence = collect_evidence(raw_public(self.identity.public_key()), self.public_context, self.runtime)
@@ -62,7 +62,9 @@ class Enclave:
         toolkit = self.keys.toolkit
         self._output_parms = toolkit.context.first_context_data().next_context_data().parms_id()
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
-        self._models: OrderedDict[str, _Deployed] = OrderedDict()
+        self._models: OrderedDict[str, ModelGraph] = OrderedDict()
+        if self._state is not None:
+            self._models.update((mid, ModelGraph.from_bytes(g)) for mid, g in self._state.models().items())
         self._handlers = {
             "evidence": self._evidence,
             "open_session": self._open_session,
@@ -111,19 +113,20 @@ class Enclave:
         if graph.params != self.keys.params:
             raise PlanError(f"The graph is planned for CKKS parameters {graph.params}, the enclave uses {self.keys.params}.")
         model_id = secrets.token_hex(16)
-        self._models[model_id] = _Deployed(graph, session.session_id)
-        while len(self._models) > MAX_MODELS:
-            self._models.popitem(last=False)
+        if len(self._models) >= MAX_MODELS:
+            raise HeclaveError(f"The enclave holds its limit of {MAX_MODELS} models.", ErrorCode.BUSY)
+        self._models[model_id] = graph
+        if self._state is not None:
+            self._state.save_model(model_id, graph_bytes)
         galois = self.keys.galois_keys(graph.rotation_steps)
         log.info("registered model %s (%d stages, %d rotation steps)", model_id, len(graph.stages), len(graph.rotation_steps))
         return request.reply({"model_id": model_id, "galois_steps": graph.rotation_steps}, [galois])
 
     def _activate(self, request: Message) -> Message:
         model_id = field_of(request.content, "model_id", str)
-        deployed = self._models.get(model_id)
-        if deployed is None:
+        graph = self._models.get(model_id)
+        if graph is None:
             raise HeclaveError(f"Unknown model {model_id!r}; deploy it again.", ErrorCode.UNKNOWN_MODEL)
-        graph = deployed.graph
         index = field_of(request.content, "stage", int)
         if not 0 <= index < len(graph.stages):
             raise ProtocolError(f"Stage {index} is outside 0..{len(graph.stages) - 1}.", ErrorCode.BAD_FIELD)

@@ -128,3 +128,15 @@ def test_forged_release_authorisation_is_refused(deployed, data_owner, trained):
     with pytest.raises(HeclaveError) as info:
         data_owner.connection.request(Message("infer", content, frames))
     assert info.value.code.value == "channel"
+
+
+def test_restarted_enclave_keeps_keys_and_serves_a_model_deployed_before(cluster, deployed, trained):
+    before = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    evidence = before.connection.evidence
+    before.close()
+    cluster.restart_enclave()
+    after = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    assert after.connection.evidence == evidence, "a restarted enclave must present the same keys"
+    _, x, reference = trained
+    _check_agreement(after, deployed, x[:3], reference[:3])
+    after.close()

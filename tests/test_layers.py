@@ -118,6 +118,14 @@ class LeNet(nn.Module):
         return self.fc2(x)
 
 
+def negative_before_padded_maxpool() -> nn.Module:
+    """Every pooled value negative: padding with zeros instead of -inf would change the maxima."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.MaxPool2d(3, stride=2, padding=1))
+    with torch.no_grad():
+        model[0].bias.fill_(-20.0)
+    return model
+
+
 # (id, factory, input shape, number of stages the plan must have)
 CASES = [
     # dense
@@ -149,6 +157,7 @@ CASES = [
     ("maxpool-k3-s2-p1", lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)), (2, 7, 7), 2),
     ("maxpool-k2-s1", lambda: nn.Sequential(nn.Conv2d(2, 2, 2), nn.MaxPool2d(2, stride=1)), (2, 6, 5), 1),
     ("maxpool-k32-s12-p10", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d((3, 2), stride=(1, 2), padding=(1, 0)), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 3, 3)), (1, 8, 8), 2),
+    ("maxpool-padding-negative", negative_before_padded_maxpool, (2, 6, 7), 1),
     ("maxpool-k3-s3-p1", lambda: nn.Sequential(nn.Conv2d(3, 2, 1), nn.MaxPool2d(3, stride=3, padding=1), nn.Flatten(), nn.Linear(2 * 3 * 3, 2)), (3, 8, 8), 2),
     # batch-norm folded
     ("bn2d-after-conv", lambda: nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4)), (2, 7, 7), 1),

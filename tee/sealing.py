@@ -1,0 +1,96 @@
+"""Sealed enclave state: the key set and identity key survive a restart, readable only by this enclave.
+
+Under Gramine the sealing key is Gramine's MRENCLAVE-bound key
+(``/dev/attestation/keys/_sgx_mrenclave``) run through HKDF, so only the same
+enclave code on the same CPU can unseal. Natively there is no such key: a
+development key file beside the state stands in for it, which protects nothing
+against the host and is logged as such. Files are written atomically (temporary
+file, fsync, rename), so a crash leaves the old state or the new, never half.
+
+Rollback is not prevented: the host can replace the sealed files with older
+ones (sealing gives confidentiality and integrity, not freshness).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from protocol.errors import AttestationError, ErrorCode, HeclaveError
+
+from .runtime import ATTESTATION_DIR
+
+log = logging.getLogger(__name__)
+
+SEALED_FORMAT = 1
+DEV_KEY_FILE = "dev-sealing.key"
+_LABEL = b"heclave/v1/sealed/"
+
+
+def sealing_key(state_dir: Path, attestation_dir: Path = ATTESTATION_DIR) -> bytes:
+    """The 32-byte AES key sealed state is encrypted under, in this runtime."""
+    hardware = attestation_dir / "keys" / "_sgx_mrenclave"
+    if hardware.exists():
+        material, salt = hardware.read_bytes(), b"sgx-mrenclave"
+    else:
+        material, salt = _development_key(state_dir), b"development"
+    return HKDF(hashes.SHA256(), 32, salt=salt, info=_LABEL + b"key").derive(material)
+
+
+def _development_key(state_dir: Path) -> bytes:
+    path = state_dir / DEV_KEY_FILE
+    if not path.exists():
+        write_atomic(path, secrets.token_bytes(32))
+    log.warning("sealing with the development key %s: the host can read this state (no SGX)", path)
+    return path.read_bytes()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def seal(key: bytes, kind: str, payload: dict) -> bytes:
+    """Encrypt and authenticate a state record; ``kind`` is bound as associated data."""
+    nonce = secrets.token_bytes(12)
+    header = msgpack.packb({"format": SEALED_FORMAT, "kind": kind})
+    body = AESGCM(key).encrypt(nonce, msgpack.packb(payload, use_bin_type=True), _LABEL + header)
+    return msgpack.packb({"header": header, "nonce": nonce, "body": body}, use_bin_type=True)
+
+
+def unseal(key: bytes, kind: str, blob: bytes, origin: Path) -> dict:
+    """Decrypt a record sealed by :func:`seal`, refusing another format, kind or key."""
+    try:
+        outer = msgpack.unpackb(blob, raw=False)
+        header = msgpack.unpackb(outer["header"], raw=False)
+    except Exception:
+        raise HeclaveError(f"{origin} is not sealed heclave state.", ErrorCode.INTERNAL) from None
+    if header.get("format") != SEALED_FORMAT or header.get("kind") != kind:
+        raise HeclaveError(
+            f"{origin} holds sealed {header.get('kind')!r} format {header.get('format')!r}; this enclave reads "
+            f"{kind!r} format {SEALED_FORMAT}. Move the state directory aside to start with fresh keys.",
+            ErrorCode.INTERNAL,
+        )
+    try:
+        plain = AESGCM(key).decrypt(outer["nonce"], outer["body"], _LABEL + outer["header"])
+    except (InvalidTag, KeyError, TypeError, ValueError):
+        raise AttestationError(
+            f"{origin} cannot be unsealed: it was sealed by another enclave build or altered."
+        ) from None
+    return msgpack.unpackb(plain, raw=False)

@@ -1,0 +1,53 @@
+"""Sealed enclave state: restored identically, refused when altered or sealed under another key."""
+
+from __future__ import annotations
+
+import pytest
+
+from he.context import CkksParams
+from protocol.errors import AttestationError, HeclaveError
+from tee.sealing import seal, sealing_key, unseal
+from tee.state import KEYS_FILE, EnclaveState
+
+
+def test_state_restores_the_same_keys_and_models(tmp_path):
+    params = CkksParams()
+    keys, identity = EnclaveState(tmp_path).keys(params)
+    EnclaveState(tmp_path).save_model("m1", b"graph bytes")
+    again, identity_again = EnclaveState(tmp_path).keys(params)
+    assert again.public.to_bytes() == keys.public.to_bytes()
+    assert identity_again.public_key().public_bytes_raw() == identity.public_key().public_bytes_raw()
+    assert EnclaveState(tmp_path).models() == {"m1": b"graph bytes"}
+
+
+def test_altered_sealed_keys_are_refused(tmp_path):
+    EnclaveState(tmp_path).keys(CkksParams())
+    path = tmp_path / KEYS_FILE
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x40
+    path.write_bytes(bytes(blob))
+    with pytest.raises(AttestationError, match="altered"):
+        EnclaveState(tmp_path).keys(CkksParams())
+
+
+def test_state_sealed_under_another_key_is_refused(tmp_path):
+    blob = seal(sealing_key(tmp_path / "a"), "model", {"graph": b"g"})
+    with pytest.raises(AttestationError):
+        unseal(sealing_key(tmp_path / "b"), "model", blob, tmp_path / "x")
+
+
+def test_wrong_kind_is_refused_with_both_names(tmp_path):
+    key = sealing_key(tmp_path)
+    with pytest.raises(HeclaveError, match="'model'.*'keys'"):
+        unseal(key, "keys", seal(key, "model", {}), tmp_path / "x")
+
+
+def test_hardware_key_is_used_when_gramine_provides_it(tmp_path):
+    fake = tmp_path / "attestation"
+    (fake / "keys").mkdir(parents=True)
+    (fake / "keys" / "_sgx_mrenclave").write_bytes(b"\x01" * 16)
+    state = tmp_path / "state"
+    state.mkdir()
+    hardware = sealing_key(state, fake)
+    assert not (state / "dev-sealing.key").exists()
+    assert hardware != sealing_key(state)
