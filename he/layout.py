@@ -178,17 +178,18 @@ class LinearGeometry(Layout):
 
     @classmethod
     def from_wire(cls, data: dict) -> "LinearGeometry":
-        try:
-            geometry = cls(**{k: int(data[k]) for k in cls.__dataclass_fields__})
-        except (KeyError, TypeError, ValueError):
-            raise PlanError("A linear layer's geometry is malformed.") from None
+        values = {k: data.get(k) for k in cls.__dataclass_fields__}
+        if not all(type(v) is int for v in values.values()):
+            raise PlanError(f"A linear layer's geometry needs integer fields {', '.join(values)}.")
+        geometry = cls(**values)
         geometry.validate()
         return geometry
 
     def validate(self) -> None:
         """Refuse a geometry whose rotations would read outside its input layout."""
         ok = (
-            0 < self.k <= self.period <= self.slots
+            _plausible(self.rows, self.cols, self.slots)
+            and 0 < self.k <= self.period <= self.slots
             and self.period % self.k == 0
             and 0 < self.chunk <= self.period
             and self.blocks >= 1
@@ -226,11 +227,22 @@ class LinearGeometry(Layout):
         return rows
 
 
+MAX_FEATURES = 1 << 22
+
+
+def _plausible(rows: int, cols: int, slots: int) -> bool:
+    """Bounds that keep a hostile plan from making the enclave or server allocate without limit."""
+    power_of_two = 0 < slots <= 16384 and slots & (slots - 1) == 0
+    return 0 < rows <= MAX_FEATURES and 0 < cols <= MAX_FEATURES and power_of_two
+
+
 def _best_split(k: int, in_cts: int, out_cts: int) -> tuple[int, int]:
     """Baby and giant step counts that minimise rotations for ``k`` diagonals."""
     best = (k, 1)
     best_cost = in_cts * (k - 1)
-    for baby in range(1, k + 1):
+    # The optimum is near sqrt(k * out_cts / in_cts); a window around it keeps planning fast.
+    limit = min(k, 4 * math.isqrt(k * out_cts // in_cts + 1) + 4)
+    for baby in range(1, limit + 1):
         giant = math.ceil(k / baby)
         cost = in_cts * (baby - 1) + out_cts * (giant - 1)
         if cost < best_cost:
@@ -261,10 +273,10 @@ def choose_geometry(
     best: tuple[float, LinearGeometry] | None = None
     in_cts = math.ceil(cols / slots)
     chunk = math.ceil(cols / in_cts)
-    for k in range(1, slots + 1):
+    for k in range(1, chunk + 1):
         period = math.ceil(chunk / k) * k
         if period > slots:
-            break
+            continue
         candidate = LinearGeometry(rows, cols, slots, k, period, chunk, 1, k)
         if candidate.blocks < 1:
             continue
@@ -376,7 +388,9 @@ class GroupedLayout(Layout):
     @classmethod
     def from_wire(cls, data: dict) -> "GroupedLayout":
         try:
-            rows, cols, slots = int(data["rows"]), int(data["cols"]), int(data["slots"])
+            rows, cols, slots = (data[k] for k in ("rows", "cols", "slots"))
+            if not all(type(v) is int for v in (rows, cols, slots)) or not _plausible(rows, cols, slots):
+                raise ValueError
             maps = [np.frombuffer(data[k], dtype="<i4").astype(np.int64) for k in ("input_index", "output_row")]
             chunk = np.frombuffer(data["output_chunk"], dtype="<i4").astype(np.int64)
             layout = cls(rows, cols, slots, maps[0].reshape(-1, slots), maps[1].reshape(-1, slots), chunk)
@@ -388,8 +402,7 @@ class GroupedLayout(Layout):
     def validate(self) -> None:
         """Refuse maps that point outside the layer or link to missing ciphertexts."""
         ok = (
-            self.rows > 0
-            and self.cols > 0
+            _plausible(self.rows, self.cols, self.slots)
             and self.input_index.shape[1] == self.output_row.shape[1] == self.slots
             and len(self.output_chunk) == self.out_cts
             and self.input_index.min() >= -1

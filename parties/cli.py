@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -15,6 +16,7 @@ import click
 import numpy as np
 
 from he.graph import ReleaseMode, ReleasePolicy
+from parties.bench import bench
 from he.linear import WeightForm
 from protocol.errors import HeclaveError
 from protocol.evidence import VerifierPolicy
@@ -29,8 +31,15 @@ def _logging(verbose: bool) -> None:
     )
 
 
-def _policy(allow_unattested: bool) -> VerifierPolicy:
-    return VerifierPolicy(allow_unattested=allow_unattested)
+POLICY_FLAGS = ("policy_file", "mrenclave", "mrsigner", "isv_prod_id", "min_isv_svn", "allow_debug",
+                "allow_unattested", "pccs_url")
+
+
+def _policy(policy_file: Path | None = None, **flags) -> VerifierPolicy:
+    """The owner's verifier policy: the TOML file if given, with command-line flags taking precedence."""
+    if policy_file is not None:
+        return VerifierPolicy.from_toml(policy_file, **flags)
+    return VerifierPolicy.from_mapping({k: v for k, v in flags.items() if v is not None})
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -104,12 +113,32 @@ def _load_model(spec: str, state_dict: Path | None):
 
 
 def _client_options(f):
-    f = click.option("--server", "endpoint", required=True, help="The server's party endpoint, e.g. tcp://host:5555.")(f)
-    f = click.option("--server-key", type=click.Path(exists=True, path_type=Path), required=True,
-                     help="The server's CURVE public key file to pin.")(f)
-    f = click.option("--allow-unattested", is_flag=True,
-                     help="DEVELOPMENT ONLY: accept an enclave that presents no SGX quote.")(f)
-    return f
+    """The server to reach and the policy its enclave must meet; the command receives ``policy``."""
+
+    @functools.wraps(f)
+    def command(**kwargs):
+        kwargs["policy"] = _policy(**{k: kwargs.pop(k) for k in POLICY_FLAGS})
+        return f(**kwargs)
+
+    options = [
+        click.option("--server", "endpoint", required=True, help="The server's party endpoint, e.g. tcp://host:5555."),
+        click.option("--server-key", type=click.Path(exists=True, path_type=Path), required=True,
+                     help="The server's CURVE public key file to pin."),
+        click.option("--policy", "policy_file", type=click.Path(exists=True, path_type=Path),
+                     help="Verifier policy (TOML); the flags below override its keys."),
+        click.option("--mrenclave", help="Expected MRENCLAVE (hex)."),
+        click.option("--mrsigner", help="Expected MRSIGNER (hex)."),
+        click.option("--isv-prod-id", type=int, help="Expected ISV_PROD_ID."),
+        click.option("--min-isv-svn", type=int, help="Lowest acceptable ISV_SVN."),
+        click.option("--pccs-url", help="PCCS to fetch quote-verification collateral from."),
+        click.option("--allow-debug", is_flag=True, default=None,
+                     help="INSECURE: accept a debug enclave, whose memory the host can read."),
+        click.option("--allow-unattested", is_flag=True, default=None,
+                     help="DEVELOPMENT ONLY: accept an enclave that presents no SGX quote."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @main.group("model-owner")
@@ -126,13 +155,13 @@ def model_owner() -> None:
               help="'plain' hands the server the weights in the clear.")
 @click.option("--release", type=click.Choice([m.value for m in ReleaseMode]), default="logits", show_default=True)
 @click.option("--decimals", default=4, show_default=True, help="Precision of released logits.")
-def deploy(endpoint: str, server_key: Path, allow_unattested: bool, model_spec: str, state_dict: Path | None,
+def deploy(endpoint: str, server_key: Path, policy: VerifierPolicy, model_spec: str, state_dict: Path | None,
            input_shape: str, weights: str, release: str, decimals: int) -> None:
     """Plan a torch model and deploy it; prints the model id."""
     from parties.model_owner import ModelOwner
 
     _logging(False)
-    owner = ModelOwner(endpoint, server_key, _policy(allow_unattested))
+    owner = ModelOwner(endpoint, server_key, policy)
     plan = owner.plan(_load_model(model_spec, state_dict), _shape(input_shape), weights,
                       ReleasePolicy(ReleaseMode(release), decimals))
     click.echo(owner.deploy(plan))
@@ -148,12 +177,12 @@ def data_owner() -> None:
 @click.option("--model-id", required=True)
 @click.option("--input", "input_file", type=click.Path(exists=True, path_type=Path), required=True,
               help=".npy file: one input, or a batch along the first axis.")
-def infer(endpoint: str, server_key: Path, allow_unattested: bool, model_id: str, input_file: Path) -> None:
+def infer(endpoint: str, server_key: Path, policy: VerifierPolicy, model_id: str, input_file: Path) -> None:
     """Classify private inputs; prints one JSON result per input."""
     from parties.data_owner import DataOwner
 
     _logging(False)
-    owner = DataOwner(endpoint, server_key, _policy(allow_unattested))
+    owner = DataOwner(endpoint, server_key, policy)
     x = np.load(input_file, allow_pickle=False)
     shape = owner.graph(model_id).input_shape
     batch = x.reshape((-1, *shape)) if x.size % int(np.prod(shape)) == 0 else x
@@ -166,14 +195,14 @@ def infer(endpoint: str, server_key: Path, allow_unattested: bool, model_id: str
 @click.option("--samples", default=100, show_default=True, help="Held-out digits to classify.")
 @click.option("--weights", type=click.Choice([f.value for f in WeightForm]), default="encrypted", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def demo(samples: int, weights: str, as_json: bool) -> None:
+@click.option("--require-attestation", is_flag=True,
+              help="Use the default policy (SGX quote required) instead of accepting the development enclave.")
+def demo(samples: int, weights: str, as_json: bool, require_attestation: bool) -> None:
     """Train a CNN on digits, start an enclave and a server, deploy, classify, report."""
     from parties.demo import run_demo
 
-    run_demo(samples, WeightForm(weights), as_json)
+    run_demo(samples, WeightForm(weights), as_json, require_attestation)
 
-
-from parties.bench import bench
 
 main.add_command(bench)
 

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from examples.digits import INPUT_SHAPE, train_digits_cnn
 from he.linear import WeightForm
-from protocol.errors import HeclaveError
+from protocol.errors import AttestationError, HeclaveError
 from protocol.evidence import VerifierPolicy
 
 from .data_owner import DataOwner
@@ -82,19 +82,21 @@ def _table(report: dict) -> Table:
     return table
 
 
-def run_demo(samples: int, weights: WeightForm, as_json: bool) -> dict:
+def run_demo(samples: int, weights: WeightForm, as_json: bool, require_attestation: bool = False) -> dict:
     """Run the whole demo; returns the report it prints."""
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
-    console.print("[bold yellow]DEVELOPMENT RUN[/]: the enclave runs natively and presents no SGX quote; "
-                  "the owners accept it only because this is a demo.")
+    policy = VerifierPolicy() if require_attestation else DEVELOPMENT_POLICY
+    if not require_attestation:
+        console.print("[bold yellow]DEVELOPMENT RUN[/]: the enclave runs natively and presents no SGX quote; "
+                      "the owners accept it only because this is a demo.")
     with console.status("model owner: training a CNN on scikit-learn's digits"):
         model, x_test, y_test = train_digits_cnn()
     count = min(samples, len(x_test))
     x, labels = x_test[:count], y_test[:count]
     with torch.no_grad():
         plain_logits = model.double()(torch.from_numpy(x).double()).numpy()
-    report = _run_with_cluster(console, model, x, labels, plain_logits, weights, count)
+    report = _run_with_cluster(console, model, x, labels, plain_logits, weights, count, policy)
     if as_json:
         print(json.dumps(report))
     else:
@@ -102,7 +104,18 @@ def run_demo(samples: int, weights: WeightForm, as_json: bool) -> dict:
     return report
 
 
-def _run_with_cluster(console: Console, model, x, labels, plain_logits, weights, count) -> dict:
+def _attested(role, cluster: Cluster, policy: VerifierPolicy):
+    """Connect an owner, turning a refused attestation into advice for the demo."""
+    try:
+        return role(cluster.endpoint, cluster.server_key_file, policy)
+    except AttestationError as exc:
+        raise AttestationError(
+            f"{exc.message} Nothing was sent to the enclave. This machine runs the enclave without SGX; "
+            "run `heclave demo` without --require-attestation for a development run."
+        ) from None
+
+
+def _run_with_cluster(console: Console, model, x, labels, plain_logits, weights, count, policy) -> dict:
     cluster = Cluster()
     with console.status("starting enclave and server"):
         cluster.start()
@@ -110,10 +123,10 @@ def _run_with_cluster(console: Console, model, x, labels, plain_logits, weights,
     try:
         started = time.perf_counter()
         with console.status(f"model owner: planning and deploying with {weights.value} weights"):
-            owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEVELOPMENT_POLICY)
+            owner = _attested(ModelOwner, cluster, policy)
             model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, weights, name="digits-cnn"))
         deploy_s = time.perf_counter() - started
-        data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEVELOPMENT_POLICY)
+        data_owner = _attested(DataOwner, cluster, policy)
         inferences = []
         columns = (TextColumn("data owner: classifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as progress:

@@ -259,8 +259,13 @@ def from_pytorch(model: nn.Module, input_shape: tuple[int, ...]) -> ImportedMode
         # fx traces through a bare leaf module's forward; as a one-layer chain it stays a layer.
         model = nn.Sequential(model)
     steps = _chain(_trace(model), tuple(input_shape))
-    if not steps or steps[0].kind != "affine":
-        raise PlanError("The model must start with a linear layer (Linear, Conv2d, ...): the server computes it.")
+    if not steps:
+        raise PlanError("The model has no layers.")
+    if steps[0].kind != "affine":
+        raise PlanError(
+            f"The model starts with {steps[0].name}; it must start with a linear layer (Linear, Conv2d, ...), "
+            "which the server computes on the encrypted input."
+        )
     stages: list[tuple[AffineMap, list[EnclaveOp]]] = []
     shape = tuple(input_shape)
     i = 0

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
+import tomllib
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from .errors import AttestationError
@@ -96,7 +98,12 @@ class QuoteFields:
 
 @dataclass(frozen=True)
 class VerifierPolicy:
-    """What an owner accepts. The defaults refuse debug and unattested enclaves."""
+    """What an owner accepts. The defaults refuse debug and unattested enclaves.
+
+    ``allowed_tcb`` lists the TCB statuses (from the quote's signature check)
+    an owner accepts; anything but ``UpToDate`` means the platform lacks
+    security updates.
+    """
 
     mrenclave: bytes | None = None
     mrsigner: bytes | None = None
@@ -104,6 +111,52 @@ class VerifierPolicy:
     min_isv_svn: int = 0
     allow_debug: bool = False
     allow_unattested: bool = False
+    pccs_url: str | None = None
+    allowed_tcb: tuple[str, ...] = ("UpToDate",)
+
+    @classmethod
+    def from_toml(cls, path: Path, **overrides: Any) -> "VerifierPolicy":
+        """Read a policy file; keyword ``overrides`` (from CLI flags, ``None`` = unset) win."""
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise AttestationError(f"Cannot read the verifier policy {path}: {exc}.") from None
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise AttestationError(
+                f"Unknown keys {sorted(unknown)} in {path}; valid keys: {', '.join(cls.__dataclass_fields__)}."
+            )
+        data |= {k: v for k, v in overrides.items() if v is not None}
+        return cls.from_mapping(data)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> "VerifierPolicy":
+        """A policy from plain values: measurements as hex strings, the rest as in the dataclass."""
+        def measurement(name: str) -> bytes | None:
+            value = data.get(name)
+            if value is None or isinstance(value, bytes):
+                return value
+            try:
+                raw = bytes.fromhex(str(value))
+            except ValueError:
+                raw = b""
+            if len(raw) != 32:
+                raise AttestationError(f"{name} must be 64 hexadecimal characters (32 bytes), got {value!r}.")
+            return raw
+
+        try:
+            return cls(
+                mrenclave=measurement("mrenclave"),
+                mrsigner=measurement("mrsigner"),
+                isv_prod_id=None if data.get("isv_prod_id") is None else int(data["isv_prod_id"]),
+                min_isv_svn=int(data.get("min_isv_svn", 0)),
+                allow_debug=bool(data.get("allow_debug", False)),
+                allow_unattested=bool(data.get("allow_unattested", False)),
+                pccs_url=data.get("pccs_url"),
+                allowed_tcb=tuple(data.get("allowed_tcb", ("UpToDate",))),
+            )
+        except (TypeError, ValueError) as exc:
+            raise AttestationError(f"Invalid verifier policy value: {exc}.") from None
 
     def verify(self, evidence: Evidence, public_context: bytes) -> None:
         """Accept the evidence for these public keys, or raise :class:`AttestationError` naming the check."""
@@ -125,9 +178,10 @@ class VerifierPolicy:
                 evidence.runtime.value,
             )
             return
-        self._check_quote(QuoteFields.parse(evidence.quote), evidence.report_data)
+        self._check_quote(evidence.quote, evidence.report_data)
 
-    def _check_quote(self, q: QuoteFields, expected_report_data: bytes) -> None:
+    def _check_quote(self, quote: bytes, expected_report_data: bytes) -> None:
+        q = QuoteFields.parse(quote)
         if q.report_data != expected_report_data:
             raise AttestationError("report_data: the quote does not carry the evidence's report data.")
         if q.debug and not self.allow_debug:
@@ -140,7 +194,10 @@ class VerifierPolicy:
             raise AttestationError(f"isv_prod_id: got {q.isv_prod_id}, policy expects {self.isv_prod_id}.")
         if q.isv_svn < self.min_isv_svn:
             raise AttestationError(f"isv_svn: got {q.isv_svn}, policy requires at least {self.min_isv_svn}.")
-        raise AttestationError(
-            "quote signature: verifying the quote's signature and TCB status is not available in this build; "
-            "the quote's fields were checked, but its origin was not. Refusing."
-        )
+        from .quote_verify import verify_quote_signature  # needs the optional 'dcap' extra
+
+        status = verify_quote_signature(quote, self.pccs_url)
+        if status not in self.allowed_tcb:
+            raise AttestationError(
+                f"tcb_status: the platform's TCB status is {status!r}; the policy accepts {list(self.allowed_tcb)}."
+            )
