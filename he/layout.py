@@ -228,6 +228,7 @@ class LinearGeometry(Layout):
 
 
 MAX_FEATURES = 1 << 22
+MAX_BLOCK_K = 64
 
 
 def _plausible(rows: int, cols: int, slots: int) -> bool:
@@ -296,24 +297,46 @@ def choose_layout(support: np.ndarray, slots: int, encrypted_weights: bool, cost
     cyclic = choose_geometry(rows, cols, slots, encrypted_weights, costs)
     if support.all():
         return cyclic
-    grouped = GroupedLayout.from_support(support, slots)
-    if grouped is None:
-        return cyclic
-    return min((cyclic, grouped), key=lambda layout: estimate_ms(layout, encrypted_weights, costs))
+    deepest = max(len(g[1]) for g in support_groups(support))
+    candidates: list[Layout] = [cyclic]
+    candidates.append(GroupedLayout.from_support(support, slots))
+    candidates += [GroupedLayout.block_cyclic(support, slots, k) for k in range(2, min(deepest, MAX_BLOCK_K) + 1)]
+    usable = [c for c in candidates if c is not None]
+    return min(usable, key=lambda layout: estimate_ms(layout, encrypted_weights, costs))
+
+
+Group = tuple[np.ndarray, list[int]]
+
+
+def support_groups(support: np.ndarray) -> list[Group]:
+    """Rows that read exactly the same inputs, as ``(input columns, rows)``, in first-row order."""
+    groups: dict[bytes, Group] = {}
+    for r in range(support.shape[0]):
+        key = np.packbits(support[r]).tobytes()
+        groups.setdefault(key, (np.flatnonzero(support[r]), []))[1].append(r)
+    return list(groups.values())
 
 
 @dataclass(frozen=True, eq=False)
 class GroupedLayout(Layout):
-    """A rotation-free layout for sparse layers (convolutions, pooling, batch-norm): im2col, generalised.
+    """Layouts for sparse layers (convolutions, pooling, batch-norm) built from groups of rows.
 
     Rows that read the same inputs (a convolution's output channels at one
-    position) form a group. An input ciphertext holds, for each group of a
-    chunk, the group's inputs once, replicated ``copies`` times across the
-    slots; output ciphertext ``t`` of the chunk pairs copy ``a`` of a group's
-    slots with the group's row ``t * copies + a``. Every product then sits in
-    its own slot: one multiplication per output ciphertext, no rotation, and
-    the enclave adds each row's partial sums after decrypting. The maps are
-    stored explicitly in the plan.
+    position) form a group. Two constructions share this class:
+
+    - :meth:`from_support`, a generalised im2col: an input ciphertext holds each
+      group's inputs once (replicated ``copies`` times), and output ciphertext
+      ``t`` pairs copy ``a`` with the group's row ``t * copies + a``. Every
+      product sits in its own slot: no rotation, one multiplication per output.
+    - :meth:`block_cyclic`: each block holds one group's inputs cyclically with
+      period ``p`` (plus ``k - 1`` slots of wrap-around, so rotations never read
+      the next block) and serves ``k`` of its rows as in the dense cyclic
+      layout: ``k - 1`` rotations buy ``k`` times fewer output ciphertexts, so
+      the enclave decrypts less.
+
+    Either way the enclave adds each row's partial sums after decrypting. The
+    maps are stored explicitly in the plan; ``output_chunk[o]`` is the one input
+    ciphertext output ``o`` reads.
     """
 
     rows: int
@@ -322,39 +345,25 @@ class GroupedLayout(Layout):
     input_index: np.ndarray
     output_row: np.ndarray
     output_chunk: np.ndarray
+    k: int = 1
+    baby: int = 1
+    giant: int = 1
 
     kind = "grouped"
-    k = 1
-    baby = 1
-    giant = 1
 
     def linked(self, o: int, i: int) -> bool:
         return int(self.output_chunk[o]) == i
 
     @classmethod
     def from_support(cls, support: np.ndarray, slots: int) -> "GroupedLayout | None":
-        """Build the layout from a boolean ``rows x cols`` support; ``None`` if a group exceeds the slots."""
+        """The im2col-like layout; ``None`` if a group has no inputs or more than the slots."""
         rows, cols = support.shape
-        groups: dict[bytes, tuple[np.ndarray, list[int]]] = {}
-        for r in range(rows):
-            key = np.packbits(support[r]).tobytes()
-            groups.setdefault(key, (np.flatnonzero(support[r]), []))[1].append(r)
-        chunks: list[list[tuple[np.ndarray, list[int]]]] = [[]]
-        used = 0
-        for group in groups.values():
-            width = len(group[0])
-            if width > slots:
-                return None
-            if used + width > slots:
-                chunks.append([])
-                used = 0
-            chunks[-1].append(group)
-            used += width
+        chunks = _pack(support_groups(support), [len(g[0]) for g in support_groups(support)], slots)
+        if chunks is None:
+            return None
         inputs, outputs, owner = [], [], []
         for i, chunk in enumerate(chunks):
             width = sum(len(g[0]) for g in chunk)
-            if width == 0:
-                return None
             depth = max(len(g[1]) for g in chunk)
             copies = max(1, min(depth, slots // width))
             index = np.full(slots, -1, dtype=np.int64)
@@ -374,6 +383,36 @@ class GroupedLayout(Layout):
                 owner.append(i)
         return cls(rows, cols, slots, np.stack(inputs), np.stack(outputs), np.asarray(owner, dtype=np.int64))
 
+    @classmethod
+    def block_cyclic(cls, support: np.ndarray, slots: int, k: int) -> "GroupedLayout | None":
+        """Blocks of ``k`` rows of one group, cyclic within the block; ``None`` if a block exceeds the slots."""
+        rows, cols = support.shape
+        blocks = [(g[0], g[1][j : j + k]) for g in support_groups(support) for j in range(0, len(g[1]), k)]
+        periods = [math.ceil(len(c) / k) * k for c, _ in blocks]
+        chunks = _pack(list(zip(blocks, periods)), [p + k - 1 for p in periods], slots)
+        if chunks is None:
+            return None
+        inputs, outputs = [], []
+        for chunk in chunks:
+            index = np.full(slots, -1, dtype=np.int64)
+            row_map = np.full(slots, -1, dtype=np.int64)
+            offset = 0
+            for (cols_b, rows_b), period in chunk:
+                u = np.arange(period + k - 1)
+                local = u % period
+                within = local < len(cols_b)
+                index[offset + u[within]] = cols_b[local[within]]
+                serving = (u < period) & (u % k < len(rows_b))
+                row_map[offset + u[serving]] = np.asarray(rows_b)[u[serving] % k]
+                offset += period + k - 1
+            inputs.append(index)
+            outputs.append(row_map)
+        n = len(chunks)
+        baby, giant = _best_split(k, n, n)
+        return cls(
+            rows, cols, slots, np.stack(inputs), np.stack(outputs), np.arange(n, dtype=np.int64), k, baby, giant
+        )
+
     def to_wire(self) -> dict:
         return {
             "kind": self.kind,
@@ -383,6 +422,9 @@ class GroupedLayout(Layout):
             "input_index": self.input_index.astype("<i4").tobytes(),
             "output_row": self.output_row.astype("<i4").tobytes(),
             "output_chunk": self.output_chunk.astype("<i4").tobytes(),
+            "k": self.k,
+            "baby": self.baby,
+            "giant": self.giant,
         }
 
     @classmethod
@@ -393,7 +435,10 @@ class GroupedLayout(Layout):
                 raise ValueError
             maps = [np.frombuffer(data[k], dtype="<i4").astype(np.int64) for k in ("input_index", "output_row")]
             chunk = np.frombuffer(data["output_chunk"], dtype="<i4").astype(np.int64)
-            layout = cls(rows, cols, slots, maps[0].reshape(-1, slots), maps[1].reshape(-1, slots), chunk)
+            steps = [data[k] for k in ("k", "baby", "giant")]
+            if not all(type(v) is int for v in steps):
+                raise ValueError
+            layout = cls(rows, cols, slots, maps[0].reshape(-1, slots), maps[1].reshape(-1, slots), chunk, *steps)
         except (KeyError, TypeError, ValueError):
             raise PlanError("A grouped layout is malformed.") from None
         layout.validate()
@@ -411,9 +456,28 @@ class GroupedLayout(Layout):
             and self.output_row.max() < self.rows
             and (self.output_chunk >= 0).all()
             and (self.output_chunk < self.in_cts).all()
+            and 0 < self.k <= self.slots
+            and self.baby >= 1
+            and self.giant >= 1
+            and self.baby * self.giant >= self.k
         )
         if not ok:
             raise PlanError(f"Inconsistent grouped layout for a {self.rows}x{self.cols} layer.")
+
+
+def _pack(items: list, widths: list[int], slots: int) -> list[list] | None:
+    """Consecutive items into as few ciphertexts as their widths allow; ``None`` if one cannot fit."""
+    chunks: list[list] = [[]]
+    used = 0
+    for item, width in zip(items, widths):
+        if width > slots or width == 0:
+            return None
+        if used + width > slots:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(item)
+        used += width
+    return chunks
 
 
 def layout_from_wire(data: dict) -> Layout:

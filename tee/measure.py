@@ -5,7 +5,7 @@
 the manifest. Its ENCLAVEHASH is the MRENCLAVE the CPU computes when it loads
 the enclave (EINIT refuses the enclave otherwise), so it is the value to put in
 the owners' policy. MRSIGNER is SHA-256 of the signer's RSA modulus as stored.
-Offsets are architectural: HEADER 0, MODULUS 128, EXPONENT 512, SIGNATURE 516,
+Offsets are architectural: HEADER 0, HEADER2 24, MODULUS 128, EXPONENT 512, SIGNATURE 516,
 MISCSELECT 900, MISCMASK 904, 4 reserved bytes, ISVFAMILYID 912, ATTRIBUTES
 928, ATTRIBUTEMASK 944, ENCLAVEHASH 960, 16 reserved bytes, ISVEXTPRODID 992,
 ISVPRODID 1024, ISVSVN 1026, 12 reserved bytes, Q1 1040, Q2 1424.
@@ -23,6 +23,7 @@ from protocol.errors import AttestationError
 SIG_FILE = "heclave-enclave.sig"
 SIGSTRUCT_SIZE = 1808
 SIGSTRUCT_HEADER = bytes.fromhex("06000000e10000000000010000000000")
+SIGSTRUCT_HEADER2 = bytes.fromhex("01010000600000006000000001000000")  # at offset 24
 DEBUG_FLAG = 0x02  # ATTRIBUTES.FLAGS bit 1
 
 _MODULUS, _ATTRIBUTES, _ENCLAVE_HASH, _ISV_PROD_ID, _ISV_SVN = 128, 928, 960, 1024, 1026
@@ -40,10 +41,10 @@ class Sigstruct:
 
     @classmethod
     def parse(cls, data: bytes, source: str = "SIGSTRUCT") -> "Sigstruct":
-        if len(data) != SIGSTRUCT_SIZE or data[:16] != SIGSTRUCT_HEADER:
+        if len(data) != SIGSTRUCT_SIZE or data[:16] != SIGSTRUCT_HEADER or data[24:40] != SIGSTRUCT_HEADER2:
             raise AttestationError(
                 f"{source} is not an SGX SIGSTRUCT ({len(data)} bytes; a SIGSTRUCT is {SIGSTRUCT_SIZE} bytes "
-                "starting with the architectural header). Rebuild it with `make -C tee/gramine SGX=1`."
+                "with the architectural HEADER and HEADER2). Rebuild it with `make -C tee/gramine SGX=1`."
             )
         flags = int.from_bytes(data[_ATTRIBUTES:_ATTRIBUTES + 8], "little")
         prod_id, svn = struct.unpack_from("<HH", data, _ISV_PROD_ID)
