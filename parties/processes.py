@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,7 @@ class Cluster:
     """An enclave and a server on free loopback ports; a context manager that always stops both."""
 
     def __init__(self, workdir: Path | None = None, server_args: tuple[str, ...] = ()) -> None:
+        self._owns_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="heclave-demo-"))
         self.children: list[Child] = []
         self.server_args = server_args
@@ -147,9 +149,13 @@ class Cluster:
         return died
 
     def stop(self) -> None:
+        """Stop both children; remove a temporary working directory unless a child crashed (its logs stay)."""
         self._stopping = True
+        crashed = any(c.process.poll() not in (None, 0) for c in self.children)
         for child in reversed(self.children):
             child.stop()
+        if self._owns_workdir and not crashed:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
