@@ -70,6 +70,7 @@ class Layout:
 
     input_index: np.ndarray
     output_row: np.ndarray
+    queries: int = 1
 
     @property
     def in_cts(self) -> int:
@@ -107,15 +108,39 @@ class Layout:
         }
 
     def gather(self, x_aug: np.ndarray) -> np.ndarray:
-        """Lay out ``x' = [x, 1]`` in this layer's input slots: ``[in_cts, slots]``."""
-        padded = np.concatenate([x_aug, np.zeros(1)])
-        return padded[self.input_index]
+        """Lay out ``x' = [x, 1]`` in this layer's input slots: ``[in_cts, slots]``.
+
+        ``x_aug`` is one query's ``cols`` values, or up to ``queries`` of them as rows.
+        """
+        flat = np.zeros(self.queries * self.cols + 1)
+        values = np.asarray(x_aug, dtype=np.float64).reshape(-1)
+        flat[: values.size] = values
+        return flat[self.input_index]
 
     def scatter(self, partials: np.ndarray) -> np.ndarray:
-        """Sum decrypted partial sums ``[out_cts, slots]`` into the layer's output vector."""
+        """Sum decrypted partial sums ``[out_cts, slots]``: one output vector, or ``[queries, rows]``."""
         rows = self.output_row.ravel()
         used = rows >= 0
-        return np.bincount(rows[used], weights=partials.ravel()[used], minlength=self.rows)
+        sums = np.bincount(rows[used], weights=partials.ravel()[used], minlength=self.queries * self.rows)
+        return sums if self.queries == 1 else sums.reshape(self.queries, self.rows)
+
+    def groups(self, batch: int) -> int:
+        """Ciphertext groups (of ``in_cts`` inputs, ``out_cts`` outputs) a batch of queries needs."""
+        return math.ceil(batch / self.queries)
+
+    def gather_batch(self, xs: np.ndarray) -> np.ndarray:
+        """Input slots ``[groups * in_cts, slots]`` for a batch ``[B, cols - 1]``; the bias's 1 is appended."""
+        xs = np.asarray(xs, dtype=np.float64).reshape(len(xs), -1)
+        augmented = np.concatenate([xs, np.ones((len(xs), 1))], axis=1)
+        q = self.queries
+        return np.concatenate([self.gather(augmented[g * q : (g + 1) * q]) for g in range(self.groups(len(xs)))])
+
+    def scatter_batch(self, partials: np.ndarray, batch: int) -> np.ndarray:
+        """Outputs ``[B, rows]`` from decrypted partial sums ``[groups * out_cts, slots]``."""
+        n = self.out_cts
+        groups = range(self.groups(batch))
+        sums = [self.scatter(partials[g * n : (g + 1) * n]).reshape(self.queries, self.rows) for g in groups]
+        return np.concatenate(sums)[:batch]
 
     def diagonals(self, weights: np.ndarray) -> np.ndarray:
         """``[out_cts, in_cts, k, slots]`` diagonals, each pre-rotated by minus its giant step."""
@@ -127,14 +152,16 @@ class Layout:
                     continue
                 for k in range(self.k):
                     cols = np.roll(self.input_index[i], -k)
-                    valid = (rows >= 0) & (cols >= 0)
+                    # A product pairs an output and an input of the same query only.
+                    valid = (rows >= 0) & (cols >= 0) & (rows // self.rows == cols // self.cols)
                     d = np.zeros(self.slots)
-                    d[valid] = weights[rows[valid], cols[valid]]
+                    d[valid] = weights[rows[valid] % self.rows, cols[valid] % self.cols]
                     out[o, i, k] = np.roll(d, (k // self.baby) * self.baby)
         return out
 
     def describe(self) -> str:
-        return f"{self.kind} k={self.k} baby={self.baby} giant={self.giant} in_cts={self.in_cts} out_cts={self.out_cts}"
+        text = f"{self.kind} k={self.k} baby={self.baby} giant={self.giant} in_cts={self.in_cts} out_cts={self.out_cts}"
+        return text + (f" queries={self.queries}" if self.queries > 1 else "")
 
     def to_wire(self) -> dict:
         raise NotImplementedError
@@ -154,12 +181,21 @@ class LinearGeometry(Layout):
     chunk: int
     baby: int
     giant: int
+    queries: int = 1
 
     @property
     def blocks(self) -> int:
+        """Blocks per ciphertext (one query), or per query's region (several)."""
+        if self.queries > 1:
+            return math.ceil(self.rows / self.k)
         if self.slots % self.period == 0:
             return self.slots // self.period
         return (self.slots - (self.k - 1)) // self.period
+
+    @property
+    def region(self) -> int:
+        """Slots one query occupies when several share a ciphertext, wrap-around reads included."""
+        return self.blocks * self.period + self.k - 1
 
     @property
     def rows_per_ct(self) -> int:
@@ -196,17 +232,22 @@ class LinearGeometry(Layout):
             and self.baby >= 1
             and self.giant >= 1
             and self.baby * self.giant >= self.k
-            and self.rows > 0
-            and self.cols > 0
+            and self.queries >= 1
+            and (self.queries == 1 or (self.in_cts == 1 and self.queries * self.region <= self.slots))
         )
         if not ok:
             raise PlanError(f"Inconsistent linear-layer geometry {self}.")
 
     @cached_property
     def input_index(self) -> np.ndarray:
-        """``[in_cts, slots]`` indices into ``x'`` (``-1`` for a zero slot)."""
-        u = np.arange(self.slots) % self.period
-        idx = np.full((self.in_cts, self.slots), -1, dtype=np.int64)
+        """``[in_cts, slots]`` indices into the queries' ``x'`` (``-1`` for a zero slot)."""
+        if self.queries > 1:
+            return _tile(self._single_input(self.region), self.region, self.queries, self.cols, self.slots)
+        return self._single_input(self.slots)
+
+    def _single_input(self, span: int) -> np.ndarray:
+        u = np.arange(span) % self.period
+        idx = np.full((self.in_cts, span), -1, dtype=np.int64)
         for i in range(self.in_cts):
             col = i * self.chunk + u
             valid = (u < self.chunk) & (col < self.cols)
@@ -216,10 +257,15 @@ class LinearGeometry(Layout):
     @cached_property
     def output_row(self) -> np.ndarray:
         """``[out_cts, slots]`` output row whose partial sum each slot holds (``-1``: unused)."""
-        s = np.arange(self.slots)
+        if self.queries > 1:
+            return _tile(self._single_output(self.region), self.region, self.queries, self.rows, self.slots)
+        return self._single_output(self.slots)
+
+    def _single_output(self, span: int) -> np.ndarray:
+        s = np.arange(span)
         block, u = s // self.period, s % self.period
         local = block * self.k + u % self.k
-        rows = np.full((self.out_cts, self.slots), -1, dtype=np.int64)
+        rows = np.full((self.out_cts, span), -1, dtype=np.int64)
         for o in range(self.out_cts):
             row = o * self.rows_per_ct + local
             valid = (block < self.blocks) & (row < self.rows) & (local < self.rows_per_ct)
@@ -251,11 +297,11 @@ def _best_split(k: int, in_cts: int, out_cts: int) -> tuple[int, int]:
     return best
 
 
-def estimate_ms(layout: Layout, encrypted_weights: bool, costs: UnitCosts = UnitCosts()) -> float:
-    """The cost model: server time plus enclave time (weighted by its slowdown) per query."""
+def estimate_ms(layout: Layout, encrypted_weights: bool, costs: UnitCosts = UnitCosts(), batch: int = 1) -> float:
+    """The cost model: server time plus enclave time (weighted by its slowdown), per query of a batch."""
     c = layout.counts()
     multiply = costs.multiply_cipher if encrypted_weights else costs.multiply_plain
-    return (
+    per_group = (
         c["baby_rotations"] * costs.rotation
         + c["giant_rotations"] * costs.rotation_rescaled
         + c["rescales"] * costs.rescale
@@ -263,46 +309,72 @@ def estimate_ms(layout: Layout, encrypted_weights: bool, costs: UnitCosts = Unit
         + (c["giant_rotations"] * costs.relinearize_rescaled if encrypted_weights else 0.0)
         + costs.enclave_factor * (layout.out_cts * costs.enclave_decrypt + layout.in_cts * costs.enclave_encrypt)
     )
+    return per_group * math.ceil(batch / layout.queries) / batch
+
+
+def _cheapest(candidates: list[Layout | None], encrypted_weights: bool, costs: UnitCosts, batch: int) -> Layout:
+    usable = [c for c in candidates if c is not None]
+    return min(usable, key=lambda layout: estimate_ms(layout, encrypted_weights, costs, batch))
 
 
 def choose_geometry(
-    rows: int, cols: int, slots: int, encrypted_weights: bool, costs: UnitCosts = UnitCosts()
+    rows: int, cols: int, slots: int, encrypted_weights: bool, costs: UnitCosts = UnitCosts(), batch: int = 1
 ) -> LinearGeometry:
-    """The cheapest cyclic layout, by the cost model, for a ``rows x cols`` layer (``cols`` counts the bias)."""
+    """The cheapest cyclic layout for a ``rows x cols`` layer (``cols`` counts the bias).
+
+    With ``batch > 1`` (throughput mode) a layout may hold several queries per
+    ciphertext, each in a region just large enough for its rows.
+    """
     if rows < 1 or cols < 1:
         raise PlanError(f"An affine layer needs at least one row and one column, got {rows}x{cols}.")
-    best: tuple[float, LinearGeometry] | None = None
     in_cts = math.ceil(cols / slots)
     chunk = math.ceil(cols / in_cts)
+    candidates: list[Layout | None] = []
     for k in range(1, chunk + 1):
         period = math.ceil(chunk / k) * k
         if period > slots:
             continue
-        candidate = LinearGeometry(rows, cols, slots, k, period, chunk, 1, k)
-        if candidate.blocks < 1:
+        single = LinearGeometry(rows, cols, slots, k, period, chunk, 1, k)
+        if single.blocks < 1:
             continue
-        baby, giant = _best_split(k, in_cts, candidate.out_cts)
-        g = LinearGeometry(rows, cols, slots, k, period, chunk, baby, giant)
-        cost = estimate_ms(g, encrypted_weights, costs)
-        if best is None or cost < best[0]:
-            best = (cost, g)
-    if best is None:
+        shapes = [(1, single.out_cts)]
+        packed = LinearGeometry(rows, cols, slots, k, period, chunk, 1, k, 2)
+        if batch > 1 and in_cts == 1 and 2 * packed.region <= slots:
+            shapes.append((min(batch, slots // packed.region), 1))
+        for queries, out_cts in shapes:
+            baby, giant = _best_split(k, in_cts, out_cts)
+            candidates.append(LinearGeometry(rows, cols, slots, k, period, chunk, baby, giant, queries))
+    if not candidates:
         raise PlanError(f"No slot layout fits a {rows}x{cols} layer in {slots} slots.")
-    return best[1]
+    return _cheapest(candidates, encrypted_weights, costs, batch)
 
 
-def choose_layout(support: np.ndarray, slots: int, encrypted_weights: bool, costs: UnitCosts = UnitCosts()) -> Layout:
-    """The cheaper of the cyclic and the grouped layout for a layer whose structural nonzeros are ``support``."""
+def choose_layout(
+    support: np.ndarray, slots: int, encrypted_weights: bool, costs: UnitCosts = UnitCosts(), batch: int = 1
+) -> Layout:
+    """The cheapest layout for a layer whose structural nonzeros are ``support``, for batches of ``batch``."""
     rows, cols = support.shape
-    cyclic = choose_geometry(rows, cols, slots, encrypted_weights, costs)
+    cyclic = choose_geometry(rows, cols, slots, encrypted_weights, costs, batch)
     if support.all():
         return cyclic
     deepest = max(len(g[1]) for g in support_groups(support))
-    candidates: list[Layout] = [cyclic]
-    candidates.append(GroupedLayout.from_support(support, slots))
-    candidates += [GroupedLayout.block_cyclic(support, slots, k) for k in range(2, min(deepest, MAX_BLOCK_K) + 1)]
-    usable = [c for c in candidates if c is not None]
-    return min(usable, key=lambda layout: estimate_ms(layout, encrypted_weights, costs))
+    builders = [lambda q: GroupedLayout.from_support(support, slots, q)] + [
+        lambda q, k=k: GroupedLayout.block_cyclic(support, slots, k, q) for k in range(2, min(deepest, MAX_BLOCK_K) + 1)
+    ]
+    candidates: list[Layout | None] = [cyclic]
+    for build in builders:
+        candidates.append(build(1))
+        # The most queries per ciphertext that fit, halving from the batch size.
+        candidates.append(next((c for q in _halvings(batch) if (c := build(q)) is not None), None))
+    return _cheapest(candidates, encrypted_weights, costs, batch)
+
+
+def _halvings(batch: int) -> list[int]:
+    out, q = [], batch
+    while q > 1:
+        out.append(q)
+        q //= 2
+    return out
 
 
 Group = tuple[np.ndarray, list[int]]
@@ -348,6 +420,7 @@ class GroupedLayout(Layout):
     k: int = 1
     baby: int = 1
     giant: int = 1
+    queries: int = 1
 
     kind = "grouped"
 
@@ -355,17 +428,22 @@ class GroupedLayout(Layout):
         return int(self.output_chunk[o]) == i
 
     @classmethod
-    def from_support(cls, support: np.ndarray, slots: int) -> "GroupedLayout | None":
-        """The im2col-like layout; ``None`` if a group has no inputs or more than the slots."""
+    def from_support(cls, support: np.ndarray, slots: int, queries: int = 1) -> "GroupedLayout | None":
+        """The im2col-like layout; ``None`` if a group has no inputs or more than the slots.
+
+        With ``queries > 1`` each query gets its own region of one copy, which
+        needs every group in one region of at most ``slots / queries`` slots.
+        """
         rows, cols = support.shape
-        chunks = _pack(support_groups(support), [len(g[0]) for g in support_groups(support)], slots)
-        if chunks is None:
+        groups = support_groups(support)
+        chunks = _pack(groups, [len(g[0]) for g in groups], slots // queries)
+        if chunks is None or (queries > 1 and len(chunks) > 1):
             return None
         inputs, outputs, owner = [], [], []
         for i, chunk in enumerate(chunks):
             width = sum(len(g[0]) for g in chunk)
             depth = max(len(g[1]) for g in chunk)
-            copies = max(1, min(depth, slots // width))
+            copies = 1 if queries > 1 else max(1, min(depth, slots // width))
             index = np.full(slots, -1, dtype=np.int64)
             segment = np.concatenate([g[0] for g in chunk])
             for a in range(copies):
@@ -381,16 +459,22 @@ class GroupedLayout(Layout):
                         offset += len(cols_g)
                 outputs.append(row_map)
                 owner.append(i)
-        return cls(rows, cols, slots, np.stack(inputs), np.stack(outputs), np.asarray(owner, dtype=np.int64))
+        index_map, row_map = np.stack(inputs), np.stack(outputs)
+        if queries > 1:
+            width = sum(len(g[0]) for g in chunks[0])
+            index_map = _tile(index_map, width, queries, cols, slots)
+            row_map = _tile(row_map, width, queries, rows, slots)
+        return cls(rows, cols, slots, index_map, row_map, np.asarray(owner, dtype=np.int64), queries=queries)
 
     @classmethod
-    def block_cyclic(cls, support: np.ndarray, slots: int, k: int) -> "GroupedLayout | None":
+    def block_cyclic(cls, support: np.ndarray, slots: int, k: int, queries: int = 1) -> "GroupedLayout | None":
         """Blocks of ``k`` rows of one group, cyclic within the block; ``None`` if a block exceeds the slots."""
         rows, cols = support.shape
         blocks = [(g[0], g[1][j : j + k]) for g in support_groups(support) for j in range(0, len(g[1]), k)]
         periods = [math.ceil(len(c) / k) * k for c, _ in blocks]
-        chunks = _pack(list(zip(blocks, periods)), [p + k - 1 for p in periods], slots)
-        if chunks is None:
+        sizes = [p + k - 1 for p in periods]
+        chunks = _pack(list(zip(blocks, periods)), sizes, slots // queries)
+        if chunks is None or (queries > 1 and len(chunks) > 1):
             return None
         inputs, outputs = [], []
         for chunk in chunks:
@@ -409,9 +493,11 @@ class GroupedLayout(Layout):
             outputs.append(row_map)
         n = len(chunks)
         baby, giant = _best_split(k, n, n)
-        return cls(
-            rows, cols, slots, np.stack(inputs), np.stack(outputs), np.arange(n, dtype=np.int64), k, baby, giant
-        )
+        index_map, row_map = np.stack(inputs), np.stack(outputs)
+        if queries > 1:
+            index_map = _tile(index_map, sum(sizes), queries, cols, slots)
+            row_map = _tile(row_map, sum(sizes), queries, rows, slots)
+        return cls(rows, cols, slots, index_map, row_map, np.arange(n, dtype=np.int64), k, baby, giant, queries)
 
     def to_wire(self) -> dict:
         return {
@@ -425,6 +511,7 @@ class GroupedLayout(Layout):
             "k": self.k,
             "baby": self.baby,
             "giant": self.giant,
+            "queries": self.queries,
         }
 
     @classmethod
@@ -435,7 +522,7 @@ class GroupedLayout(Layout):
                 raise ValueError
             maps = [np.frombuffer(data[k], dtype="<i4").astype(np.int64) for k in ("input_index", "output_row")]
             chunk = np.frombuffer(data["output_chunk"], dtype="<i4").astype(np.int64)
-            steps = [data[k] for k in ("k", "baby", "giant")]
+            steps = [data[k] for k in ("k", "baby", "giant", "queries")]
             if not all(type(v) is int for v in steps):
                 raise ValueError
             layout = cls(rows, cols, slots, maps[0].reshape(-1, slots), maps[1].reshape(-1, slots), chunk, *steps)
@@ -450,10 +537,11 @@ class GroupedLayout(Layout):
             _plausible(self.rows, self.cols, self.slots)
             and self.input_index.shape[1] == self.output_row.shape[1] == self.slots
             and len(self.output_chunk) == self.out_cts
+            and 1 <= self.queries <= self.slots
             and self.input_index.min() >= -1
-            and self.input_index.max() < self.cols
+            and self.input_index.max() < self.queries * self.cols
             and self.output_row.min() >= -1
-            and self.output_row.max() < self.rows
+            and self.output_row.max() < self.queries * self.rows
             and (self.output_chunk >= 0).all()
             and (self.output_chunk < self.in_cts).all()
             and 0 < self.k <= self.slots
@@ -463,6 +551,15 @@ class GroupedLayout(Layout):
         )
         if not ok:
             raise PlanError(f"Inconsistent grouped layout for a {self.rows}x{self.cols} layer.")
+
+
+def _tile(single: np.ndarray, region: int, queries: int, width: int, slots: int) -> np.ndarray:
+    """Repeat one query's maps ``queries`` times, ``region`` slots apart, indexing query ``q``'s values."""
+    out = np.full((single.shape[0], slots), -1, dtype=np.int64)
+    for q in range(queries):
+        part = single[:, :region]
+        out[:, q * region : (q + 1) * region] = np.where(part >= 0, part + q * width, -1)
+    return out
 
 
 def _pack(items: list, widths: list[int], slots: int) -> list[list] | None:

@@ -155,15 +155,17 @@ def model_owner() -> None:
               help="'plain' hands the server the weights in the clear.")
 @click.option("--release", type=click.Choice([m.value for m in ReleaseMode]), default="logits", show_default=True)
 @click.option("--decimals", default=4, show_default=True, help="Precision of released logits.")
+@click.option("--batch", default=1, show_default=True,
+              help="Queries per request to plan for; above 1, layouts pack several queries per ciphertext.")
 def deploy(endpoint: str, server_key: Path, policy: VerifierPolicy, model_spec: str, state_dict: Path | None,
-           input_shape: str, weights: str, release: str, decimals: int) -> None:
+           input_shape: str, weights: str, release: str, decimals: int, batch: int) -> None:
     """Plan a torch model and deploy it; prints the model id."""
     from parties.model_owner import ModelOwner
 
     _logging(False)
     owner = ModelOwner(endpoint, server_key, policy)
     plan = owner.plan(_load_model(model_spec, state_dict), _shape(input_shape), weights,
-                      ReleasePolicy(ReleaseMode(release), decimals))
+                      ReleasePolicy(ReleaseMode(release), decimals), batch=batch)
     click.echo(owner.deploy(plan))
 
 
@@ -177,18 +179,23 @@ def data_owner() -> None:
 @click.option("--model-id", required=True)
 @click.option("--input", "input_file", type=click.Path(exists=True, path_type=Path), required=True,
               help=".npy file: one input, or a batch along the first axis.")
-def infer(endpoint: str, server_key: Path, policy: VerifierPolicy, model_id: str, input_file: Path) -> None:
+@click.option("--batch", default=1, show_default=True, help="Inputs sent per request.")
+def infer(endpoint: str, server_key: Path, policy: VerifierPolicy, model_id: str, input_file: Path,
+          batch: int) -> None:
     """Classify private inputs; prints one JSON result per input."""
     from parties.data_owner import DataOwner
 
     _logging(False)
     owner = DataOwner(endpoint, server_key, policy)
     x = np.load(input_file, allow_pickle=False)
-    shape = owner.graph(model_id).input_shape
-    batch = x.reshape((-1, *shape)) if x.size % int(np.prod(shape)) == 0 else x
-    for sample in batch:
-        inference = owner.infer(model_id, sample)
-        click.echo(json.dumps({**inference.result, "latency_ms": round(inference.latency_ms, 2)}))
+    size = int(np.prod(owner.graph(model_id).input_shape))
+    if x.size % size:
+        raise click.BadParameter(f"{input_file} holds {x.size} values, not a whole number of {size}-value inputs")
+    inputs = x.reshape(-1, size)
+    for start in range(0, len(inputs), batch):
+        inference = owner.infer_batch(model_id, inputs[start : start + batch])
+        for result in inference.results:
+            click.echo(json.dumps({**result, "latency_ms": round(inference.latency_ms, 2)}))
 
 
 @main.command()

@@ -13,32 +13,51 @@ import numpy as np
 from he.graph import ModelGraph
 from protocol.errors import ErrorCode, HeclaveError, ProtocolError
 from protocol.evidence import VerifierPolicy
-from protocol.messages import Message, field_of
+from protocol.messages import MAX_BATCH, Message, field_of
 
 from .connection import AttestedConnection
 
 
+def _label(result: dict) -> int:
+    if "label" in result:
+        return int(result["label"])
+    if "topk" in result:
+        return int(result["topk"][0])
+    return int(np.argmax(result["logits"]))
+
+
 @dataclass
 class Inference:
-    """One released result and where its time went."""
+    """The released results of one request (one query, or a batch) and where its time went."""
 
-    result: dict
+    results: list[dict]
     latency_ms: float
     encrypt_ms: float
     server: dict
     bytes_moved: int
 
     @property
+    def result(self) -> dict:
+        """The first (for a single query, the only) result."""
+        return self.results[0]
+
+    @property
     def logits(self) -> np.ndarray:
+        """The first query's logits (when the deployment releases logits)."""
         return np.asarray(self.result["logits"])
 
     @property
     def label(self) -> int:
-        if "label" in self.result:
-            return int(self.result["label"])
-        if "topk" in self.result:
-            return int(self.result["topk"][0])
-        return int(np.argmax(self.result["logits"]))
+        return _label(self.result)
+
+    @property
+    def batch_logits(self) -> np.ndarray:
+        """``[B, classes]``: every query's logits."""
+        return np.asarray([r["logits"] for r in self.results])
+
+    @property
+    def labels(self) -> list[int]:
+        return [_label(r) for r in self.results]
 
 
 class DataOwner:
@@ -59,14 +78,21 @@ class DataOwner:
 
     def infer(self, model_id: str, x: np.ndarray) -> Inference:
         """Classify one input; returns what the deployment releases."""
+        return self.infer_batch(model_id, np.asarray(x)[None])
+
+    def infer_batch(self, model_id: str, xs: np.ndarray) -> Inference:
+        """Classify a batch in one request; a model planned for batches packs several queries per ciphertext."""
         graph = self.graph(model_id)
-        x = np.asarray(x, dtype=np.float64)
-        if x.size != int(np.prod(graph.input_shape)):
+        xs = np.asarray(xs, dtype=np.float64)
+        size = int(np.prod(graph.input_shape))
+        if xs.ndim == 0 or xs.size != len(xs) * size or not 1 <= len(xs) <= MAX_BATCH:
             raise ProtocolError(
-                f"Input has {x.size} values; model {model_id} takes shape {graph.input_shape}.", ErrorCode.BAD_FIELD
+                f"Expected 1 to {MAX_BATCH} inputs of shape {graph.input_shape} for model {model_id}, "
+                f"got an array of shape {xs.shape}.",
+                ErrorCode.BAD_FIELD,
             )
         started = time.perf_counter()
-        layout = graph.stages[0].geometry.gather(np.append(x.reshape(-1), 1.0))
+        layout = graph.stages[0].geometry.gather_batch(xs.reshape(len(xs), size))
         frames = [self.connection.public_context.encrypt(row) for row in layout]
         encrypt_ms = (time.perf_counter() - started) * 1e3
         session = self.connection.session
@@ -74,11 +100,17 @@ class DataOwner:
         envelope = session.seal(msgpack.packb({"model_id": model_id}), b"infer:" + request_id.encode())
         client = self.connection.client
         before = client.bytes_sent + client.bytes_received
-        content = {"model_id": model_id, "session_id": session.session_id, "request_id": request_id, "envelope": envelope}
+        content = {
+            "model_id": model_id,
+            "session_id": session.session_id,
+            "request_id": request_id,
+            "envelope": envelope,
+            "batch": len(xs),
+        }
         try:
             reply = self.connection.request(Message("infer", content, frames))
             sealed = field_of(reply.content, "result", bytes)
-            result = msgpack.unpackb(session.open(sealed, b"result:" + request_id.encode()), raw=False)
+            results = msgpack.unpackb(session.open(sealed, b"result:" + request_id.encode()), raw=False)["results"]
         except HeclaveError:
             # The channel's counters may now disagree, and it never resynchronises: start afresh.
             self.connection.reopen()
@@ -86,7 +118,7 @@ class DataOwner:
         latency_ms = (time.perf_counter() - started) * 1e3
         stats = reply.content.get("stats", {})
         moved = client.bytes_sent + client.bytes_received - before + int(stats.get("enclave_bytes", 0))
-        return Inference(result, latency_ms, encrypt_ms, stats, moved)
+        return Inference(results, latency_ms, encrypt_ms, stats, moved)
 
     def close(self) -> None:
         self.connection.close()

@@ -35,10 +35,12 @@ class ModelOwner:
         weights: WeightForm | str = WeightForm.ENCRYPTED,
         release: ReleasePolicy = ReleasePolicy(),
         name: str = "model",
+        batch: int = 1,
     ) -> Plan:
-        """Import and plan ``model`` for the enclave's CKKS parameters."""
+        """Import and plan ``model`` for the enclave's CKKS parameters (``batch``: see :func:`plan.plan_model`)."""
+        params = self.connection.public_context.params
         return plan_pytorch(
-            model, input_shape, weight_form=weights, release=release, params=self.connection.public_context.params, name=name
+            model, input_shape, weight_form=weights, release=release, params=params, name=name, batch=batch
         )
 
     def deploy(self, plan: Plan) -> str:

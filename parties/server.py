@@ -18,8 +18,8 @@ from he.context import PublicContext
 from he.graph import ModelGraph
 from he.linear import LinearKernel, OpCounter, WeightForm
 from he.serialize import to_bytes
-from protocol.errors import ErrorCode, HeclaveError, PlanError, ProtocolError
-from protocol.messages import Message, field_of
+from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
+from protocol.messages import Message, batch_size, field_of
 from protocol.transport import Client
 
 log = logging.getLogger(__name__)
@@ -158,16 +158,16 @@ class Server:
 
     def _infer(self, request: Message) -> Message:
         model_id, deployment = self._deployment(request.content)
+        batch = batch_size(request.content)
         stats = RequestStats()
         toolkit = deployment.context.toolkit
         inputs = [toolkit.load_ciphertext(b, "input") for b in request.buffers]
         last = len(deployment.kernels) - 1
         for index, kernel in enumerate(deployment.kernels):
             started = time.perf_counter()
-            outputs = kernel.evaluate(inputs, deployment.context, stats.ops)
-            frames = [to_bytes(ct) for ct in outputs]
+            frames = [to_bytes(ct) for ct in self._evaluate(kernel, inputs, batch, deployment.context, stats)]
             stats.he_ms += (time.perf_counter() - started) * 1e3
-            content = {"model_id": model_id, "stage": index}
+            content = {"model_id": model_id, "stage": index, "batch": batch}
             if index == last:
                 content |= {
                     "session_id": field_of(request.content, "session_id", bytes),
@@ -181,3 +181,16 @@ class Server:
             inputs = [toolkit.load_ciphertext(b, "re-encrypted activation") for b in reply.buffers]
             stats.he_ms += (time.perf_counter() - started) * 1e3
         raise PlanError("The deployed model has no layers.")
+
+    @staticmethod
+    def _evaluate(kernel: LinearKernel, inputs: list, batch: int, context: PublicContext, stats: RequestStats) -> list:
+        """One layer over every ciphertext group of the batch."""
+        g = kernel.geometry
+        if len(inputs) != g.groups(batch) * g.in_cts:
+            raise CiphertextError(
+                f"A batch of {batch} needs {g.groups(batch) * g.in_cts} input ciphertexts, got {len(inputs)}."
+            )
+        outputs = []
+        for start in range(0, len(inputs), g.in_cts):
+            outputs += kernel.evaluate(inputs[start : start + g.in_cts], context, stats.ops)
+        return outputs

@@ -11,6 +11,7 @@ from he.context import CkksParams
 from he.graph import ModelGraph, ReleasePolicy, Stage
 from he.layout import UnitCosts, choose_layout
 from he.linear import WeightForm
+from protocol.errors import PlanError
 
 from .importer import ImportedModel, from_pytorch
 
@@ -46,13 +47,21 @@ def plan_model(
     params: CkksParams = CkksParams(),
     costs: UnitCosts = UnitCosts(),
     name: str = "model",
+    batch: int = 1,
 ) -> Plan:
-    """Choose every layer's slot layout for the given weight form."""
+    """Choose every layer's slot layout for the given weight form.
+
+    ``batch`` is the number of queries a request is expected to carry: above one,
+    layouts that pack several queries into a ciphertext become candidates
+    (throughput mode); the default plans for the latency of single queries.
+    """
+    if batch < 1:
+        raise PlanError(f"The batch size must be at least 1, got {batch}.")
     form = WeightForm.parse(weight_form) if isinstance(weight_form, str) else weight_form
     stages, weights = [], []
     for affine, ops in imported.stages:
         w = affine.augmented
-        layout = choose_layout(affine.support, params.slots, form is WeightForm.ENCRYPTED, costs)
+        layout = choose_layout(affine.support, params.slots, form is WeightForm.ENCRYPTED, costs, batch)
         stages.append(Stage(layout, affine.out_shape, tuple(ops)))
         weights.append(w)
     graph = ModelGraph(imported.input_shape, tuple(stages), params, form, release, name)

@@ -131,6 +131,17 @@ def field_of(content: dict[str, Any], name: str, kind: type | tuple[type, ...]) 
     return value
 
 
+MAX_BATCH = 256
+
+
+def batch_size(content: dict[str, Any]) -> int:
+    """The number of queries a request carries (``batch``, default 1), within ``MAX_BATCH``."""
+    batch = content.get("batch", 1)
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_BATCH:
+        raise ProtocolError(f"Field 'batch' must be an integer from 1 to {MAX_BATCH}.", ErrorCode.BAD_FIELD)
+    return batch
+
+
 def size_of(frames: Iterable[bytes]) -> int:
     """Total bytes of a list of frames."""
     return sum(len(f) for f in frames)

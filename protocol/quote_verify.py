@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .errors import AttestationError
 
@@ -94,6 +95,13 @@ def _fetch_collateral(dcap_qvl, url: str, quote: bytes, timeout_s: float):
         return await asyncio.wait_for(dcap_qvl.get_collateral(url, quote), timeout_s)
 
     try:
+        in_async_code = asyncio.get_running_loop() is not None
+    except RuntimeError:
+        in_async_code = False
+    try:
+        if in_async_code:  # our caller's loop is busy running us: fetch on a thread of its own
+            with ThreadPoolExecutor(1) as pool:
+                return pool.submit(asyncio.run, fetch()).result()
         return asyncio.run(fetch())
     except asyncio.TimeoutError:
         raise AttestationError(

@@ -31,7 +31,7 @@ from he.graph import ModelGraph
 from protocol.channel import Session, accept_owner_session, raw_public
 from protocol.errors import ChannelError, CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from protocol.evidence import Runtime
-from protocol.messages import Message, field_of
+from protocol.messages import Message, batch_size, field_of
 
 from .nonlinear import apply_ops
 from .release import seal_result
@@ -130,12 +130,15 @@ class Enclave:
         index = field_of(request.content, "stage", int)
         if not 0 <= index < len(graph.stages):
             raise ProtocolError(f"Stage {index} is outside 0..{len(graph.stages) - 1}.", ErrorCode.BAD_FIELD)
+        batch = batch_size(request.content)
         stage = graph.stages[index]
-        x = apply_ops(stage.geometry.scatter(self._decrypt_partials(request, stage.geometry.out_cts)), stage.ops)
+        g = stage.geometry
+        partials = self._decrypt_partials(request, g.groups(batch) * g.out_cts)
+        xs = np.stack([apply_ops(y, stage.ops) for y in g.scatter_batch(partials, batch)])
         if index + 1 < len(graph.stages):
-            layout = graph.stages[index + 1].geometry.gather(np.append(x, 1.0))
+            layout = graph.stages[index + 1].geometry.gather_batch(xs)
             return request.reply({}, [self.keys.encrypt_symmetric(row) for row in layout])
-        return request.reply({"result": self._release(request, graph, x)})
+        return request.reply({"result": self._release(request, graph, xs)})
 
     def _decrypt_partials(self, request: Message, expected: int) -> np.ndarray:
         if len(request.buffers) != expected:
@@ -148,7 +151,7 @@ class Enclave:
             rows.append(self.keys.decrypt(ct))
         return np.stack(rows)
 
-    def _release(self, request: Message, graph: ModelGraph, y: np.ndarray) -> bytes:
+    def _release(self, request: Message, graph: ModelGraph, ys: np.ndarray) -> bytes:
         session = self._session(request.content)
         request_id = field_of(request.content, "request_id", str)
         authorisation = msgpack.unpackb(
@@ -156,4 +159,4 @@ class Enclave:
         )
         if not isinstance(authorisation, dict) or authorisation.get("model_id") != request.content["model_id"]:
             raise ChannelError("The data owner did not authorise a release of this model's output.")
-        return seal_result(session, request_id, y, graph.release)
+        return seal_result(session, request_id, ys, graph.release)

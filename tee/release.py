@@ -23,7 +23,7 @@ def reduce_output(y: np.ndarray, policy: ReleasePolicy) -> dict:
     return {"mode": policy.mode.value, "label": int(order[0])}
 
 
-def seal_result(session: Session, request_id: str, y: np.ndarray, policy: ReleasePolicy) -> bytes:
-    """Seal the released output to the data owner's session; the request id is authenticated."""
-    payload = msgpack.packb(reduce_output(y, policy), use_bin_type=True)
+def seal_result(session: Session, request_id: str, ys: np.ndarray, policy: ReleasePolicy) -> bytes:
+    """Seal the released outputs of a batch to the data owner's session; the request id is authenticated."""
+    payload = msgpack.packb({"results": [reduce_output(y, policy) for y in ys]}, use_bin_type=True)
     return session.seal(payload, associated=b"result:" + request_id.encode())

@@ -140,3 +140,20 @@ def test_restarted_enclave_keeps_keys_and_serves_a_model_deployed_before(cluster
     _, x, reference = trained
     _check_agreement(after, deployed, x[:3], reference[:3])
     after.close()
+
+
+def test_batches_packed_several_queries_per_ciphertext_agree(cluster, trained):
+    model, x, reference = trained
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    plan = owner.plan(model, INPUT_SHAPE, "encrypted", batch=8)
+    assert any(stage.geometry.queries > 1 for stage in plan.graph.stages), "throughput mode packed nothing"
+    model_id = owner.deploy(plan)
+    owner.close()
+    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    pick = np.random.default_rng().choice(len(x), 11, replace=False)
+    for batch in (x[pick[:8]], x[pick[8:]]):  # a full batch, and a partial one
+        got = data_owner.infer_batch(model_id, batch).batch_logits
+        want = reference[pick[: len(batch)]] if len(batch) == 8 else reference[pick[8:]]
+        assert (got.argmax(1) == want.argmax(1)).all()
+        assert np.abs(got - want).max() < 1e-3 * (reference.max() - reference.min())
+    data_owner.close()

@@ -63,7 +63,7 @@ VARIABLES = {
     "max_threads": "16",
     "isvprodid": "1",
     "isvsvn": "3",
-    "enclave_args": "--bind tcp://127.0.0.1:5556 --state-dir /sealed",
+    "enclave_args": "--bind tcp://127.0.0.1:5556 --state-dir /sealed --runtime gramine-sgx",
 }
 
 
