@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from he.graph import ReleaseMode, ReleasePolicy
 from parties.bench import bench
 from he.linear import WeightForm
 from protocol.errors import HeclaveError
-from protocol.evidence import VerifierPolicy
+from protocol.evidence import Runtime, VerifierPolicy
 from protocol.transport import Client, CurveKeys, router, serve, write_public_key
 
 
@@ -54,11 +55,35 @@ def main() -> None:
     """heclave: confidential inference with CKKS on the server and an enclave for the exact nonlinear steps."""
 
 
+GRAMINE_DIR = Path(__file__).resolve().parents[1] / "tee" / "gramine"
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--runtime", type=click.Choice([r.value for r in Runtime]), default=Runtime.NATIVE.value,
+              show_default=True, help="native: this process; gramine-direct/gramine-sgx: the built Gramine enclave.")
+@click.option("--measure", is_flag=True, help="Print MRENCLAVE, MRSIGNER and ISV ids of the built SGX enclave.")
+@click.option("--gramine-dir", type=click.Path(path_type=Path), default=GRAMINE_DIR, show_default=True)
 @click.pass_context
-def enclave(ctx: click.Context) -> None:
-    """Run the enclave process (options: see `heclave enclave -h`)."""
-    os.execv(sys.executable, [sys.executable, "-m", "tee", *ctx.args])
+def enclave(ctx: click.Context, runtime: str, measure: bool, gramine_dir: Path) -> None:
+    """Run the enclave (native options, e.g. --bind and --state-dir: see `python -m tee -h`)."""
+    if measure:
+        from tee.measure import read_sigstruct
+
+        sig = read_sigstruct(gramine_dir)
+        click.echo(json.dumps({"mrenclave": sig.mrenclave.hex(), "mrsigner": sig.mrsigner.hex(),
+                               "isv_prod_id": sig.isv_prod_id, "isv_svn": sig.isv_svn, "debug": sig.debug}))
+        return
+    if runtime == Runtime.NATIVE.value:
+        os.execv(sys.executable, [sys.executable, "-m", "tee", "--runtime", runtime, *ctx.args])
+    if ctx.args:
+        raise click.UsageError(
+            "Under Gramine the enclave's arguments are part of its measured manifest: set them when building, "
+            f"e.g. `make -C {gramine_dir} SGX=1 BIND=tcp://127.0.0.1:5556`, not here."
+        )
+    if shutil.which("make") is None:
+        raise click.UsageError("`make` is needed to run the Gramine enclave; install it (and Gramine).")
+    sgx = ["SGX=1"] if runtime == Runtime.GRAMINE_SGX.value else []
+    os.execvp("make", ["make", "-C", str(gramine_dir), *sgx, "run"])
 
 
 @main.command()
