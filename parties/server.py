@@ -20,7 +20,7 @@ from he.linear import LinearKernel, OpCounter, WeightForm
 from he.serialize import to_bytes
 from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from protocol.messages import Message, batch_size, field_of
-from protocol.transport import Client
+from protocol.transport import Client, dispatch
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,7 @@ class Server:
         }
 
     def handle(self, request: Message) -> Message:
-        handler = self._handlers.get(request.type)
-        if handler is None:
-            raise ProtocolError(
-                f"The server does not handle {request.type!r}; it handles {', '.join(self._handlers)}.",
-                ErrorCode.UNKNOWN_TYPE,
-            )
-        return handler(request)
+        return dispatch(self._handlers, request, "server")
 
     def _ask_enclave(self, message: Message, stats: RequestStats | None = None) -> Message:
         before = self.enclave.bytes_sent + self.enclave.bytes_received

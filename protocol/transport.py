@@ -109,6 +109,17 @@ class Client:
 Handler = Callable[[Message], Message]
 
 
+def dispatch(handlers: dict[str, Handler], request: Message, service: str) -> Message:
+    """Route a request to the handler of its type, refusing unknown types with the list of known ones."""
+    handler = handlers.get(request.type)
+    if handler is None:
+        raise ProtocolError(
+            f"The {service} does not handle {request.type!r}; it handles {', '.join(handlers)}.",
+            ErrorCode.UNKNOWN_TYPE,
+        )
+    return handler(request)
+
+
 def router(endpoint: str, curve: CurveKeys | None = None, context: zmq.Context | None = None) -> tuple[zmq.Socket, str]:
     """Bind a ROUTER socket (CURVE on when ``curve`` is given); return it and its real endpoint."""
     sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)

@@ -32,6 +32,7 @@ from protocol.channel import Session, accept_owner_session, raw_public
 from protocol.errors import ChannelError, CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from protocol.evidence import Runtime
 from protocol.messages import Message, batch_size, field_of
+from protocol.transport import dispatch
 
 from .nonlinear import apply_ops
 from .release import seal_result
@@ -74,14 +75,8 @@ class Enclave:
 
     def handle(self, request: Message) -> Message:
         """Answer one request; raises :class:`HeclaveError` for anything refused."""
-        handler = self._handlers.get(request.type)
-        if handler is None:
-            raise ProtocolError(
-                f"The enclave does not handle {request.type!r}; it handles {', '.join(self._handlers)}.",
-                ErrorCode.UNKNOWN_TYPE,
-            )
         started = time.perf_counter()
-        reply = handler(request)
+        reply = dispatch(self._handlers, request, "enclave")
         reply.content["enclave_ms"] = (time.perf_counter() - started) * 1e3
         return reply
 
