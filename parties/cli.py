@@ -21,7 +21,6 @@ from parties.bench import bench
 from he.linear import WeightForm
 from protocol.errors import HeclaveError
 from protocol.evidence import Runtime, VerifierPolicy
-from protocol.transport import Client, CurveKeys, router, serve, write_public_key
 
 
 def _logging(verbose: bool) -> None:
@@ -91,28 +90,27 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, gramine_dir: Path) 
 @click.option("--enclave", "enclave_endpoint", default="tcp://127.0.0.1:5556", show_default=True)
 @click.option("--key-file", type=click.Path(path_type=Path), default=Path("server.key"), show_default=True,
               help="Where to write the server's CURVE public key for the parties to pin.")
+@click.option("--state-dir", type=click.Path(path_type=Path),
+              help="Keep deployed models and the CURVE identity here, so a restart keeps serving them.")
 @click.option("--ready-file", type=click.Path(path_type=Path), help="Write {endpoint, public_key} here once serving.")
-@click.option("--enclave-timeout", default=120.0, show_default=True, help="Seconds to wait for the enclave.")
+@click.option("--enclave-timeout", default=60.0, show_default=True, help="Seconds to wait for the enclave.")
+@click.option("--max-queue", default=32, show_default=True, help="Requests queued before new ones get 'busy'.")
+@click.option("--queue-timeout", default=60.0, show_default=True,
+              help="Seconds a request may wait in the queue before it is answered 'busy'.")
 @click.option("-v", "--verbose", is_flag=True)
-def server(bind: str, enclave_endpoint: str, key_file: Path, ready_file: Path | None, enclave_timeout: float,
-           verbose: bool) -> None:
+def server(bind: str, enclave_endpoint: str, key_file: Path, state_dir: Path | None, ready_file: Path | None,
+           enclave_timeout: float, max_queue: int, queue_timeout: float, verbose: bool) -> None:
     """Run the untrusted server: CKKS linear layers, relaying to the enclave."""
-    from parties.server import Server
+    from parties.serving import ServerConfig, run_server
 
     _logging(True if ready_file else verbose)
-    keys = CurveKeys.generate()
-    sock, endpoint = router(bind, curve=keys)
-    write_public_key(key_file, keys.public)
-    handler = Server(Client(enclave_endpoint, timeout_s=enclave_timeout))
     stopping: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    if ready_file:
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"endpoint": endpoint, "public_key": keys.public.decode()}))
-        tmp.replace(ready_file)
-    click.echo(f"server listening on {endpoint}; CURVE public key {keys.public.decode()} written to {key_file}", err=True)
-    serve(sock, handler.handle, lambda: bool(stopping))
+    config = ServerConfig(bind, enclave_endpoint, key_file, state_dir, ready_file, enclave_timeout, max_queue,
+                          queue_timeout)
+    click.echo(f"server starting on {bind}; its CURVE public key goes to {key_file}", err=True)
+    run_server(config, lambda: bool(stopping))
 
 
 def _load_model(spec: str, state_dict: Path | None):

@@ -68,6 +68,7 @@ class DataOwner:
     ) -> None:
         self.connection = AttestedConnection(endpoint, server_key, policy, timeout_s)
         self._graphs: dict[str, ModelGraph] = {}
+        self._stale_session = False
 
     def graph(self, model_id: str) -> ModelGraph:
         """The deployed model's public graph: input shape and layout."""
@@ -91,6 +92,9 @@ class DataOwner:
                 f"got an array of shape {xs.shape}.",
                 ErrorCode.BAD_FIELD,
             )
+        if self._stale_session:
+            self.connection.reopen()
+            self._stale_session = False
         started = time.perf_counter()
         layout = graph.stages[0].geometry.gather_batch(xs.reshape(len(xs), size))
         frames = [self.connection.public_context.encrypt(row) for row in layout]
@@ -112,8 +116,9 @@ class DataOwner:
             sealed = field_of(reply.content, "result", bytes)
             results = msgpack.unpackb(session.open(sealed, b"result:" + request_id.encode()), raw=False)["results"]
         except HeclaveError:
-            # The channel's counters may now disagree, and it never resynchronises: start afresh.
-            self.connection.reopen()
+            # The channel's counters may now disagree, and it never resynchronises: the next request
+            # opens a fresh session (not now: the enclave may be the thing that just failed).
+            self._stale_session = True
             raise
         latency_ms = (time.perf_counter() - started) * 1e3
         stats = reply.content.get("stats", {})

@@ -89,24 +89,18 @@ class Cluster:
         try:
             enclave = self._start("enclave", self._enclave_args("tcp://127.0.0.1:*"))
             self.enclave_endpoint = enclave.wait_ready()["endpoint"]
-            server = self._start(
-                "server",
-                [
-                    "parties.cli",
-                    "server",
-                    "--bind",
-                    "tcp://127.0.0.1:*",
-                    "--enclave",
-                    self.enclave_endpoint,
-                    "--key-file",
-                    str(self.server_key_file),
-                    *self.server_args,
-                ],
-            )
+            server = self._start("server", self._server_args("tcp://127.0.0.1:*"))
             self.endpoint = server.wait_ready()["endpoint"]
         except BaseException:
             self.stop()
             raise
+
+    def _server_args(self, bind: str) -> list[str]:
+        return [
+            "parties.cli", "server", "--bind", bind, "--enclave", self.enclave_endpoint,
+            "--key-file", str(self.server_key_file), "--state-dir", str(self.workdir / "server-state"),
+            *self.server_args,
+        ]
 
     def _enclave_args(self, bind: str) -> list[str]:
         return ["tee", "--bind", bind, "--state-dir", str(self.workdir / "enclave-state")]
@@ -119,6 +113,15 @@ class Cluster:
         old.ready_file.unlink(missing_ok=True)
         self.children[0] = Child("enclave", self._enclave_args(self.enclave_endpoint), self.workdir)
         self.children[0].wait_ready()
+
+    def restart_server(self) -> None:
+        """Kill the server and start it again on the same endpoint and state directory."""
+        old = self.children[1]
+        old.process.kill()
+        old.stop()
+        old.ready_file.unlink(missing_ok=True)
+        self.children[1] = Child("server", self._server_args(self.endpoint), self.workdir)
+        self.children[1].wait_ready()
 
     def _start(self, name: str, args: list[str]) -> Child:
         child = Child(name, args, self.workdir)

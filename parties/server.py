@@ -18,9 +18,11 @@ from he.context import PublicContext
 from he.graph import ModelGraph
 from he.linear import LinearKernel, OpCounter, WeightForm
 from he.serialize import to_bytes
-from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
+from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError, UnavailableError
 from protocol.messages import Message, batch_size, field_of
 from protocol.transport import Client, dispatch
+
+from .bundles import Bundle, BundleStore
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +60,11 @@ class RequestStats:
 class Server:
     """Message handler of the server process; the transport loop lives in ``parties.cli``."""
 
-    def __init__(self, enclave: Client) -> None:
+    def __init__(self, enclave: Client, store: BundleStore | None = None) -> None:
         self.enclave = enclave
         self._base: PublicContext | None = None
         self._deployments: dict[str, Deployment] = {}
+        self._store = store
         self._handlers = {
             "evidence": self._relay,
             "open_session": self._relay,
@@ -76,7 +79,14 @@ class Server:
     def _ask_enclave(self, message: Message, stats: RequestStats | None = None) -> Message:
         before = self.enclave.bytes_sent + self.enclave.bytes_received
         started = time.perf_counter()
-        reply = self.enclave.request(message)
+        try:
+            reply = self.enclave.request(message)
+        except UnavailableError:
+            raise UnavailableError(
+                f"The enclave did not answer within {self.enclave.timeout_s:.0f} s, so the request was not "
+                "completed; the operator must restart it. Retry later.",
+                ErrorCode.ENCLAVE_UNAVAILABLE,
+            ) from None
         if stats is not None:
             stats.enclave_rtt_ms += (time.perf_counter() - started) * 1e3
             stats.enclave_ms += float(reply.content.get("enclave_ms", 0.0))
@@ -93,11 +103,28 @@ class Server:
             self._base = PublicContext.from_bytes(reply.buffers[0])
         return self._base
 
+    def restore(self) -> int:
+        """Serve again every bundle the store holds (after a restart); returns how many."""
+        if self._store is None:
+            return 0
+        for bundle in self._store.load_all():
+            try:
+                graph = ModelGraph.from_bytes(bundle.graph)
+                self._install(bundle, graph, self._kernels(graph, self._public(), bundle.masks, list(bundle.weights)))
+            except HeclaveError as exc:
+                log.error("cannot restore model %s: %s", bundle.model_id, exc.message)
+        return len(self._deployments)
+
+    def _install(self, bundle: Bundle, graph: ModelGraph, kernels: list[LinearKernel]) -> None:
+        context = self._public().with_galois(bundle.galois_keys, bundle.galois_steps)
+        self._deployments[bundle.model_id] = Deployment(graph, context, kernels)
+
     def _deploy(self, request: Message) -> Message:
         graph_bytes = field_of(request.content, "graph", bytes)
         graph = ModelGraph.from_bytes(graph_bytes)
         masks = field_of(request.content, "masks", list)
-        buffers = list(request.buffers)
+        # The weights are checked before the enclave registers anything.
+        kernels = self._kernels(graph, self._public(), masks, list(request.buffers))
         reply = self._ask_enclave(
             Message(
                 "register_model",
@@ -108,10 +135,12 @@ class Server:
                 },
             )
         )
-        model_id = reply.content["model_id"]
-        context = self._public().with_galois(reply.buffers[0], reply.content["galois_steps"])
-        kernels = self._kernels(graph, context, masks, buffers)
-        self._deployments[model_id] = Deployment(graph, context, kernels)
+        model_id = str(reply.content["model_id"])
+        bundle = Bundle(model_id, graph_bytes, reply.buffers[0], list(reply.content["galois_steps"]), masks,
+                        list(request.buffers))
+        self._install(bundle, graph, kernels)
+        if self._store is not None:
+            self._store.save(bundle)
         log.info("deployed model %s with %s weights", model_id, graph.weight_form.value)
         return request.reply({"model_id": model_id, "galois_mb": len(reply.buffers[0]) / 1e6})
 

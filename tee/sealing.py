@@ -14,7 +14,6 @@ ones (sealing gives confidentiality and integrity, not freshness).
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from protocol.errors import AttestationError, ErrorCode, HeclaveError
+from protocol.storage import write_atomic
 
 from .runtime import ATTESTATION_DIR
 
@@ -51,19 +51,6 @@ def _development_key(state_dir: Path) -> bytes:
         write_atomic(path, secrets.token_bytes(32))
     log.warning("sealing with the development key %s: the host can read this state (no SGX)", path)
     return path.read_bytes()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def seal(key: bytes, kind: str, payload: dict) -> bytes:

@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from he.context import CkksParams, SecretKeySet
 from protocol.errors import ErrorCode, HeclaveError
+from protocol.storage import write_atomic
 
-from .sealing import seal, sealing_key, unseal, write_atomic
+from .sealing import seal, sealing_key, unseal
 
 log = logging.getLogger(__name__)
 

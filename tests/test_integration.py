@@ -157,3 +157,13 @@ def test_batches_packed_several_queries_per_ciphertext_agree(cluster, trained):
         assert (got.argmax(1) == want.argmax(1)).all()
         assert np.abs(got - want).max() < 1e-3 * (reference.max() - reference.min())
     data_owner.close()
+
+
+def test_restarted_server_keeps_its_key_and_serves_models_deployed_before(cluster, deployed, trained):
+    key_before = read_public_key(cluster.server_key_file)
+    cluster.restart_server()
+    assert read_public_key(cluster.server_key_file) == key_before, "owners' pinned server key must stay valid"
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    _, x, reference = trained
+    _check_agreement(owner, deployed, x[:3], reference[:3])
+    owner.close()

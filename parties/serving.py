@@ -1,0 +1,155 @@
+"""The server process: a responsive front loop, a bounded queue, and one worker doing the HE work.
+
+The front loop owns the parties' ROUTER socket. It answers malformed messages
+at once and queues the rest; when the queue is full it answers ``busy`` at once,
+so a burst costs bounded memory and every client hears back instead of timing
+out. The worker thread owns the connection to the enclave and evaluates one
+request at a time (SEAL holds the GIL, so more threads would not add speed);
+its replies return to the front loop through an in-process socket, because a
+ZeroMQ socket belongs to one thread. A request that waited in the queue longer
+than its deadline is answered ``busy`` instead of being run for nobody.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from protocol.errors import ErrorCode, HeclaveError
+from protocol.messages import Message, decode, encode, error_message, try_parse_id
+from protocol.storage import write_atomic
+from protocol.transport import Client, CurveKeys, handle_frames, router, write_public_key
+
+from .bundles import BundleStore
+from .server import Server
+
+log = logging.getLogger(__name__)
+
+CURVE_SECRET_FILE = "server-curve.secret"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How to run the server process."""
+
+    bind: str
+    enclave: str
+    key_file: Path
+    state_dir: Path | None = None
+    ready_file: Path | None = None
+    enclave_timeout_s: float = 60.0
+    max_queue: int = 32
+    queue_timeout_s: float = 60.0
+
+
+def curve_keys(state_dir: Path | None) -> CurveKeys:
+    """The server's transport identity: kept in the state directory so pinned keys survive restarts."""
+    if state_dir is None:
+        return CurveKeys.generate()
+    path = state_dir / CURVE_SECRET_FILE
+    if path.exists():
+        secret = path.read_bytes().strip()
+        return CurveKeys(zmq.curve_public(secret), secret)
+    keys = CurveKeys.generate()
+    write_atomic(path, keys.secret)
+    return keys
+
+
+@dataclass
+class _Job:
+    identity: bytes
+    request: Message
+    queued_at: float
+
+
+class _Worker(threading.Thread):
+    """Takes queued requests, runs them through the handler, and hands the replies back."""
+
+    def __init__(self, server: Server, jobs: queue.Queue, reply_endpoint: str, context: zmq.Context,
+                 queue_timeout_s: float) -> None:
+        super().__init__(name="he-worker", daemon=True)
+        self.server, self.jobs, self.queue_timeout_s = server, jobs, queue_timeout_s
+        self.replies = context.socket(zmq.PAIR)
+        self.replies.connect(reply_endpoint)
+
+    def run(self) -> None:
+        # Restoring talks to the enclave, whose socket belongs to this thread.
+        try:
+            restored = self.server.restore()
+            if restored:
+                log.info("serving %d model(s) restored from disk", restored)
+        except HeclaveError as exc:
+            log.error("could not restore deployed models: %s", exc.message)
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                break
+            if time.monotonic() - job.queued_at > self.queue_timeout_s:
+                busy = HeclaveError("The server is busy: the request waited too long in its queue; retry later.",
+                                    ErrorCode.BUSY)
+                frames = encode(error_message(busy, job.request.id))
+            else:
+                frames = handle_frames(encode(job.request), self.server.handle)
+            self.replies.send_multipart([job.identity, *frames])
+        self.replies.close(linger=0)
+
+
+def run_server(config: ServerConfig, should_stop: Callable[[], bool]) -> None:
+    """Serve parties until ``should_stop`` returns true."""
+    context = zmq.Context.instance()
+    keys = curve_keys(config.state_dir)
+    sock, endpoint = router(config.bind, curve=keys, context=context)
+    write_public_key(config.key_file, keys.public)
+    store = BundleStore(config.state_dir / "models") if config.state_dir else None
+    server = Server(Client(config.enclave, timeout_s=config.enclave_timeout_s, context=context), store)
+    jobs: queue.Queue = queue.Queue(maxsize=config.max_queue)
+    replies = context.socket(zmq.PAIR)
+    reply_endpoint = f"inproc://heclave-replies-{id(replies)}"
+    replies.bind(reply_endpoint)
+    worker = _Worker(server, jobs, reply_endpoint, context, config.queue_timeout_s)
+    worker.start()
+    if config.ready_file:
+        write_atomic(config.ready_file, json.dumps({"endpoint": endpoint, "public_key": keys.public.decode()}).encode())
+    log.info("listening on %s; CURVE public key written to %s", endpoint, config.key_file)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(replies, zmq.POLLIN)
+    try:
+        while not should_stop():
+            for ready, _ in poller.poll(200):
+                if ready is replies:
+                    identity, *frames = replies.recv_multipart()
+                    sock.send_multipart([identity, *frames], copy=False)
+                else:
+                    identity, *frames = sock.recv_multipart()
+                    reply = _admit(identity, frames, jobs)
+                    if reply is not None:
+                        sock.send_multipart([identity, *reply], copy=False)
+    finally:
+        jobs.put(None)
+        worker.join(timeout=5)
+        replies.close(linger=0)
+        sock.close(linger=0)
+
+
+def _admit(identity: bytes, frames: list[bytes], jobs: queue.Queue) -> list[bytes] | None:
+    """Queue a well-formed request; return an immediate error reply for anything else."""
+    try:
+        request = decode(frames)
+        jobs.put_nowait(_Job(identity, request, time.monotonic()))
+        return None
+    except HeclaveError as exc:
+        return encode(error_message(exc, try_parse_id(frames)))
+    except queue.Full:
+        busy = HeclaveError(
+            f"The server is busy ({jobs.maxsize} requests queued); retry in a moment.", ErrorCode.BUSY
+        )
+        return encode(error_message(busy, try_parse_id(frames)))

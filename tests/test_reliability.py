@@ -1,0 +1,92 @@
+"""Back-pressure and faults with real processes: a full queue answers 'busy', a dead enclave times out."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from examples.digits import INPUT_SHAPE, train_digits_cnn
+from parties.data_owner import DataOwner
+from parties.model_owner import ModelOwner
+from parties.processes import Cluster
+from protocol.errors import HeclaveError
+from protocol.evidence import VerifierPolicy
+from protocol.messages import Message, decode, encode
+from protocol.transport import CurveKeys, read_public_key
+
+DEV = VerifierPolicy(allow_unattested=True)
+
+
+@pytest.fixture(scope="module")
+def small_cluster(tmp_path_factory):
+    args = ("--max-queue", "1", "--enclave-timeout", "3")
+    with Cluster(tmp_path_factory.mktemp("reliability"), server_args=args) as running:
+        model, x, _ = train_digits_cnn(epochs=2, seed=3)
+        with torch.no_grad():
+            reference = model.double()(torch.from_numpy(x[:4]).double()).numpy()
+        owner = ModelOwner(running.endpoint, running.server_key_file, DEV)
+        model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, "plain"))
+        owner.close()
+        yield running, model_id, x[:4], reference
+
+
+def _sockets(cluster, n):
+    socks = []
+    for _ in range(n):
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        own = CurveKeys.generate()
+        sock.curve_serverkey = read_public_key(cluster.server_key_file)
+        sock.curve_publickey, sock.curve_secretkey = own.public, own.secret
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(cluster.endpoint)
+        socks.append(sock)
+    time.sleep(0.5)  # let the CURVE handshakes finish so the burst really arrives at once
+    return socks
+
+
+def test_a_burst_beyond_the_queue_gets_busy_and_good_requests_still_succeed(small_cluster):
+    cluster, model_id, x, reference = small_cluster
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    graph = owner.graph(model_id)
+    frames = [owner.connection.public_context.encrypt(r) for r in graph.stages[0].geometry.gather_batch(x[:1])]
+    socks = _sockets(cluster, 8)
+    for sock in socks:  # full inferences that fail only at release (their authorisation is garbage)
+        content = {"model_id": model_id, "session_id": b"s" * 16, "request_id": "r", "envelope": b"e" * 40}
+        sock.send_multipart(encode(Message("infer", content, frames)))
+    codes = []
+    for sock in socks:
+        assert sock.poll(60_000), "every request gets exactly one reply"
+        codes.append(decode(sock.recv_multipart()).content.get("code"))
+        sock.close()
+    assert codes.count("busy") >= 1, codes
+    assert set(codes) <= {"busy", "unknown_session"}, codes
+    got = owner.infer(model_id, x[1]).logits
+    assert np.argmax(got) == np.argmax(reference[1]) and np.abs(got - reference[1]).max() < 1e-3
+    owner.close()
+
+
+def test_a_dead_enclave_fails_the_request_in_bounded_time_and_service_resumes(small_cluster):
+    cluster, model_id, x, reference = small_cluster
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV, timeout_s=30)
+    owner.graph(model_id)
+    enclave = cluster.children[0].process
+    killer = threading.Timer(0.01, enclave.kill)
+    killer.start()
+    started = time.monotonic()
+    with pytest.raises(HeclaveError) as info:
+        for sample in x:  # one of these is in flight when the enclave dies
+            owner.infer(model_id, sample)
+        time.sleep(5)
+        owner.infer(model_id, x[0])
+    assert time.monotonic() - started < 25
+    assert info.value.code.value == "enclave_unavailable" and "restart" in info.value.message, info.value
+    cluster.restart_enclave()
+    fresh = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    got = fresh.infer(model_id, x[2]).logits
+    assert np.argmax(got) == np.argmax(reference[2])
+    fresh.close()
