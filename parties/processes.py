@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 from protocol.errors import ErrorCode, UnavailableError
+
+log = logging.getLogger(__name__)
 
 
 class Child:
@@ -65,6 +68,52 @@ class Child:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+
+
+class EnclaveSupervisor:
+    """The enclave as a child of the server, restarted on the same endpoint whenever it dies.
+
+    Its sealed state brings back the same keys and registered models, so a
+    restart needs no redeployment; requests in flight when it died fail with a
+    clear error after the server's enclave timeout.
+    """
+
+    def __init__(self, workdir: Path, state_dir: Path, check_interval_s: float = 0.5) -> None:
+        self.workdir, self.state_dir, self.interval = workdir, state_dir, check_interval_s
+        self.child = self._spawn("tcp://127.0.0.1:*")
+        self.endpoint = self.child.wait_ready()["endpoint"]
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="enclave-supervisor", daemon=True)
+        self._thread.start()
+
+    def _spawn(self, bind: str) -> Child:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return Child("enclave", ["tee", "--bind", bind, "--state-dir", str(self.state_dir)], self.workdir)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.interval):
+            code = self.child.process.poll()
+            if code is None:
+                continue
+            log.error("the enclave exited with code %s; restarting it on %s", code, self.endpoint)
+            self.child.stop()
+            self.child.ready_file.unlink(missing_ok=True)
+            self.child = self._spawn(self.endpoint)
+            try:
+                self.child.wait_ready(60)
+                self.restarts += 1
+                log.info("the enclave is back (restart %d)", self.restarts)
+            except UnavailableError as exc:
+                log.error("the enclave did not come back: %s", exc.message)
+
+    def pid(self) -> int:
+        return self.child.process.pid
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        self.child.stop()
 
 
 class Cluster:

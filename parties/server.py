@@ -84,7 +84,7 @@ class Server:
         except UnavailableError:
             raise UnavailableError(
                 f"The enclave did not answer within {self.enclave.timeout_s:.0f} s, so the request was not "
-                "completed; the operator must restart it. Retry later.",
+                "completed. Retry in a moment; if this persists, the enclave is down and must be restarted.",
                 ErrorCode.ENCLAVE_UNAVAILABLE,
             ) from None
         if stats is not None:

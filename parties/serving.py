@@ -12,9 +12,11 @@ than its deadline is answered ``busy`` instead of being run for nobody.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from protocol.storage import write_atomic
 from protocol.transport import Client, CurveKeys, handle_frames, router, write_public_key
 
 from .bundles import BundleStore
+from .processes import EnclaveSupervisor
 from .server import Server
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class ServerConfig:
     enclave_timeout_s: float = 60.0
     max_queue: int = 32
     queue_timeout_s: float = 60.0
+    spawn_enclave: bool = False
 
 
 def curve_keys(state_dir: Path | None) -> CurveKeys:
@@ -104,6 +108,20 @@ class _Worker(threading.Thread):
 
 def run_server(config: ServerConfig, should_stop: Callable[[], bool]) -> None:
     """Serve parties until ``should_stop`` returns true."""
+    supervisor = None
+    if config.spawn_enclave:
+        state = config.state_dir or Path(tempfile.mkdtemp(prefix="heclave-server-"))
+        supervisor = EnclaveSupervisor(state / "enclave-run", state / "enclave-state")
+        config = dataclasses.replace(config, enclave=supervisor.endpoint)
+        log.info("supervising the enclave (pid %d) on %s", supervisor.pid(), supervisor.endpoint)
+    try:
+        _serve(config, should_stop, lambda: {"enclave_pid": supervisor.pid()} if supervisor else {})
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+
+
+def _serve(config: ServerConfig, should_stop: Callable[[], bool], status: Callable[[], dict]) -> None:
     context = zmq.Context.instance()
     keys = curve_keys(config.state_dir)
     sock, endpoint = router(config.bind, curve=keys, context=context)
@@ -117,7 +135,8 @@ def run_server(config: ServerConfig, should_stop: Callable[[], bool]) -> None:
     worker = _Worker(server, jobs, reply_endpoint, context, config.queue_timeout_s)
     worker.start()
     if config.ready_file:
-        write_atomic(config.ready_file, json.dumps({"endpoint": endpoint, "public_key": keys.public.decode()}).encode())
+        ready = {"endpoint": endpoint, "public_key": keys.public.decode(), **status()}
+        write_atomic(config.ready_file, json.dumps(ready).encode())
     log.info("listening on %s; CURVE public key written to %s", endpoint, config.key_file)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -84,9 +86,31 @@ def test_a_dead_enclave_fails_the_request_in_bounded_time_and_service_resumes(sm
         time.sleep(5)
         owner.infer(model_id, x[0])
     assert time.monotonic() - started < 25
-    assert info.value.code.value == "enclave_unavailable" and "restart" in info.value.message, info.value
+    assert info.value.code.value == "enclave_unavailable" and "Retry" in info.value.message, info.value
     cluster.restart_enclave()
     fresh = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
     got = fresh.infer(model_id, x[2]).logits
     assert np.argmax(got) == np.argmax(reference[2])
     fresh.close()
+
+
+def test_a_supervising_server_restarts_its_enclave_and_keeps_serving_without_redeploying(tmp_path):
+    with Cluster(tmp_path, server_args=("--spawn-enclave", "--enclave-timeout", "5")) as cluster:
+        model, x, _ = train_digits_cnn(epochs=2, seed=4)
+        with torch.no_grad():
+            reference = model.double()(torch.from_numpy(x[:3]).double()).numpy()
+        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
+        model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, "encrypted"))
+        owner.close()
+        os.kill(cluster.children[1].wait_ready()["enclave_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV, timeout_s=60)
+                got = data_owner.infer(model_id, x[0]).logits
+                break
+            except HeclaveError:
+                assert time.monotonic() < deadline, "the enclave never came back"
+                time.sleep(0.5)
+        assert np.argmax(got) == np.argmax(reference[0]) and np.abs(got - reference[0]).max() < 1e-3
+        data_owner.close()
