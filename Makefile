@@ -20,5 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The fuzz tests of `make test`, with many more examples.
+fuzz: $(STAMP)
+	HECLAVE_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/test_fuzz.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

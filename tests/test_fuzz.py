@@ -1,0 +1,139 @@
+"""Fuzzing the message handlers: whatever arrives, exactly one well-formed reply, and the process lives.
+
+`make test` runs a few hundred examples; `make fuzz` sets HECLAVE_FUZZ_EXAMPLES for a longer run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from he.context import CkksParams, SecretKeySet
+from parties.data_owner import DataOwner
+from parties.model_owner import ModelOwner
+from protocol.errors import ErrorCode
+from protocol.evidence import VerifierPolicy
+from protocol.messages import PROTOCOL_VERSION, Message, decode, encode
+from protocol.transport import Client, handle_frames, read_public_key
+from tee.enclave import Enclave
+
+EXAMPLES = int(os.environ.get("HECLAVE_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+CODES = {c.value for c in ErrorCode}
+FIELDS = ["model_id", "session_id", "request_id", "envelope", "graph", "masks", "stage", "batch", "owner_public"]
+TYPES = ["evidence", "open_session", "register_model", "activate", "deploy", "model_info", "infer", "x"]
+
+KNOWN_MODELS: list[str] = []
+_VALID_CT = SecretKeySet(CkksParams()).public.encrypt(np.linspace(-1, 1, 64))
+
+
+@st.composite
+def ciphertexts(draw) -> bytes:
+    """A valid ciphertext, truncated or with one byte flipped, or as it is."""
+    data = bytearray(_VALID_CT)
+    how = draw(st.sampled_from(["as is", "truncated", "flipped"]))
+    if how == "truncated":
+        return bytes(data[: draw(st.integers(0, len(data) - 1))])
+    if how == "flipped":
+        data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
+    return bytes(data)
+
+
+model_ids = st.builds(lambda i: KNOWN_MODELS[i % len(KNOWN_MODELS)] if KNOWN_MODELS else "none", st.integers(0, 9))
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.binary(max_size=64) | st.text(max_size=16),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+contents = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), values, max_size=6)
+buffers = st.lists(st.binary(max_size=2048) | ciphertexts(), max_size=4)
+
+
+@st.composite
+def requests(draw) -> list[bytes]:
+    """Well-formed headers with hostile content, or raw garbage frames."""
+    if draw(st.booleans()):
+        return draw(st.lists(st.binary(max_size=256), max_size=4))
+    bufs = draw(buffers)
+    content = draw(contents)
+    if draw(st.booleans()):
+        content["model_id"] = draw(model_ids)
+    header = {
+        "v": draw(st.sampled_from([PROTOCOL_VERSION, PROTOCOL_VERSION, 0, "1"])),
+        "type": draw(st.sampled_from(TYPES)),
+        "id": draw(st.text(min_size=1, max_size=8)),
+        "content": content,
+        "nbuf": draw(st.sampled_from([len(bufs), len(bufs), len(bufs) + 1])),
+    }
+    return [msgpack.packb(header, use_bin_type=True), *bufs]
+
+
+def _assert_one_reply(frames: list[bytes]) -> None:
+    reply = decode(frames)
+    assert reply.type in ("ok", "error")
+    if reply.type == "error":
+        assert reply.content["code"] in CODES and isinstance(reply.content["message"], str)
+        # "internal" would mean hostile input reached a code path that did not expect it.
+        assert reply.content["code"] != "internal", reply.content["message"]
+
+
+@pytest.fixture(scope="module")
+def enclave() -> Enclave:
+    return Enclave()
+
+
+@FUZZ
+@given(frames=requests())
+def test_enclave_handler_answers_anything_with_one_reply(enclave, frames):
+    _assert_one_reply(handle_frames(frames, enclave.handle))
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, VerifierPolicy(allow_unattested=True))
+    KNOWN_MODELS.append(owner.deploy(owner.plan(model, (6,), "encrypted")))
+    owner.close()
+    yield KNOWN_MODELS[-1]
+    KNOWN_MODELS.clear()
+
+
+@FUZZ
+@given(frames=requests())
+def test_server_process_answers_anything_and_keeps_serving(cluster, deployed, frames):
+    import zmq
+
+    from protocol.transport import CurveKeys
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    own = CurveKeys.generate()
+    sock.curve_serverkey = read_public_key(cluster.server_key_file)
+    sock.curve_publickey, sock.curve_secretkey = own.public, own.secret
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.endpoint)
+    try:
+        sock.send_multipart(frames if frames else [b""])
+        assert sock.poll(30_000), "no reply"
+        _assert_one_reply(sock.recv_multipart())
+    finally:
+        sock.close()
+
+
+def test_server_still_serves_after_the_fuzzing(cluster, deployed):
+    with Client(cluster.endpoint, read_public_key(cluster.server_key_file), timeout_s=30) as client:
+        assert client.request(Message("evidence")).content["evidence"]["runtime"] == "native"
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, VerifierPolicy(allow_unattested=True))
+    assert len(owner.infer(deployed, np.ones(6)).logits) == 3
+    owner.close()
+    cluster.check()
+
+
+def test_enclave_keeps_serving_after_the_fuzzing(enclave):
+    reply = decode(handle_frames(encode(Message("evidence")), enclave.handle))
+    assert reply.type == "ok" and len(reply.buffers) == 1
