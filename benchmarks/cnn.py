@@ -102,15 +102,6 @@ class TensealRecipe:
         return np.asarray(enc_x.decrypt())
 
 
-def _peak_rss_mb(pid: int) -> float:
-    """The process's peak resident set (VmHWM) in MB, while it is still running."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e6
-    return float("nan")
-
-
 def _plaintext(model: nn.Module, images: np.ndarray) -> tuple[float, np.ndarray]:
     """Median ms of one image through float32 torch, and float64 logits for every image."""
     times = []
@@ -154,7 +145,7 @@ def _run_ours(cluster: Cluster, model: nn.Module, images: np.ndarray, weights: W
         raise
     finally:
         data_owner.close()
-    rss = {child.name: _peak_rss_mb(child.process.pid) for child in cluster.children}
+    rss = {child.name: child.peak_rss_mb() for child in cluster.children}
     return {
         "inferences": inferences,
         "wall_s": wall_s,

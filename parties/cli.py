@@ -239,6 +239,33 @@ def demo(samples: int, weights: str, as_json: bool, require_attestation: bool) -
 main.add_command(bench)
 
 
+@main.command("loadtest")
+@click.option("--clients", default=8, show_default=True, help="Concurrent data owners.")
+@click.option("--requests", default=25, show_default=True, help="Requests each data owner sends.")
+@click.option("--weights", type=click.Choice([f.value for f in WeightForm]), default="encrypted", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def loadtest_command(clients: int, requests: int, weights: str, as_json: bool) -> None:
+    """Start the processes, run many data owners at once, and check every answer against plaintext."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from benchmarks.loadtest import loadtest
+
+    _logging(False)
+    logging.getLogger("protocol.evidence").setLevel(logging.ERROR)
+    with Console(stderr=True).status("load test") as status:
+        report = loadtest(clients, requests, weights, say=status.update)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    table = Table(title=f"heclave loadtest: {clients} clients x {requests} requests, {weights} weights")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report.items():
+        table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
 def run() -> None:
     """Console entry point that turns heclave's errors into one clear line and exit code 1."""
     try:

@@ -54,6 +54,17 @@ class Child:
                 ErrorCode.ENCLAVE_UNAVAILABLE,
             )
 
+    def peak_rss_mb(self) -> float:
+        """The child's peak resident set (VmHWM) in MB, while it is still running."""
+        try:
+            with open(f"/proc/{self.process.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024 / 1e6
+        except OSError:
+            pass
+        return float("nan")
+
     def tail(self, lines: int = 15) -> str:
         self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

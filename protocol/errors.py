@@ -89,6 +89,10 @@ class UnavailableError(HeclaveError):
     code = ErrorCode.TIMEOUT
 
 
+class NoReplyError(UnavailableError):
+    """This process's own request got no reply at all within its timeout (nothing came back)."""
+
+
 _BY_CODE: dict[ErrorCode, type[HeclaveError]] = {
     ErrorCode.CHANNEL: ChannelError,
     ErrorCode.ATTESTATION: AttestationError,

@@ -15,7 +15,7 @@ from typing import Callable
 
 import zmq
 
-from .errors import ErrorCode, HeclaveError, ProtocolError, UnavailableError
+from .errors import ErrorCode, HeclaveError, NoReplyError, ProtocolError
 from .messages import Message, decode, encode, error_message, size_of, try_parse_id
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Client:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._socket.poll(int(remaining * 1000)):
-                raise UnavailableError(
+                raise NoReplyError(
                     f"No reply from {self.endpoint} to {message.type!r} within {timeout_s or self.timeout_s:.0f} s; "
                     "check that the process is running and the address is right."
                 )
