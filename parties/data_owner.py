@@ -83,38 +83,19 @@ class DataOwner:
 
     def infer_batch(self, model_id: str, xs: np.ndarray) -> Inference:
         """Classify a batch in one request; a model planned for batches packs several queries per ciphertext."""
-        graph = self.graph(model_id)
-        xs = np.asarray(xs, dtype=np.float64)
-        size = int(np.prod(graph.input_shape))
-        if xs.ndim == 0 or xs.size != len(xs) * size or not 1 <= len(xs) <= MAX_BATCH:
-            raise ProtocolError(
-                f"Expected 1 to {MAX_BATCH} inputs of shape {graph.input_shape} for model {model_id}, "
-                f"got an array of shape {xs.shape}.",
-                ErrorCode.BAD_FIELD,
-            )
         if self._stale_session:
             self.connection.reopen()
             self._stale_session = False
         started = time.perf_counter()
-        layout = graph.stages[0].geometry.gather_batch(xs.reshape(len(xs), size))
-        frames = [self.connection.public_context.encrypt(row) for row in layout]
+        request = self.prepare(model_id, xs)
         encrypt_ms = (time.perf_counter() - started) * 1e3
-        session = self.connection.session
-        request_id = secrets.token_hex(12)
-        envelope = session.seal(msgpack.packb({"model_id": model_id}), b"infer:" + request_id.encode())
-        client = self.connection.client
+        session, client = self.connection.session, self.connection.client
         before = client.bytes_sent + client.bytes_received
-        content = {
-            "model_id": model_id,
-            "session_id": session.session_id,
-            "request_id": request_id,
-            "envelope": envelope,
-            "batch": len(xs),
-        }
         try:
-            reply = self.connection.request(Message("infer", content, frames))
+            reply = self.connection.request(request)
             sealed = field_of(reply.content, "result", bytes)
-            results = msgpack.unpackb(session.open(sealed, b"result:" + request_id.encode()), raw=False)["results"]
+            opened = session.open(sealed, b"result:" + request.content["request_id"].encode())
+            results = msgpack.unpackb(opened, raw=False)["results"]
         except HeclaveError:
             # The channel's counters may now disagree, and it never resynchronises: the next request
             # opens a fresh session (not now: the enclave may be the thing that just failed).
@@ -124,6 +105,35 @@ class DataOwner:
         stats = reply.content.get("stats", {})
         moved = client.bytes_sent + client.bytes_received - before + int(stats.get("enclave_bytes", 0))
         return Inference(results, latency_ms, encrypt_ms, stats, moved)
+
+    def prepare(self, model_id: str, xs: np.ndarray) -> Message:
+        """The ``infer`` request for a batch: inputs encrypted in the model's layout, release authorised.
+
+        Each call consumes one envelope of the session, so a prepared request is
+        good for exactly one send.
+        """
+        graph = self.graph(model_id)
+        xs = np.asarray(xs, dtype=np.float64)
+        size = int(np.prod(graph.input_shape))
+        if xs.ndim == 0 or xs.size != len(xs) * size or not 1 <= len(xs) <= MAX_BATCH:
+            raise ProtocolError(
+                f"Expected 1 to {MAX_BATCH} inputs of shape {graph.input_shape} for model {model_id}, "
+                f"got an array of shape {xs.shape}.",
+                ErrorCode.BAD_FIELD,
+            )
+        layout = graph.stages[0].geometry.gather_batch(xs.reshape(len(xs), size))
+        frames = [self.connection.public_context.encrypt(row) for row in layout]
+        session = self.connection.session
+        request_id = secrets.token_hex(12)
+        envelope = session.seal(msgpack.packb({"model_id": model_id}), b"infer:" + request_id.encode())
+        content = {
+            "model_id": model_id,
+            "session_id": session.session_id,
+            "request_id": request_id,
+            "envelope": envelope,
+            "batch": len(xs),
+        }
+        return Message("infer", content, frames)
 
     def close(self) -> None:
         self.connection.close()

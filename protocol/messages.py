@@ -20,6 +20,7 @@ from .errors import ErrorCode, HeclaveError, ProtocolError, error_from_reply
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_BUFFERS = 8192
+MAX_BUFFER_BYTES = 64 << 20
 OK = "ok"
 ERROR = "error"
 
@@ -107,6 +108,13 @@ def decode(frames: Sequence[bytes]) -> Message:
         )
     if nbuf > MAX_BUFFERS:
         raise ProtocolError(f"{nbuf} buffers exceed the limit of {MAX_BUFFERS}.", ErrorCode.TOO_LARGE)
+    largest = max((len(f) for f in frames[1:]), default=0)
+    if largest > MAX_BUFFER_BYTES:
+        raise ProtocolError(
+            f"A buffer of {largest} bytes exceeds the limit of {MAX_BUFFER_BYTES}; split the data into "
+            "more buffers (one ciphertext each).",
+            ErrorCode.TOO_LARGE,
+        )
     return Message(kind, content, tuple(bytes(f) for f in frames[1:]), mid, parent)
 
 

@@ -16,11 +16,13 @@ from typing import Callable
 import zmq
 
 from .errors import ErrorCode, HeclaveError, NoReplyError, ProtocolError
-from .messages import Message, decode, encode, error_message, size_of, try_parse_id
+from .messages import MAX_BUFFER_BYTES, Message, decode, encode, error_message, size_of, try_parse_id
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME_BYTES = 64 << 20
+# Buffers above messages.MAX_BUFFER_BYTES get a ``too_large`` reply; the socket itself drops a peer
+# that sends a frame above HARD_FRAME_BYTES, which bounds what one message can cost before refusal.
+HARD_FRAME_BYTES = 4 * MAX_BUFFER_BYTES
 DEFAULT_TIMEOUT_S = 120.0
 
 
@@ -68,7 +70,7 @@ class Client:
         self.bytes_received = 0
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_BYTES)
         if server_key is not None:
             own = CurveKeys.generate()
             self._socket.curve_serverkey = server_key
@@ -124,7 +126,7 @@ def router(endpoint: str, curve: CurveKeys | None = None, context: zmq.Context |
     """Bind a ROUTER socket (CURVE on when ``curve`` is given); return it and its real endpoint."""
     sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_BYTES)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
     if curve is not None:
         sock.curve_server = True

@@ -1,0 +1,111 @@
+"""Hostile requests over the wire, each followed by a good request from another client that must succeed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from he.context import CkksParams, SecretKeySet
+from parties.data_owner import DataOwner
+from parties.model_owner import ModelOwner
+from protocol.errors import ChannelError, HeclaveError
+from protocol.evidence import VerifierPolicy
+from protocol.messages import MAX_BUFFER_BYTES, Message, decode, encode
+from protocol.transport import CurveKeys, read_public_key
+
+DEV = VerifierPolicy(allow_unattested=True)
+
+
+@pytest.fixture(scope="module")
+def model(cluster):
+    torch.manual_seed(7)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 4))
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    model_id = owner.deploy(owner.plan(net, (12,), "encrypted"))
+    owner.close()
+    return model_id, net.double().eval()
+
+
+@pytest.fixture
+def attacker(cluster):
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    yield owner
+    owner.close()
+
+
+def _good_request_succeeds(cluster, model) -> None:
+    model_id, net = model
+    x = np.random.default_rng().normal(size=12)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    got = owner.infer(model_id, x).logits
+    owner.close()
+    want = net(torch.from_numpy(x)[None]).detach().numpy()[0]
+    assert np.abs(got - want).max() < 1e-3
+
+
+def _send(cluster, frames: list[bytes]) -> Message:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    own = CurveKeys.generate()
+    sock.curve_serverkey = read_public_key(cluster.server_key_file)
+    sock.curve_publickey, sock.curve_secretkey = own.public, own.secret
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.endpoint)
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(60_000), "no reply"
+        return decode(sock.recv_multipart())
+    finally:
+        sock.close()
+
+
+def test_oversized_buffer_is_refused_with_too_large(cluster, model):
+    reply = _send(cluster, encode(Message("infer", {"model_id": model[0]}, [bytes(MAX_BUFFER_BYTES + 1)])))
+    assert reply.content["code"] == "too_large"
+    _good_request_succeeds(cluster, model)
+
+
+def test_ciphertext_under_other_parameters_is_refused(cluster, model, attacker):
+    request = attacker.prepare(model[0], np.ones((1, 12)))
+    other = SecretKeySet(CkksParams(4096, (40, 20, 40), 20)).public.encrypt(np.ones(8))
+    reply = _send(cluster, encode(Message("infer", request.content, [other])))
+    assert reply.content["code"] == "bad_ciphertext"
+    _good_request_succeeds(cluster, model)
+
+
+def test_ciphertext_under_another_key_only_yields_noise_to_its_sender(cluster, model, attacker):
+    request = attacker.prepare(model[0], np.ones((1, 12)))
+    foreign = SecretKeySet(CkksParams()).public
+    layout = attacker.graph(model[0]).stages[0].geometry.gather_batch(np.ones((1, 12)))
+    forged = Message("infer", request.content, [foreign.encrypt(row) for row in layout])
+    try:
+        released = attacker.connection.request(forged)
+        assert released.type == "ok"
+    except HeclaveError as exc:  # an out-of-range decryption may also be refused; either way no crash
+        assert exc.code.value != "internal"
+    _good_request_succeeds(cluster, model)
+
+
+def test_wrong_number_of_input_ciphertexts_is_refused(cluster, model, attacker):
+    request = attacker.prepare(model[0], np.ones((1, 12)))
+    reply = _send(cluster, encode(Message("infer", request.content, [*request.buffers, *request.buffers])))
+    assert reply.content["code"] == "bad_ciphertext"
+    _good_request_succeeds(cluster, model)
+
+
+def test_unknown_session_is_refused(cluster, model, attacker):
+    request = attacker.prepare(model[0], np.ones((1, 12)))
+    content = dict(request.content, session_id=b"\x00" * 16)
+    reply = _send(cluster, encode(Message("infer", content, request.buffers)))
+    assert reply.content["code"] == "unknown_session"
+    _good_request_succeeds(cluster, model)
+
+
+def test_replayed_request_is_refused(cluster, model, attacker):
+    request = attacker.prepare(model[0], np.ones((1, 12)))
+    first = attacker.connection.request(request)
+    assert first.type == "ok"
+    with pytest.raises(ChannelError):
+        attacker.connection.request(Message("infer", request.content, request.buffers))
+    _good_request_succeeds(cluster, model)
