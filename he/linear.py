@@ -56,6 +56,13 @@ class OpCounter:
     relinearizations: int = 0
     rescales: int = 0
 
+    def add(self, other: "OpCounter") -> None:
+        """Accumulate another counter's operations into this one."""
+        self.rotations += other.rotations
+        self.multiplications += other.multiplications
+        self.relinearizations += other.relinearizations
+        self.rescales += other.rescales
+
 
 @dataclass
 class LinearKernel:

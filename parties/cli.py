@@ -99,9 +99,13 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, gramine_dir: Path) 
               help="Seconds a request may wait in the queue before it is answered 'busy'.")
 @click.option("--spawn-enclave", is_flag=True,
               help="Run the enclave as this server's child and restart it whenever it dies (ignores --enclave).")
+@click.option("--workers", type=int,
+              help="HE worker processes (lanes); 0 runs the HE work in the server process. Default: one per core.")
+@click.option("--ray", "ray_address", help="Run the HE work on a Ray cluster: its address, or 'local'.")
 @click.option("-v", "--verbose", is_flag=True)
 def server(bind: str, enclave_endpoint: str, key_file: Path, state_dir: Path | None, ready_file: Path | None,
-           enclave_timeout: float, max_queue: int, queue_timeout: float, spawn_enclave: bool, verbose: bool) -> None:
+           enclave_timeout: float, max_queue: int, queue_timeout: float, spawn_enclave: bool, workers: int | None,
+           ray_address: str | None, verbose: bool) -> None:
     """Run the untrusted server: CKKS linear layers, relaying to the enclave."""
     from parties.serving import ServerConfig, run_server
 
@@ -110,7 +114,7 @@ def server(bind: str, enclave_endpoint: str, key_file: Path, state_dir: Path | N
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     config = ServerConfig(bind, enclave_endpoint, key_file, state_dir, ready_file, enclave_timeout, max_queue,
-                          queue_timeout, spawn_enclave)
+                          queue_timeout, spawn_enclave, workers, ray_address)
     click.echo(f"server starting on {bind}; its CURVE public key goes to {key_file}", err=True)
     run_server(config, lambda: bool(stopping))
 

@@ -13,8 +13,10 @@ than its deadline is answered ``busy`` instead of being run for nobody.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import os
 import queue
 import tempfile
 import threading
@@ -28,9 +30,10 @@ import zmq
 from protocol.errors import ErrorCode, HeclaveError
 from protocol.messages import Message, decode, encode, error_message, try_parse_id
 from protocol.storage import write_atomic
-from protocol.transport import Client, CurveKeys, handle_frames, router, write_public_key
+from protocol.transport import CurveKeys, handle_frames, router, write_public_key
 
 from .bundles import BundleStore
+from .executors import Executor, InlineExecutor, ProcessExecutor
 from .processes import EnclaveSupervisor
 from .server import Server
 
@@ -52,6 +55,8 @@ class ServerConfig:
     max_queue: int = 32
     queue_timeout_s: float = 60.0
     spawn_enclave: bool = False
+    workers: int | None = None
+    ray: str | None = None
 
 
 def curve_keys(state_dir: Path | None) -> CurveKeys:
@@ -74,24 +79,18 @@ class _Job:
     queued_at: float
 
 
-class _Worker(threading.Thread):
-    """Takes queued requests, runs them through the handler, and hands the replies back."""
+class _Lane(threading.Thread):
+    """Takes queued requests, runs them through the server on its lane, and hands the replies back."""
 
-    def __init__(self, server: Server, jobs: queue.Queue, reply_endpoint: str, context: zmq.Context,
+    def __init__(self, lane: int, server: Server, jobs: queue.Queue, reply_endpoint: str, context: zmq.Context,
                  queue_timeout_s: float) -> None:
-        super().__init__(name="he-worker", daemon=True)
-        self.server, self.jobs, self.queue_timeout_s = server, jobs, queue_timeout_s
-        self.replies = context.socket(zmq.PAIR)
+        super().__init__(name=f"lane-{lane}", daemon=True)
+        self.lane, self.server, self.jobs, self.queue_timeout_s = lane, server, jobs, queue_timeout_s
+        self.replies = context.socket(zmq.PUSH)
         self.replies.connect(reply_endpoint)
 
     def run(self) -> None:
-        # Restoring talks to the enclave, whose socket belongs to this thread.
-        try:
-            restored = self.server.restore()
-            if restored:
-                log.info("serving %d model(s) restored from disk", restored)
-        except HeclaveError as exc:
-            log.error("could not restore deployed models: %s", exc.message)
+        handler = functools.partial(self.server.handle, lane=self.lane)
         while True:
             job = self.jobs.get()
             if job is None:
@@ -101,43 +100,62 @@ class _Worker(threading.Thread):
                                     ErrorCode.BUSY)
                 frames = encode(error_message(busy, job.request.id))
             else:
-                frames = handle_frames(encode(job.request), self.server.handle)
+                frames = handle_frames(encode(job.request), handler)
             self.replies.send_multipart([job.identity, *frames])
         self.replies.close(linger=0)
 
 
+def make_executor(config: ServerConfig, workdir: Path) -> Executor:
+    """The configured executor: Ray, local worker processes, or the server process itself (0 workers)."""
+    if config.ray:
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(config.workers or os.cpu_count() or 1, config.ray)
+    if config.workers == 0:
+        return InlineExecutor()
+    return ProcessExecutor(config.workers or os.cpu_count() or 1, workdir)
+
+
 def run_server(config: ServerConfig, should_stop: Callable[[], bool]) -> None:
     """Serve parties until ``should_stop`` returns true."""
+    state = config.state_dir or Path(tempfile.mkdtemp(prefix="heclave-server-"))
     supervisor = None
     if config.spawn_enclave:
-        state = config.state_dir or Path(tempfile.mkdtemp(prefix="heclave-server-"))
         supervisor = EnclaveSupervisor(state / "enclave-run", state / "enclave-state")
         config = dataclasses.replace(config, enclave=supervisor.endpoint)
         log.info("supervising the enclave (pid %d) on %s", supervisor.pid(), supervisor.endpoint)
+    executor = make_executor(config, state / "workers")
     try:
-        _serve(config, should_stop, lambda: {"enclave_pid": supervisor.pid()} if supervisor else {})
+        status = {"lanes": executor.lanes, **({"enclave_pid": supervisor.pid()} if supervisor else {})}
+        _serve(config, executor, should_stop, status)
     finally:
+        executor.close()
         if supervisor is not None:
             supervisor.stop()
 
 
-def _serve(config: ServerConfig, should_stop: Callable[[], bool], status: Callable[[], dict]) -> None:
+def _serve(config: ServerConfig, executor: Executor, should_stop: Callable[[], bool], status: dict) -> None:
     context = zmq.Context.instance()
     keys = curve_keys(config.state_dir)
     sock, endpoint = router(config.bind, curve=keys, context=context)
     write_public_key(config.key_file, keys.public)
     store = BundleStore(config.state_dir / "models") if config.state_dir else None
-    server = Server(Client(config.enclave, timeout_s=config.enclave_timeout_s, context=context), store)
+    server = Server(config.enclave, executor, store, config.enclave_timeout_s)
+    restored = server.restore()
+    if restored:
+        log.info("serving %d model(s) restored from disk", restored)
     jobs: queue.Queue = queue.Queue(maxsize=config.max_queue)
-    replies = context.socket(zmq.PAIR)
+    replies = context.socket(zmq.PULL)
     reply_endpoint = f"inproc://heclave-replies-{id(replies)}"
     replies.bind(reply_endpoint)
-    worker = _Worker(server, jobs, reply_endpoint, context, config.queue_timeout_s)
-    worker.start()
+    lanes = [_Lane(i, server, jobs, reply_endpoint, context, config.queue_timeout_s) for i in range(executor.lanes)]
+    for lane in lanes:
+        lane.start()
     if config.ready_file:
-        ready = {"endpoint": endpoint, "public_key": keys.public.decode(), **status()}
+        ready = {"endpoint": endpoint, "public_key": keys.public.decode(), **status}
         write_atomic(config.ready_file, json.dumps(ready).encode())
-    log.info("listening on %s; CURVE public key written to %s", endpoint, config.key_file)
+    log.info("listening on %s with %d lane(s); CURVE public key written to %s", endpoint, len(lanes),
+             config.key_file)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(replies, zmq.POLLIN)
@@ -153,8 +171,10 @@ def _serve(config: ServerConfig, should_stop: Callable[[], bool], status: Callab
                     if reply is not None:
                         sock.send_multipart([identity, *reply], copy=False)
     finally:
-        jobs.put(None)
-        worker.join(timeout=5)
+        for _ in lanes:
+            jobs.put(None)
+        for lane in lanes:
+            lane.join(timeout=5)
         replies.close(linger=0)
         sock.close(linger=0)
 

@@ -1,0 +1,151 @@
+"""HE workers: hold deployed models' kernels and evaluate one layer at a time.
+
+A worker receives only public material: the public CKKS context, the Galois
+keys the enclave issued for a model, and the model's weights in the form the
+owner chose. The same :class:`HeWorker` runs inside the server process, as a
+worker process of its own (``python -m parties.worker``, speaking heclave's
+protocol over loopback) or inside a Ray actor; the server's request pipeline
+does not care which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from he.context import PublicContext, Toolkit
+from he.graph import ModelGraph
+from he.linear import LinearKernel, OpCounter, WeightForm
+from he.serialize import to_bytes
+from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
+from protocol.messages import Message, batch_size, field_of
+from protocol.storage import write_atomic
+from protocol.transport import dispatch, router, serve
+
+from .bundles import Bundle
+
+log = logging.getLogger(__name__)
+
+NOT_INSTALLED = "not installed on this worker"
+
+
+def build_kernels(graph: ModelGraph, toolkit: Toolkit, masks: list, weights: list[bytes]) -> list[LinearKernel]:
+    """Every stage's kernel from a deployment's weights, refusing weights that do not fit the graph."""
+    kernels = []
+    for i, stage in enumerate(graph.stages):
+        g = stage.geometry
+        if graph.weight_form is WeightForm.PLAIN:
+            if len(weights) <= i or len(weights[i]) != g.rows * g.cols * 8:
+                raise PlanError(f"Stage {i} needs a {g.rows}x{g.cols} float64 weight matrix.")
+            matrix = np.frombuffer(weights[i], dtype="<f8").reshape(g.rows, g.cols)
+            kernels.append(LinearKernel.from_plain(toolkit, g, matrix))
+            continue
+        if len(masks) != len(graph.stages) or not isinstance(masks[i], bytes):
+            raise ProtocolError("Encrypted deployments carry one packed diagonal mask per stage.", ErrorCode.BAD_FIELD)
+        shape = (g.out_cts, g.in_cts, g.k)
+        bits = np.unpackbits(np.frombuffer(masks[i], dtype=np.uint8))
+        if bits.size < int(np.prod(shape)):
+            raise PlanError(f"Stage {i}'s diagonal mask is too short for its geometry.")
+        mask = bits[: int(np.prod(shape))].reshape(shape).astype(bool)
+        count = int(mask.sum())
+        kernels.append(LinearKernel.from_encrypted(toolkit, g, mask, weights[:count]))
+        weights = weights[count:]
+    return kernels
+
+
+@dataclass
+class _Installed:
+    context: PublicContext
+    kernels: list[LinearKernel]
+
+
+class HeWorker:
+    """Deployed models' kernels, and the evaluation of one stage for a batch of ciphertext groups."""
+
+    def __init__(self) -> None:
+        self._base: PublicContext | None = None
+        self._models: dict[str, _Installed] = {}
+
+    def has(self, model_id: str) -> bool:
+        return model_id in self._models
+
+    def install(self, bundle: Bundle, public_context: bytes) -> None:
+        """Prepare a model's kernels (plaintext diagonals encoded, ciphertexts loaded) once."""
+        if self._base is None:
+            self._base = PublicContext.from_bytes(public_context)
+        graph = ModelGraph.from_bytes(bundle.graph)
+        kernels = build_kernels(graph, self._base.toolkit, bundle.masks, list(bundle.weights))
+        self._models[bundle.model_id] = _Installed(self._base.with_galois(bundle.galois_keys, bundle.galois_steps),
+                                                   kernels)
+
+    def evaluate(self, model_id: str, stage: int, inputs: list[bytes], batch: int) -> tuple[list[bytes], OpCounter]:
+        """One layer over every ciphertext group of a batch: serialised outputs and the operations done."""
+        installed = self._models.get(model_id)
+        if installed is None:
+            raise HeclaveError(f"Model {model_id!r} is {NOT_INSTALLED}.", ErrorCode.UNKNOWN_MODEL)
+        if not 0 <= stage < len(installed.kernels):
+            raise ProtocolError(f"Stage {stage} is outside the model.", ErrorCode.BAD_FIELD)
+        kernel = installed.kernels[stage]
+        g = kernel.geometry
+        if len(inputs) != g.groups(batch) * g.in_cts:
+            raise CiphertextError(
+                f"A batch of {batch} needs {g.groups(batch) * g.in_cts} input ciphertexts, got {len(inputs)}."
+            )
+        toolkit, ops, outputs = installed.context.toolkit, OpCounter(), []
+        cts = [toolkit.load_ciphertext(b, "input" if stage == 0 else "re-encrypted activation") for b in inputs]
+        for start in range(0, len(cts), g.in_cts):
+            outputs += kernel.evaluate(cts[start : start + g.in_cts], installed.context, ops)
+        return [to_bytes(ct) for ct in outputs], ops
+
+
+class WorkerService:
+    """A worker process's message handler: ``install`` and ``evaluate``."""
+
+    def __init__(self) -> None:
+        self.worker = HeWorker()
+        self._handlers = {"install": self._install, "evaluate": self._evaluate}
+
+    def handle(self, request: Message) -> Message:
+        return dispatch(self._handlers, request, "worker")
+
+    def _install(self, request: Message) -> Message:
+        if len(request.buffers) != 2:
+            raise ProtocolError("'install' carries the bundle and the public context.", ErrorCode.BAD_FIELD)
+        self.worker.install(Bundle.from_bytes(request.buffers[0], Path("<install>")), request.buffers[1])
+        return request.reply()
+
+    def _evaluate(self, request: Message) -> Message:
+        outputs, ops = self.worker.evaluate(
+            field_of(request.content, "model_id", str),
+            field_of(request.content, "stage", int),
+            list(request.buffers),
+            batch_size(request.content),
+        )
+        return request.reply({"ops": ops.__dict__}, outputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parties.worker", description="A heclave HE worker process.")
+    parser.add_argument("--bind", default="tcp://127.0.0.1:*")
+    parser.add_argument("--ready-file", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)
+    sock, endpoint = router(args.bind)
+    stopping: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    if args.ready_file:
+        write_atomic(args.ready_file, json.dumps({"endpoint": endpoint}).encode())
+    serve(sock, WorkerService().handle, lambda: bool(stopping))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
