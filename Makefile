@@ -11,7 +11,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,dcap]'
+	$(BIN)/pip install --quiet -e '.[test,dcap,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -88,7 +88,11 @@ class DataOwner:
             self._stale_session = False
         started = time.perf_counter()
         request = self.prepare(model_id, xs)
-        encrypt_ms = (time.perf_counter() - started) * 1e3
+        return self.send(request, (time.perf_counter() - started) * 1e3)
+
+    def send(self, request: Message, encrypt_ms: float = 0.0) -> Inference:
+        """Send a request made by :meth:`prepare` (in the order they were prepared) and open its result."""
+        started = time.perf_counter() - encrypt_ms / 1e3
         session, client = self.connection.session, self.connection.client
         before = client.bytes_sent + client.bytes_received
         try:
