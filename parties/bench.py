@@ -113,3 +113,40 @@ def cnn(weights: str, samples: int, batch: int, tenseal_runs: int, seed: int, as
         ("rotations per image", f"{r['rotations_per_image']:.0f}"),
     ]
     _emit(r, as_json, f"TenSEAL's tutorial CNN, {weights} weights", rows)
+
+
+@bench.command()
+@click.option("--workers", default="1,2", show_default=True, help="Comma-separated worker counts to compare.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["processes", "ray"]),
+              default=("processes", "ray"), show_default=True, help="Where the HE work runs (repeatable).")
+@click.option("--model", "models", multiple=True, type=click.Choice(["tutorial-cnn", "vgg-32"]),
+              default=("tutorial-cnn", "vgg-32"), show_default=True)
+@click.option("--clients", default=4, show_default=True, help="Concurrent data owners.")
+@click.option("--requests", default=3, show_default=True, help="Batch requests per data owner.")
+@click.option("--batch", default=8, show_default=True, help="Images per request (the models are planned for it).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def scale(workers: str, backends: tuple[str, ...], models: tuple[str, ...], clients: int, requests: int, batch: int,
+          as_json: bool) -> None:
+    """Throughput and latency against the number of HE workers, on local processes and on Ray."""
+    from benchmarks.scale import bench_scale
+
+    counts = [int(w) for w in workers.split(",")]
+    with Console(stderr=True).status("starting") as status:
+        report = bench_scale(counts, list(backends), list(models), clients, requests, batch, say=status.update)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    table = Table(title=f"HE workers: {clients} data owners x {requests} requests of {batch} images",
+                  caption=f"{time.strftime('%Y-%m-%d')} on {_machine()}")
+    for column in ("model", "backend", "workers", "images/s", "p50 latency (ms)", "speedup", "agreement"):
+        table.add_column(column, justify="right")
+    for r in report["runs"]:
+        table.add_row(r["model"], r["backend"], str(r["workers"]), f"{r['images_per_s']:.1f}",
+                      f"{r['latency_ms_p50']:.0f}", f"{r['speedup_vs_first']:.2f}x", f"{r['agreement']:.3f}")
+    Console().print(table)
+    for p in report["projection"]:
+        Console().print(
+            f"{p['model']}: {p['he_ms_per_image']:.1f} ms HE and {p['enclave_ms_per_image']:.2f} ms enclave per image; "
+            f"the enclave bounds throughput at {p['enclave_limit_images_per_s']:.0f} images/s, reached near "
+            f"{p['enclave_bound_at_workers']:.0f} workers (64 workers: {p['images_per_s_at_64_workers']:.0f} images/s)."
+        )

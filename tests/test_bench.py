@@ -18,3 +18,16 @@ def test_bench_linear_reports_every_key_and_an_accurate_layer() -> None:
     assert LINEAR_KEYS <= report.keys()
     assert report["max_rel_err"] <= 1e-4
     assert report["tenseal_ms"] > 0 and report["ours_ms"] > 0 and report["floor_ms"] > 0
+
+
+def test_bench_scale_reports_throughput_per_worker_count_and_exact_results() -> None:
+    args = ["bench", "scale", "--workers", "1,2", "--backend", "processes", "--model", "tutorial-cnn",
+            "--clients", "2", "--requests", "1", "--batch", "2", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r["workers"] for r in report["runs"]] == [1, 2]
+    for run in report["runs"]:
+        assert run["images_per_s"] > 0 and run["latency_ms_p50"] > 0 and run["agreement"] == 1.0
+    projection = report["projection"][0]
+    assert projection["enclave_bound_at_workers"] > 0 and projection["images_per_s_at_64_workers"] > 0
