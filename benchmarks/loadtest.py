@@ -10,7 +10,6 @@ and the logits are within 1e-3 of the logit range.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +22,8 @@ from parties.model_owner import ModelOwner
 from parties.processes import Cluster
 from protocol.errors import HeclaveError, NoReplyError
 from protocol.evidence import VerifierPolicy
+
+from .concurrent import run_clients
 
 LOAD_POLICY = VerifierPolicy(allow_unattested=True)
 
@@ -84,16 +85,9 @@ def loadtest(clients: int, requests: int, weights: str = "encrypted", say: Calla
         owner.close()
         say(f"{clients} data owners sending {requests} requests each")
         tally = _Tally()
-        threads = [
-            threading.Thread(target=_client, args=(cluster, model_id, x, reference, requests, c * requests, tally))
-            for c in range(clients)
-        ]
-        started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall_s = time.perf_counter() - started
+        wall_s = run_clients(
+            clients, lambda c: _client(cluster, model_id, x, reference, requests, c * requests, tally)
+        )
         cluster.check()
         rss = {child.name: child.peak_rss_mb() for child in cluster.children}
     latencies = np.asarray(tally.latencies_ms) if tally.latencies_ms else np.zeros(1)

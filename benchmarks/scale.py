@@ -10,8 +10,6 @@ same two cores. Every result is checked against plaintext torch.
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Callable
 
 import numpy as np
@@ -24,6 +22,7 @@ from parties.processes import Cluster
 from protocol.evidence import VerifierPolicy
 
 from .cnn import tutorial_cnn
+from .concurrent import run_clients
 
 SCALE_POLICY = VerifierPolicy(allow_unattested=True)
 
@@ -67,13 +66,7 @@ def _run(model: nn.Module, shape: tuple[int, ...], server_args: tuple[str, ...],
         def client(c: int) -> None:
             done[c] = [owners[c].send(request) for request in prepared[c]]
 
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-        started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall_s = time.perf_counter() - started
+        wall_s = run_clients(clients, client)
         for data_owner in owners:
             data_owner.close()
     inferences = [inf for per_client in done for inf in per_client]

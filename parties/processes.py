@@ -167,21 +167,19 @@ class Cluster:
 
     def restart_enclave(self) -> None:
         """Kill the enclave and start it again on the same endpoint and sealed state, as a host might."""
-        old = self.children[0]
-        old.process.kill()
-        old.stop()
-        old.ready_file.unlink(missing_ok=True)
-        self.children[0] = Child("enclave", self._enclave_args(self.enclave_endpoint), self.workdir)
-        self.children[0].wait_ready()
+        self._restart(0, self._enclave_args(self.enclave_endpoint))
 
     def restart_server(self) -> None:
         """Kill the server and start it again on the same endpoint and state directory."""
-        old = self.children[1]
+        self._restart(1, self._server_args(self.endpoint))
+
+    def _restart(self, index: int, args: list[str]) -> None:
+        old = self.children[index]
         old.process.kill()
         old.stop()
         old.ready_file.unlink(missing_ok=True)
-        self.children[1] = Child("server", self._server_args(self.endpoint), self.workdir)
-        self.children[1].wait_ready()
+        self.children[index] = Child(old.name, args, self.workdir)
+        self.children[index].wait_ready()
 
     def _start(self, name: str, args: list[str]) -> Child:
         child = Child(name, args, self.workdir)

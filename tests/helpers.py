@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import zmq
 
 from he.context import SecretKeySet
 from he.graph import ModelGraph
 from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from protocol.transport import CurveKeys, read_public_key
 from tee.nonlinear import apply_ops
 
 
@@ -26,3 +28,14 @@ def run_encrypted(keys: SecretKeySet, graph: ModelGraph, weights: list[np.ndarra
         outputs = kernel.evaluate(inputs, context, OpCounter())
         activation = apply_ops(g.scatter(np.stack([keys.decrypt(ct) for ct in outputs])), stage.ops)
     return activation
+
+
+def raw_socket(cluster) -> zmq.Socket:
+    """A bare CURVE DEALER socket to the cluster's server, for sending hand-made (or hostile) frames."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    own = CurveKeys.generate()
+    sock.curve_serverkey = read_public_key(cluster.server_key_file)
+    sock.curve_publickey, sock.curve_secretkey = own.public, own.secret
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.endpoint)
+    return sock

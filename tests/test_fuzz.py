@@ -22,6 +22,7 @@ from protocol.evidence import VerifierPolicy
 from protocol.messages import PROTOCOL_VERSION, Message, decode, encode
 from protocol.transport import Client, handle_frames, read_public_key
 from tee.enclave import Enclave
+from tests.helpers import raw_socket
 
 EXAMPLES = int(os.environ.get("HECLAVE_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -107,16 +108,7 @@ def deployed(cluster):
 @FUZZ
 @given(frames=requests())
 def test_server_process_answers_anything_and_keeps_serving(cluster, deployed, frames):
-    import zmq
-
-    from protocol.transport import CurveKeys
-
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    own = CurveKeys.generate()
-    sock.curve_serverkey = read_public_key(cluster.server_key_file)
-    sock.curve_publickey, sock.curve_secretkey = own.public, own.secret
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(cluster.endpoint)
+    sock = raw_socket(cluster)
     try:
         sock.send_multipart(frames if frames else [b""])
         assert sock.poll(30_000), "no reply"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import zmq
 
 from he.context import CkksParams, SecretKeySet
 from parties.data_owner import DataOwner
@@ -13,7 +12,7 @@ from parties.model_owner import ModelOwner
 from protocol.errors import ChannelError, HeclaveError
 from protocol.evidence import VerifierPolicy
 from protocol.messages import MAX_BUFFER_BYTES, Message, decode, encode
-from protocol.transport import CurveKeys, read_public_key
+from tests.helpers import raw_socket
 
 DEV = VerifierPolicy(allow_unattested=True)
 
@@ -46,12 +45,7 @@ def _good_request_succeeds(cluster, model) -> None:
 
 
 def _send(cluster, frames: list[bytes]) -> Message:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    own = CurveKeys.generate()
-    sock.curve_serverkey = read_public_key(cluster.server_key_file)
-    sock.curve_publickey, sock.curve_secretkey = own.public, own.secret
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(cluster.endpoint)
+    sock = raw_socket(cluster)
     try:
         sock.send_multipart(frames)
         assert sock.poll(60_000), "no reply"

@@ -6,7 +6,6 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-import zmq
 
 from examples.digits import INPUT_SHAPE, train_digits_cnn
 from parties.data_owner import DataOwner
@@ -15,6 +14,7 @@ from protocol.errors import AttestationError, CiphertextError, HeclaveError, Una
 from protocol.evidence import VerifierPolicy
 from protocol.messages import Message, decode, encode
 from protocol.transport import Client, CurveKeys, read_public_key
+from tests.helpers import raw_socket
 
 DEV = VerifierPolicy(allow_unattested=True)
 
@@ -74,16 +74,6 @@ def test_wrong_pinned_server_key_never_connects(cluster):
         DataOwner(cluster.endpoint, CurveKeys.generate().public, DEV, timeout_s=2)
 
 
-def _raw(cluster) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    own = CurveKeys.generate()
-    sock.curve_serverkey = read_public_key(cluster.server_key_file)
-    sock.curve_publickey, sock.curve_secretkey = own.public, own.secret
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(cluster.endpoint)
-    return sock
-
-
 @pytest.mark.parametrize(
     "frames, code",
     [
@@ -95,7 +85,7 @@ def _raw(cluster) -> zmq.Socket:
     ],
 )
 def test_malformed_requests_get_an_error_and_the_server_keeps_serving(cluster, frames, code):
-    sock = _raw(cluster)
+    sock = raw_socket(cluster)
     sock.send_multipart(frames)
     assert sock.poll(30_000), "the server did not answer a malformed request"
     reply = decode(sock.recv_multipart())

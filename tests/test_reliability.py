@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import zmq
 
 from examples.digits import INPUT_SHAPE, train_digits_cnn
 from parties.data_owner import DataOwner
@@ -19,7 +18,7 @@ from parties.processes import Cluster
 from protocol.errors import HeclaveError
 from protocol.evidence import VerifierPolicy
 from protocol.messages import Message, decode, encode
-from protocol.transport import CurveKeys, read_public_key
+from tests.helpers import raw_socket
 
 DEV = VerifierPolicy(allow_unattested=True)
 
@@ -38,15 +37,7 @@ def small_cluster(tmp_path_factory):
 
 
 def _sockets(cluster, n):
-    socks = []
-    for _ in range(n):
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        own = CurveKeys.generate()
-        sock.curve_serverkey = read_public_key(cluster.server_key_file)
-        sock.curve_publickey, sock.curve_secretkey = own.public, own.secret
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(cluster.endpoint)
-        socks.append(sock)
+    socks = [raw_socket(cluster) for _ in range(n)]
     time.sleep(0.5)  # let the CURVE handshakes finish so the burst really arrives at once
     return socks
 
