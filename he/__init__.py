@@ -1,7 +1,7 @@
 """CKKS under heclave: parameters, contexts, slot layouts and encrypted linear kernels."""
 
 from .context import CkksParams, PublicContext, SecretKeySet, Toolkit
-from .graph import EnclaveOp, ModelGraph, OpKind, ReleaseMode, ReleasePolicy, Stage
+from .graph import EnclaveOp, ModelGraph, OpKind, Placement, ReleaseMode, ReleasePolicy, Stage
 from .layout import GroupedLayout, Layout, LinearGeometry, UnitCosts, choose_geometry, choose_layout
 from .linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
 
@@ -15,6 +15,7 @@ __all__ = [
     "ModelGraph",
     "OpCounter",
     "OpKind",
+    "Placement",
     "PublicContext",
     "ReleaseMode",
     "ReleasePolicy",

@@ -58,6 +58,22 @@ class ReleasePolicy:
         return cls(mode, decimals, k)
 
 
+class Placement(str, Enum):
+    """Where a stage's affine layer runs, and what it protects (see the README's placement table)."""
+
+    HE = "he"
+    ENCLAVE = "enclave"
+    BLINDED = "blinded"
+    PLAIN = "plain"
+
+    @classmethod
+    def parse(cls, value: str) -> "Placement":
+        try:
+            return cls(value)
+        except ValueError:
+            raise PlanError(f"Unknown placement {value!r}; use one of: {', '.join(p.value for p in cls)}.") from None
+
+
 class OpKind(str, Enum):
     """The nonlinear steps the enclave applies exactly."""
 
@@ -111,11 +127,17 @@ class EnclaveOp:
 
 @dataclass(frozen=True)
 class Stage:
-    """An affine layer on the server, then the enclave's nonlinear steps."""
+    """An affine layer, placed on the server (``he``, ``blinded``, ``plain``) or in the enclave, then its
+    nonlinear steps (in the enclave, except after a ``plain`` layer, whose steps the server runs too).
+
+    ``weight_bits`` is the fixed-point scale of a ``blinded`` layer's weights.
+    """
 
     geometry: Layout
     out_shape: tuple[int, ...]
     ops: tuple[EnclaveOp, ...] = ()
+    placement: Placement = Placement.HE
+    weight_bits: int = 0
 
     @property
     def result_shape(self) -> tuple[int, ...]:
@@ -126,6 +148,8 @@ class Stage:
             "geometry": self.geometry.to_wire(),
             "out_shape": list(self.out_shape),
             "ops": [op.to_wire() for op in self.ops],
+            "placement": self.placement.value,
+            "weight_bits": self.weight_bits,
         }
 
     @classmethod
@@ -135,6 +159,8 @@ class Stage:
                 layout_from_wire(d["geometry"]),
                 tuple(int(v) for v in d["out_shape"]),
                 tuple(EnclaveOp.from_wire(op) for op in d["ops"]),
+                Placement.parse(d["placement"]),
+                int(d["weight_bits"]),
             )
         except (KeyError, TypeError):
             raise PlanError("Malformed stage in the model graph.") from None
@@ -187,7 +213,8 @@ class ModelGraph:
 
     @property
     def rotation_steps(self) -> list[int]:
-        return sorted({s for st in self.stages for s in st.geometry.rotation_steps})
+        """Rotations the server's ``he`` layers use: Galois keys are issued for these only."""
+        return sorted({s for st in self.stages if st.placement is Placement.HE for s in st.geometry.rotation_steps})
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(

@@ -349,6 +349,13 @@ def choose_geometry(
     return _cheapest(candidates, encrypted_weights, costs, batch)
 
 
+def unused_layout(rows: int, cols: int, slots: int) -> LinearGeometry:
+    """A minimal valid layout for a stage that is not evaluated under CKKS (its shape is what matters)."""
+    in_cts = math.ceil(cols / slots)
+    chunk = math.ceil(cols / in_cts)
+    return LinearGeometry(rows, cols, slots, 1, chunk, chunk, 1, 1)
+
+
 def choose_layout(
     support: np.ndarray, slots: int, encrypted_weights: bool, costs: UnitCosts = UnitCosts(), batch: int = 1
 ) -> Layout:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -10,12 +11,14 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from he.graph import ModelGraph
+from he.graph import ModelGraph, Placement
 from protocol.errors import ErrorCode, HeclaveError, ProtocolError
 from protocol.evidence import VerifierPolicy
 from protocol.messages import MAX_BATCH, Message, field_of
 
 from .connection import AttestedConnection
+
+log = logging.getLogger(__name__)
 
 
 def _label(result: dict) -> int:
@@ -125,11 +128,19 @@ class DataOwner:
                 f"got an array of shape {xs.shape}.",
                 ErrorCode.BAD_FIELD,
             )
-        layout = graph.stages[0].geometry.gather_batch(xs.reshape(len(xs), size))
-        frames = [self.connection.public_context.encrypt(row) for row in layout]
+        flat = np.ascontiguousarray(xs.reshape(len(xs), size), dtype="<f8")
+        authorisation: dict = {"model_id": model_id}
+        first = graph.stages[0].placement
+        if first is Placement.HE:
+            frames = [self.connection.public_context.encrypt(row) for row in graph.stages[0].geometry.gather_batch(flat)]
+        elif first is Placement.PLAIN:
+            log.warning("model %s starts with a plain layer: the server sees this input", model_id)
+            frames = [flat.tobytes()]
+        else:  # the enclave takes the input first: it travels sealed in the authorisation
+            frames, authorisation["input"] = [], flat.tobytes()
         session = self.connection.session
         request_id = secrets.token_hex(12)
-        envelope = session.seal(msgpack.packb({"model_id": model_id}), b"infer:" + request_id.encode())
+        envelope = session.seal(msgpack.packb(authorisation), b"infer:" + request_id.encode())
         content = {
             "model_id": model_id,
             "session_id": session.session_id,

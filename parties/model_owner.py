@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Sequence
 
+import msgpack
 import numpy as np
 import torch.nn as nn
 
-from he.graph import ReleasePolicy
+from he.blinding import quantize
+from he.graph import Placement, ReleasePolicy
 from he.linear import WeightForm, encrypt_weights
 from plan import Plan, plan_pytorch
 from protocol.evidence import VerifierPolicy
@@ -36,37 +39,63 @@ class ModelOwner:
         release: ReleasePolicy = ReleasePolicy(),
         name: str = "model",
         batch: int = 1,
+        placements: Sequence[Placement | str] | None = None,
     ) -> Plan:
         """Import and plan ``model`` for the enclave's CKKS parameters (``batch``: see :func:`plan.plan_model`)."""
         params = self.connection.public_context.params
         return plan_pytorch(
-            model, input_shape, weight_form=weights, release=release, params=params, name=name, batch=batch
+            model, input_shape, weight_form=weights, release=release, params=params, name=name, batch=batch,
+            placements=placements,
         )
 
     def deploy(self, plan: Plan) -> str:
-        """Upload the plan and its weights (encrypted unless the plan says plain); returns the model id."""
+        """Upload the plan and its weights; returns the model id.
+
+        The server receives each stage's weights in the form its placement
+        allows (ciphertexts for ``he`` unless the plan says plain weights, a
+        float64 matrix for ``plain``, field integers for ``blinded``, nothing for
+        ``enclave``); the enclave receives, sealed in this owner's session, the
+        graph's hash and the weights it needs itself (``enclave`` and
+        ``blinded`` stages).
+        """
         graph_bytes = plan.graph.to_bytes()
-        envelope = self.connection.session.seal(hashlib.sha256(graph_bytes).digest(), b"register")
-        masks, frames = self._weights(plan)
-        reply = self.connection.request(
-            Message(
-                "deploy",
-                {"graph": graph_bytes, "session_id": self.connection.session.session_id, "envelope": envelope, "masks": masks},
-                frames,
-            )
-        )
+        secrets_for_enclave = {str(i): blob for i, blob in self._enclave_weights(plan)}
+        payload = msgpack.packb({"graph": hashlib.sha256(graph_bytes).digest(), "weights": secrets_for_enclave})
+        envelope = self.connection.session.seal(payload, b"register")
+        masks, frames = self._server_weights(plan)
+        content = {"graph": graph_bytes, "session_id": self.connection.session.session_id, "masks": masks}
+        reply = self.connection.request(Message("deploy", content, [envelope, *frames]))
         return str(reply.content["model_id"])
 
-    def _weights(self, plan: Plan) -> tuple[list[bytes], list[bytes]]:
-        if plan.graph.weight_form is WeightForm.PLAIN:
-            log.warning("deploying with PLAIN weights: the server will hold the model's weights in the clear")
-            return [], [np.ascontiguousarray(w, dtype="<f8").tobytes() for w in plan.weights]
-        context = self.connection.public_context
+    @staticmethod
+    def _enclave_weights(plan: Plan) -> list[tuple[int, bytes]]:
+        out = []
+        for i, (stage, w) in enumerate(zip(plan.graph.stages, plan.weights)):
+            if stage.placement is Placement.ENCLAVE:
+                out.append((i, np.ascontiguousarray(w, dtype="<f8").tobytes()))
+            elif stage.placement is Placement.BLINDED:
+                out.append((i, quantize(w, stage.weight_bits).astype("<i8").tobytes()))
+        return out
+
+    def _server_weights(self, plan: Plan) -> tuple[list[bytes], list[bytes]]:
+        graph, context = plan.graph, self.connection.public_context
         masks, frames = [], []
-        for stage, w in zip(plan.graph.stages, plan.weights):
-            mask, encrypted = encrypt_weights(context, stage.geometry, w)
-            masks.append(np.packbits(mask.ravel()).tobytes())
-            frames.extend(encrypted)
+        for stage, w in zip(graph.stages, plan.weights):
+            placement = stage.placement
+            encrypted = placement is Placement.HE and graph.weight_form is WeightForm.ENCRYPTED
+            if placement in (Placement.PLAIN, Placement.BLINDED) or (placement is Placement.HE and not encrypted):
+                log.warning("stage %s: the server will hold its weights in the clear (%s)", stage.out_shape,
+                            placement.value if placement is not Placement.HE else "plain weights")
+            if encrypted:
+                mask, cts = encrypt_weights(context, stage.geometry, w)
+                masks.append(np.packbits(mask.ravel()).tobytes())
+                frames.extend(cts)
+                continue
+            masks.append(b"")
+            if placement is Placement.BLINDED:
+                frames.append(quantize(w, stage.weight_bits).astype("<i8").tobytes())
+            elif placement is not Placement.ENCLAVE:
+                frames.append(np.ascontiguousarray(w, dtype="<f8").tobytes())
         return masks, frames
 
     def close(self) -> None:

@@ -14,26 +14,43 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from he.blinding import matmul_mod
 from he.context import PublicContext
-from he.graph import ModelGraph
+from he.graph import ModelGraph, Placement
 from he.linear import OpCounter
-from protocol.errors import ErrorCode, HeclaveError, PlanError, UnavailableError
+from protocol.errors import ErrorCode, HeclaveError, ProtocolError, UnavailableError
 from protocol.messages import Message, batch_size, field_of
 from protocol.transport import Client, dispatch
+from tee.execution import parse_values
+from tee.nonlinear import apply_ops
 
 from .bundles import Bundle, BundleStore
 from .executors import Executor
-from .worker import build_kernels
+from .worker import build_kernels, split_weights
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Deployment:
-    """One deployed model: its public graph and its bundle (what a worker installs)."""
+    """One deployed model: its public graph, its bundle (what a worker installs), and the plaintext or
+    field weights of its ``plain`` and ``blinded`` stages, which the server itself applies."""
 
     graph: ModelGraph
     bundle: Bundle
+    matrices: dict[int, np.ndarray]
+
+    @classmethod
+    def of(cls, graph: ModelGraph, bundle: Bundle) -> "Deployment":
+        matrices = {}
+        for i, (stage, (_, frames)) in enumerate(zip(graph.stages, split_weights(graph, bundle.masks,
+                                                                                   bundle.weights))):
+            if stage.placement in (Placement.PLAIN, Placement.BLINDED):
+                dtype = "<f8" if stage.placement is Placement.PLAIN else "<i8"
+                matrices[i] = np.frombuffer(frames[0], dtype=dtype).reshape(stage.geometry.rows, stage.geometry.cols)
+        return cls(graph, bundle, matrices)
 
 
 @dataclass
@@ -124,7 +141,7 @@ class Server:
             return 0
         for bundle in self._store.load_all():
             try:
-                self._deployments[bundle.model_id] = Deployment(ModelGraph.from_bytes(bundle.graph), bundle)
+                self._deployments[bundle.model_id] = Deployment.of(ModelGraph.from_bytes(bundle.graph), bundle)
             except HeclaveError as exc:
                 log.error("cannot restore model %s: %s", bundle.model_id, exc.message)
         return len(self._deployments)
@@ -133,24 +150,18 @@ class Server:
         graph_bytes = field_of(request.content, "graph", bytes)
         graph = ModelGraph.from_bytes(graph_bytes)
         masks = field_of(request.content, "masks", list)
+        if not request.buffers:
+            raise ProtocolError("'deploy' carries the owner's sealed envelope as its first buffer.", ErrorCode.BAD_FIELD)
+        envelope, weights = request.buffers[0], list(request.buffers[1:])
         # The weights are checked before the enclave registers anything.
-        build_kernels(graph, PublicContext.from_bytes(self._public()).toolkit, masks, list(request.buffers))
-        reply = self._ask_enclave(
-            Message(
-                "register_model",
-                {
-                    "graph": graph_bytes,
-                    "session_id": field_of(request.content, "session_id", bytes),
-                    "envelope": field_of(request.content, "envelope", bytes),
-                },
-            )
-        )
+        build_kernels(graph, PublicContext.from_bytes(self._public()).toolkit, masks, weights)
+        content = {"graph": graph_bytes, "session_id": field_of(request.content, "session_id", bytes)}
+        reply = self._ask_enclave(Message("register_model", content, [envelope]))
         model_id = str(reply.content["model_id"])
-        bundle = Bundle(model_id, graph_bytes, reply.buffers[0], list(reply.content["galois_steps"]), masks,
-                        list(request.buffers))
+        bundle = Bundle(model_id, graph_bytes, reply.buffers[0], list(reply.content["galois_steps"]), masks, weights)
         if self._store is not None:
             self._store.save(bundle)
-        self._deployments[model_id] = Deployment(graph, bundle)
+        self._deployments[model_id] = Deployment.of(graph, bundle)
         log.info("deployed model %s with %s weights", model_id, graph.weight_form.value)
         return request.reply({"model_id": model_id, "galois_mb": len(reply.buffers[0]) / 1e6})
 
@@ -167,25 +178,53 @@ class Server:
 
     def _infer(self, request: Message, lane: int) -> Message:
         model_id, deployment = self._deployment(request.content)
+        stages = deployment.graph.stages
         batch = batch_size(request.content)
         stats = RequestStats()
-        source = lambda: (deployment.bundle, self._public())  # noqa: E731
-        inputs = list(request.buffers)
-        last = len(deployment.graph.stages) - 1
-        for index in range(last + 1):
+        authority = {
+            "model_id": model_id,
+            "batch": batch,
+            "session_id": field_of(request.content, "session_id", bytes),
+            "request_id": field_of(request.content, "request_id", str),
+            "envelope": field_of(request.content, "envelope", bytes),
+        }
+        first = stages[0].placement
+        if first in (Placement.HE, Placement.PLAIN):
+            index, frames = 0, list(request.buffers)
+        else:
+            reply = self._ask_enclave(Message("activate", {**authority, "stage": -1, "form": "input"}), stats)
+            index, frames = int(reply.content["next"]), list(reply.buffers)
+        while True:
             started = time.perf_counter()
-            frames, ops = self.executor.evaluate(lane, model_id, index, inputs, batch, source)
+            index, form, frames = self._server_stage(lane, model_id, deployment, index, frames, batch, stats)
             stats.he_ms += (time.perf_counter() - started) * 1e3
-            stats.ops.add(ops)
-            content = {"model_id": model_id, "stage": index, "batch": batch}
-            if index == last:
-                content |= {
-                    "session_id": field_of(request.content, "session_id", bytes),
-                    "request_id": field_of(request.content, "request_id", str),
-                    "envelope": field_of(request.content, "envelope", bytes),
-                }
+            content = {**authority, "stage": index, "form": form}
             reply = self._ask_enclave(Message("activate", content, frames), stats)
-            if index == last:
+            if "result" in reply.content:
                 return request.reply({"result": reply.content["result"], "stats": stats.to_wire()})
-            inputs = list(reply.buffers)
-        raise PlanError("The deployed model has no layers.")
+            index, frames = int(reply.content["next"]), list(reply.buffers)
+
+    def _server_stage(self, lane: int, model_id: str, deployment: Deployment, index: int, frames: list[bytes],
+                      batch: int, stats: RequestStats) -> tuple[int, str, list[bytes]]:
+        """Run the server's part from stage ``index``: what to hand the enclave, and for which stage."""
+        stages = deployment.graph.stages
+        stage = stages[index]
+        if stage.placement is Placement.HE:
+            source = lambda: (deployment.bundle, self._public())  # noqa: E731
+            outputs, ops = self.executor.evaluate(lane, model_id, index, frames, batch, source)
+            stats.ops.add(ops)
+            return index, "partials", outputs
+        g = stage.geometry
+        if stage.placement is Placement.BLINDED:
+            blinded = parse_values(frames, "<i8", (batch, g.cols), "blinded input")
+            w_q = deployment.matrices[index]
+            out = np.stack([matmul_mod(w_q, row) for row in blinded])
+            return index, "blinded", [out.astype("<i8").tobytes()]
+        xs = parse_values(frames, "<f8", (batch, g.cols - 1), "plain activation")
+        while True:  # a run of plain stages, their nonlinear steps included, all on the server
+            ys = np.concatenate([xs, np.ones((batch, 1))], axis=1) @ deployment.matrices[index].T
+            xs = np.stack([apply_ops(y, stages[index].ops) for y in ys])
+            if index + 1 == len(stages) or stages[index + 1].placement is not Placement.PLAIN:
+                return index, "plain", [np.ascontiguousarray(xs, dtype="<f8").tobytes()]
+            index += 1
+

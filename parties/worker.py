@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from he.context import PublicContext, Toolkit
-from he.graph import ModelGraph
+from he.graph import ModelGraph, Placement
 from he.linear import LinearKernel, OpCounter, WeightForm
 from he.serialize import to_bytes
 from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
@@ -36,34 +36,62 @@ log = logging.getLogger(__name__)
 NOT_INSTALLED = "not installed on this worker"
 
 
-def build_kernels(graph: ModelGraph, toolkit: Toolkit, masks: list, weights: list[bytes]) -> list[LinearKernel]:
-    """Every stage's kernel from a deployment's weights, refusing weights that do not fit the graph."""
-    kernels = []
+def split_weights(graph: ModelGraph, masks: list, weights: list[bytes]) -> list[tuple[np.ndarray | None, list[bytes]]]:
+    """A deployment's server-side weight frames, stage by stage, with each ``he`` stage's diagonal mask.
+
+    ``he`` stages carry a float64 matrix (plain weights) or one ciphertext per
+    nonzero diagonal; ``plain`` stages a float64 matrix; ``blinded`` stages an
+    int64 matrix in the field; ``enclave`` stages nothing (their weights go to the
+    enclave only).
+    """
+    if len(masks) != len(graph.stages) or not all(isinstance(m, bytes) for m in masks):
+        raise ProtocolError("A deployment carries one packed diagonal mask per stage.", ErrorCode.BAD_FIELD)
+    out: list[tuple[np.ndarray | None, list[bytes]]] = []
+    weights = list(weights)
     for i, stage in enumerate(graph.stages):
         g = stage.geometry
-        if graph.weight_form is WeightForm.PLAIN:
-            if len(weights) <= i or len(weights[i]) != g.rows * g.cols * 8:
-                raise PlanError(f"Stage {i} needs a {g.rows}x{g.cols} float64 weight matrix.")
-            matrix = np.frombuffer(weights[i], dtype="<f8").reshape(g.rows, g.cols)
-            kernels.append(LinearKernel.from_plain(toolkit, g, matrix))
+        if stage.placement is Placement.ENCLAVE:
+            out.append((None, []))
             continue
-        if len(masks) != len(graph.stages) or not isinstance(masks[i], bytes):
-            raise ProtocolError("Encrypted deployments carry one packed diagonal mask per stage.", ErrorCode.BAD_FIELD)
+        if stage.placement is not Placement.HE or graph.weight_form is WeightForm.PLAIN:
+            if not weights or len(weights[0]) != g.rows * g.cols * 8:
+                raise PlanError(f"Stage {i} needs a {g.rows}x{g.cols} matrix of 8-byte numbers.")
+            out.append((None, [weights.pop(0)]))
+            continue
         shape = (g.out_cts, g.in_cts, g.k)
         bits = np.unpackbits(np.frombuffer(masks[i], dtype=np.uint8))
         if bits.size < int(np.prod(shape)):
             raise PlanError(f"Stage {i}'s diagonal mask is too short for its geometry.")
         mask = bits[: int(np.prod(shape))].reshape(shape).astype(bool)
         count = int(mask.sum())
-        kernels.append(LinearKernel.from_encrypted(toolkit, g, mask, weights[:count]))
+        if len(weights) < count:
+            raise PlanError(f"Stage {i} needs {count} encrypted diagonals, the deployment has {len(weights)} left.")
+        out.append((mask, weights[:count]))
         weights = weights[count:]
+    if weights:
+        raise PlanError(f"The deployment carries {len(weights)} weight frames more than its stages use.")
+    return out
+
+
+def build_kernels(graph: ModelGraph, toolkit: Toolkit, masks: list, weights: list[bytes]) -> list[LinearKernel | None]:
+    """The kernel of every ``he`` stage (``None`` elsewhere), refusing weights that do not fit the graph."""
+    kernels: list[LinearKernel | None] = []
+    for stage, (mask, frames) in zip(graph.stages, split_weights(graph, masks, weights)):
+        g = stage.geometry
+        if stage.placement is not Placement.HE:
+            kernels.append(None)
+        elif mask is None:
+            matrix = np.frombuffer(frames[0], dtype="<f8").reshape(g.rows, g.cols)
+            kernels.append(LinearKernel.from_plain(toolkit, g, matrix))
+        else:
+            kernels.append(LinearKernel.from_encrypted(toolkit, g, mask, frames))
     return kernels
 
 
 @dataclass
 class _Installed:
     context: PublicContext
-    kernels: list[LinearKernel]
+    kernels: list[LinearKernel | None]
 
 
 class HeWorker:
@@ -90,8 +118,8 @@ class HeWorker:
         installed = self._models.get(model_id)
         if installed is None:
             raise HeclaveError(f"Model {model_id!r} is {NOT_INSTALLED}.", ErrorCode.UNKNOWN_MODEL)
-        if not 0 <= stage < len(installed.kernels):
-            raise ProtocolError(f"Stage {stage} is outside the model.", ErrorCode.BAD_FIELD)
+        if not 0 <= stage < len(installed.kernels) or installed.kernels[stage] is None:
+            raise ProtocolError(f"Stage {stage} is not an encrypted stage of the model.", ErrorCode.BAD_FIELD)
         kernel = installed.kernels[stage]
         g = kernel.geometry
         if len(inputs) != g.groups(batch) * g.in_cts:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch.nn as nn
 
 from he.context import CkksParams
-from he.graph import ModelGraph, ReleasePolicy, Stage
-from he.layout import UnitCosts, choose_layout
+from he.blinding import weight_scale
+from he.graph import ModelGraph, Placement, ReleasePolicy, Stage
+from he.layout import UnitCosts, choose_layout, unused_layout
 from he.linear import WeightForm
 from protocol.errors import PlanError
 
@@ -28,12 +30,14 @@ class Plan:
         rows = []
         for i, stage in enumerate(self.graph.stages):
             g = stage.geometry
+            he = stage.placement is Placement.HE
             rows.append(
                 {
                     "stage": i,
                     "shape": f"{g.rows}x{g.cols - 1}",
-                    "layout": g.describe(),
-                    **g.counts(),
+                    "placement": stage.placement.value,
+                    "layout": g.describe() if he else "-",
+                    **(g.counts() if he else {}),
                     "enclave": "+".join(op.kind.value for op in stage.ops) or "release",
                 }
             )
@@ -48,21 +52,32 @@ def plan_model(
     costs: UnitCosts = UnitCosts(),
     name: str = "model",
     batch: int = 1,
+    placements: Sequence[Placement | str] | None = None,
 ) -> Plan:
     """Choose every layer's slot layout for the given weight form.
 
     ``batch`` is the number of queries a request is expected to carry: above one,
     layouts that pack several queries into a ciphertext become candidates
     (throughput mode); the default plans for the latency of single queries.
+    ``placements`` gives each stage's placement (default: all ``he``).
     """
     if batch < 1:
         raise PlanError(f"The batch size must be at least 1, got {batch}.")
     form = WeightForm.parse(weight_form) if isinstance(weight_form, str) else weight_form
+    chosen = [Placement.HE] * len(imported.stages) if placements is None else [
+        Placement.parse(p) if isinstance(p, str) else p for p in placements
+    ]
+    if len(chosen) != len(imported.stages):
+        raise PlanError(f"The model has {len(imported.stages)} stages but {len(chosen)} placements were given.")
     stages, weights = [], []
-    for affine, ops in imported.stages:
+    for (affine, ops), placement in zip(imported.stages, chosen):
         w = affine.augmented
-        layout = choose_layout(affine.support, params.slots, form is WeightForm.ENCRYPTED, costs, batch)
-        stages.append(Stage(layout, affine.out_shape, tuple(ops)))
+        if placement is Placement.HE:
+            layout = choose_layout(affine.support, params.slots, form is WeightForm.ENCRYPTED, costs, batch)
+        else:
+            layout = unused_layout(w.shape[0], w.shape[1], params.slots)
+        bits = weight_scale(w) if placement is Placement.BLINDED else 0
+        stages.append(Stage(layout, affine.out_shape, tuple(ops), placement, bits))
         weights.append(w)
     graph = ModelGraph(imported.input_shape, tuple(stages), params, form, release, name)
     return Plan(graph, weights)

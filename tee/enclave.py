@@ -27,14 +27,14 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from he.context import CkksParams, SecretKeySet
-from he.graph import ModelGraph
+from he.graph import ModelGraph, Placement
 from protocol.channel import Session, accept_owner_session, raw_public
 from protocol.errors import ChannelError, CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from protocol.evidence import Runtime
 from protocol.messages import Message, batch_size, field_of
 from protocol.transport import dispatch
 
-from .nonlinear import apply_ops
+from .execution import Form, ModelRuntime, parse_values
 from .release import seal_result
 from .runtime import collect_evidence, detect
 from .state import EnclaveState
@@ -63,9 +63,11 @@ class Enclave:
         toolkit = self.keys.toolkit
         self._output_parms = toolkit.context.first_context_data().next_context_data().parms_id()
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
-        self._models: OrderedDict[str, ModelGraph] = OrderedDict()
+        self._models: OrderedDict[str, ModelRuntime] = OrderedDict()
+        self._authorised: OrderedDict[tuple[str, str], Session] = OrderedDict()
         if self._state is not None:
-            self._models.update((mid, ModelGraph.from_bytes(g)) for mid, g in self._state.models().items())
+            for model_id, (graph, weights) in self._state.models().items():
+                self._models[model_id] = ModelRuntime.from_secrets(ModelGraph.from_bytes(graph), weights)
         self._handlers = {
             "evidence": self._evidence,
             "open_session": self._open_session,
@@ -101,39 +103,92 @@ class Enclave:
     def _register_model(self, request: Message) -> Message:
         graph_bytes = field_of(request.content, "graph", bytes)
         session = self._session(request.content)
-        vouched = session.open(field_of(request.content, "envelope", bytes), b"register")
-        if vouched != hashlib.sha256(graph_bytes).digest():
+        if len(request.buffers) != 1:
+            raise ProtocolError("'register_model' carries the owner's sealed envelope as its one buffer.",
+                                ErrorCode.BAD_FIELD)
+        vouched = _unpack_map(session.open(request.buffers[0], b"register"))
+        if vouched.get("graph") != hashlib.sha256(graph_bytes).digest():
             raise ChannelError("The model graph is not the one the model owner sealed; refusing it.")
         graph = ModelGraph.from_bytes(graph_bytes)
         if graph.params != self.keys.params:
             raise PlanError(f"The graph is planned for CKKS parameters {graph.params}, the enclave uses {self.keys.params}.")
-        model_id = secrets.token_hex(16)
         if len(self._models) >= MAX_MODELS:
             raise HeclaveError(f"The enclave holds its limit of {MAX_MODELS} models.", ErrorCode.BUSY)
-        self._models[model_id] = graph
+        secret_weights = vouched.get("weights") if isinstance(vouched.get("weights"), dict) else {}
+        runtime = ModelRuntime.from_secrets(graph, secret_weights)
+        model_id = secrets.token_hex(16)
+        self._models[model_id] = runtime
         if self._state is not None:
-            self._state.save_model(model_id, graph_bytes)
+            self._state.save_model(model_id, graph_bytes, secret_weights)
         galois = self.keys.galois_keys(graph.rotation_steps)
         log.info("registered model %s (%d stages, %d rotation steps)", model_id, len(graph.stages), len(graph.rotation_steps))
         return request.reply({"model_id": model_id, "galois_steps": graph.rotation_steps}, [galois])
 
     def _activate(self, request: Message) -> Message:
         model_id = field_of(request.content, "model_id", str)
-        graph = self._models.get(model_id)
-        if graph is None:
+        runtime = self._models.get(model_id)
+        if runtime is None:
             raise HeclaveError(f"Unknown model {model_id!r}; deploy it again.", ErrorCode.UNKNOWN_MODEL)
-        index = field_of(request.content, "stage", int)
-        if not 0 <= index < len(graph.stages):
-            raise ProtocolError(f"Stage {index} is outside 0..{len(graph.stages) - 1}.", ErrorCode.BAD_FIELD)
+        stages = runtime.graph.stages
         batch = batch_size(request.content)
-        stage = graph.stages[index]
+        request_id = field_of(request.content, "request_id", str)
+        form = _form(request.content)
+        index = field_of(request.content, "stage", int)
+        if form is Form.INPUT:
+            xs, start = self._open_input(request, runtime, batch), 0
+        else:
+            if not 0 <= index < len(stages):
+                raise ProtocolError(f"Stage {index} is outside 0..{len(stages) - 1}.", ErrorCode.BAD_FIELD)
+            values = self._values(request, runtime, index, form, batch)
+            xs, start = runtime.finish(index, form, values, batch, request_id), index + 1
+        following, xs = runtime.advance(start, xs)
+        if following == len(stages):
+            return request.reply({"result": self._release(request, runtime.graph, xs)})
+        placement = stages[following].placement
+        if placement is Placement.HE:
+            layout = stages[following].geometry.gather_batch(xs)
+            frames, reply_form = [self.keys.encrypt_symmetric(row) for row in layout], Form.CIPHERTEXTS
+        elif placement is Placement.BLINDED:
+            frames, reply_form = [runtime.blind(following, xs, request_id).astype("<i8").tobytes()], Form.BLINDED
+        else:
+            frames, reply_form = [np.ascontiguousarray(xs, dtype="<f8").tobytes()], Form.PLAIN
+        return request.reply({"next": following, "form": reply_form.value}, frames)
+
+    def _values(self, request: Message, runtime: ModelRuntime, index: int, form: Form, batch: int) -> np.ndarray:
+        """What the server sent for stage ``index``, checked against the stage's placement."""
+        stage = runtime.graph.stages[index]
+        expected = {Form.PARTIALS: Placement.HE, Form.BLINDED: Placement.BLINDED, Form.PLAIN: Placement.PLAIN}
+        if expected.get(form) is not stage.placement:
+            raise ProtocolError(f"Stage {index} is placed {stage.placement.value!r}; {form.value!r} does not fit it.",
+                                ErrorCode.BAD_FIELD)
         g = stage.geometry
-        partials = self._decrypt_partials(request, g.groups(batch) * g.out_cts)
-        xs = np.stack([apply_ops(y, stage.ops) for y in g.scatter_batch(partials, batch)])
-        if index + 1 < len(graph.stages):
-            layout = graph.stages[index + 1].geometry.gather_batch(xs)
-            return request.reply({}, [self.keys.encrypt_symmetric(row) for row in layout])
-        return request.reply({"result": self._release(request, graph, xs)})
+        if form is Form.PARTIALS:
+            return g.scatter_batch(self._decrypt_partials(request, g.groups(batch) * g.out_cts), batch)
+        if form is Form.BLINDED:
+            return parse_values(request.buffers, "<i8", (batch, g.rows), "blinded layer output")
+        return parse_values(request.buffers, "<f8", (batch, _size(stage.result_shape)), "plain activation")
+
+    def _open_input(self, request: Message, runtime: ModelRuntime, batch: int) -> np.ndarray:
+        """The data owner's input sealed in its authorisation, for a model whose first stage is not ``he``."""
+        session, authorisation = self._authorisation(request)
+        self._authorised[(request.content["model_id"], request.content["request_id"])] = session
+        while len(self._authorised) > MAX_SESSIONS:
+            self._authorised.popitem(last=False)
+        blob = authorisation.get("input")
+        size = _size(runtime.graph.input_shape)
+        if not isinstance(blob, bytes) or len(blob) != batch * size * 8:
+            raise ProtocolError(f"The sealed input must hold {batch}x{size} float64 values.", ErrorCode.BAD_FIELD)
+        return np.frombuffer(blob, dtype="<f8").reshape(batch, size)
+
+    def _authorisation(self, request: Message) -> tuple[Session, dict]:
+        session = self._session(request.content)
+        request_id = field_of(request.content, "request_id", str)
+        authorisation = _unpack_map(
+            session.open(field_of(request.content, "envelope", bytes), b"infer:" + request_id.encode())
+        )
+        if authorisation.get("model_id") != request.content["model_id"]:
+            raise ChannelError("The data owner did not authorise a release of this model's output.")
+        return session, authorisation
 
     def _decrypt_partials(self, request: Message, expected: int) -> np.ndarray:
         if len(request.buffers) != expected:
@@ -147,11 +202,29 @@ class Enclave:
         return np.stack(rows)
 
     def _release(self, request: Message, graph: ModelGraph, ys: np.ndarray) -> bytes:
-        session = self._session(request.content)
         request_id = field_of(request.content, "request_id", str)
-        authorisation = msgpack.unpackb(
-            session.open(field_of(request.content, "envelope", bytes), b"infer:" + request_id.encode()), raw=False
-        )
-        if not isinstance(authorisation, dict) or authorisation.get("model_id") != request.content["model_id"]:
-            raise ChannelError("The data owner did not authorise a release of this model's output.")
+        session = self._authorised.pop((request.content["model_id"], request_id), None)
+        if session is None:
+            session, _ = self._authorisation(request)
         return seal_result(session, request_id, ys, graph.release)
+
+
+def _form(content: dict) -> Form:
+    try:
+        return Form(field_of(content, "form", str))
+    except ValueError:
+        raise ProtocolError(f"Unknown form; use one of {', '.join(f.value for f in Form)}.", ErrorCode.BAD_FIELD) from None
+
+
+def _unpack_map(data: bytes) -> dict:
+    try:
+        value = msgpack.unpackb(data, raw=False)
+    except Exception:
+        value = None
+    if not isinstance(value, dict):
+        raise ProtocolError("A sealed payload must be a msgpack map.", ErrorCode.BAD_FIELD)
+    return value
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape))

@@ -53,12 +53,15 @@ class EnclaveState:
         log.info("created and sealed a new key set in %s", path)
         return keys, identity
 
-    def save_model(self, model_id: str, graph: bytes) -> None:
-        write_atomic(self.dir / MODELS_DIR / f"{model_id}.sealed", seal(self._key, "model", {"graph": graph}))
+    def save_model(self, model_id: str, graph: bytes, weights: dict[str, bytes]) -> None:
+        """Seal a registered model: its graph and the weights only the enclave holds."""
+        record = {"graph": graph, "weights": weights}
+        write_atomic(self.dir / MODELS_DIR / f"{model_id}.sealed", seal(self._key, "model", record))
 
-    def models(self) -> dict[str, bytes]:
-        """Graphs of the models registered before, by model id."""
+    def models(self) -> dict[str, tuple[bytes, dict[str, bytes]]]:
+        """The models registered before, by model id: graph and enclave-held weights."""
         found = {}
         for path in sorted((self.dir / MODELS_DIR).glob("*.sealed")):
-            found[path.stem] = unseal(self._key, "model", path.read_bytes(), path)["graph"]
+            record = unseal(self._key, "model", path.read_bytes(), path)
+            found[path.stem] = (record["graph"], record.get("weights", {}))
         return found

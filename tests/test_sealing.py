@@ -13,11 +13,11 @@ from tee.state import KEYS_FILE, EnclaveState
 def test_state_restores_the_same_keys_and_models(tmp_path):
     params = CkksParams()
     keys, identity = EnclaveState(tmp_path).keys(params)
-    EnclaveState(tmp_path).save_model("m1", b"graph bytes")
+    EnclaveState(tmp_path).save_model("m1", b"graph bytes", {"2": b"enclave-held weights"})
     again, identity_again = EnclaveState(tmp_path).keys(params)
     assert again.public.to_bytes() == keys.public.to_bytes()
     assert identity_again.public_key().public_bytes_raw() == identity.public_key().public_bytes_raw()
-    assert EnclaveState(tmp_path).models() == {"m1": b"graph bytes"}
+    assert EnclaveState(tmp_path).models() == {"m1": (b"graph bytes", {"2": b"enclave-held weights"})}
 
 
 def test_altered_sealed_keys_are_refused(tmp_path):
