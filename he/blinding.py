@@ -5,9 +5,13 @@ Weights and activations are fixed-point integers: ``W_q = round(W * 2^s_w)``
 enclave picks ``s_x`` for each activation so that no row of ``W_q x_q`` can
 leave ``(-p/2, p/2)``. The server sees only ``x_q + r`` with ``r`` uniform in the
 field, which is a one-time pad; the enclave removes ``W_q r`` (computed inside
-the enclave) and divides by ``2^(s_x + s_w)``. With ``p < 2^24`` every product of
-two field elements is below ``2^48``, so int64 sums of up to ``2^15`` of them are
-exact; longer rows are reduced in chunks.
+the enclave) and divides by ``2^(s_x + s_w)``.
+
+The field is the Mersenne prime ``2^31 - 1``, not Slalom's ``2^24 - 3``: a row's
+worst-case sum must fit in ``p/2``, and at ``2^24`` a 12-bit weight leaves an
+activation only about 5 bits. Products are computed exactly in int64 by
+splitting each activation into two 16-bit limbs (every partial product is below
+``2^47``, so sums of ``2^16`` of them cannot overflow).
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import numpy as np
 
 from protocol.errors import PlanError
 
-P = 16_777_213  # 2**24 - 3, prime (Slalom's field)
+P = 2_147_483_647  # 2**31 - 1, prime
 HALF = P // 2
-CHUNK = 1 << 15
+LIMB = 1 << 16
 
 
-def weight_scale(weights: np.ndarray, target_bits: int = 14) -> int:
+def weight_scale(weights: np.ndarray, target_bits: int = 12) -> int:
     """Fraction bits for the weights: their largest magnitude maps to about ``2^target_bits``."""
     largest = float(np.abs(weights).max())
     if largest == 0.0:
@@ -50,11 +54,14 @@ def activation_scale(w_q: np.ndarray, x: np.ndarray) -> int:
 
 def matmul_mod(w_q: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``w_q @ v mod p`` exactly, for field elements in ``[0, p)``."""
-    total = np.zeros(w_q.shape[0], dtype=np.int64)
-    for start in range(0, w_q.shape[1], CHUNK):
-        part = w_q[:, start : start + CHUNK] @ v[start : start + CHUNK]
-        total = np.mod(total + np.mod(part, P), P)
-    return total
+    high, low = np.divmod(np.asarray(v, dtype=np.int64), LIMB)
+    total_high = np.zeros(w_q.shape[0], dtype=np.int64)
+    total_low = np.zeros(w_q.shape[0], dtype=np.int64)
+    for start in range(0, w_q.shape[1], LIMB):
+        block = w_q[:, start : start + LIMB]
+        total_high = np.mod(total_high + block @ high[start : start + LIMB], P)
+        total_low = np.mod(total_low + block @ low[start : start + LIMB], P)
+    return np.mod(total_high * LIMB + total_low, P)
 
 
 def centred(values: np.ndarray) -> np.ndarray:

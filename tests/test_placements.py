@@ -1,0 +1,100 @@
+"""Every placement and mixes of them, through the real processes, against plaintext on fresh inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from he.blinding import HALF, P, activation_scale, centred, matmul_mod, quantize
+from parties.data_owner import DataOwner
+from parties.model_owner import ModelOwner
+from protocol.errors import PlanError
+from protocol.evidence import VerifierPolicy
+
+DEV = VerifierPolicy(allow_unattested=True)
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(48, 12), nn.ReLU(), nn.Linear(12, 5),
+    ).eval()
+
+
+PLANS = {
+    "he": ["he", "he", "he"],
+    "enclave": ["enclave", "enclave", "enclave"],
+    "blinded": ["blinded", "blinded", "blinded"],
+    "plain": ["plain", "plain", "plain"],
+    "origami": ["blinded", "plain", "plain"],
+    "ennclave": ["plain", "enclave", "enclave"],
+    "mixed": ["he", "blinded", "enclave"],
+    "plain-middle": ["he", "plain", "he"],
+}
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    torch.manual_seed(11)
+    return small_cnn()
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_placement_plan_matches_plaintext(cluster, model, name):
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    model_id = owner.deploy(owner.plan(model, (1, 8, 8), "encrypted", placements=PLANS[name]))
+    owner.close()
+    x = np.random.default_rng().uniform(0, 1, (3, 1, 8, 8))
+    want = model.double()(torch.from_numpy(x)).detach().numpy()
+    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    got = data_owner.infer_batch(model_id, x).batch_logits
+    data_owner.close()
+    # Blinded layers are exact in their fixed-point quantization; everything else is exact up to CKKS noise.
+    tolerance = 2e-3 if "blinded" in PLANS[name] else 1e-3
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert np.abs(got - want).max() < tolerance * (np.abs(want).max() + 1)
+
+
+def test_wrong_number_of_placements_is_refused(cluster, model):
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    with pytest.raises(PlanError, match="3 stages but 2 placements"):
+        owner.plan(model, (1, 8, 8), placements=["he", "plain"])
+    with pytest.raises(PlanError, match="Unknown placement"):
+        owner.plan(model, (1, 8, 8), placements=["he", "gpu", "he"])
+    owner.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 40), seed=st.integers(0, 2**32 - 1),
+       magnitude=st.sampled_from([1e-6, 1.0, 1e3, 1e6]))
+def test_blinding_is_exact_in_the_field_even_at_the_edges_of_its_range(rows, cols, seed, magnitude):
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(-1, 1, (rows, cols))
+    bits = 12
+    w_q = quantize(w, bits)
+    x = rng.uniform(-magnitude, magnitude, cols)
+    s = activation_scale(w_q, x)
+    x_q = np.round(x * 2.0**s).astype(np.int64)
+    r = rng.integers(0, P, cols, dtype=np.int64)
+    blinded = matmul_mod(w_q, np.mod(x_q + r, P))
+    unblinded = centred(np.mod(blinded - matmul_mod(w_q, r), P))
+    exact = centred(w_q) @ x_q  # the true integer result, which must not have wrapped
+    assert np.abs(exact).max(initial=0) < HALF
+    assert (unblinded == exact).all()
+
+
+def test_quantize_refuses_values_beyond_the_field():
+    with pytest.raises(PlanError, match="fraction bits"):
+        quantize(np.array([1.0]), 30)
+
+
+def test_matmul_mod_is_exact_for_long_rows():
+    rng = np.random.default_rng(3)
+    w = rng.integers(0, P, (2, 70_000), dtype=np.int64)  # longer than one limb block
+    v = rng.integers(0, P, 70_000, dtype=np.int64)
+    want = [sum(int(a) * int(b) for a, b in zip(row, v)) % P for row in w]
+    assert matmul_mod(w, v).tolist() == want
