@@ -10,8 +10,7 @@ the enclave) and divides by ``2^(s_x + s_w)``.
 The field is the Mersenne prime ``2^31 - 1``, not Slalom's ``2^24 - 3``: a row's
 worst-case sum must fit in ``p/2``, and at ``2^24`` a 12-bit weight leaves an
 activation only about 5 bits. Products are computed exactly in int64 by
-splitting each activation into two 16-bit limbs (every partial product is below
-``2^47``, so sums of ``2^16`` of them cannot overflow).
+splitting each activation into two 16-bit limbs (``he.sparse``).
 """
 
 from __future__ import annotations
@@ -43,25 +42,12 @@ def quantize(values: np.ndarray, bits: int) -> np.ndarray:
     return np.mod(q, P)
 
 
-def activation_scale(w_q: np.ndarray, x: np.ndarray) -> int:
-    """Fraction bits for ``x`` such that no row of ``W_q x_q`` can reach ``p/2``."""
-    centred = np.where(w_q > HALF, w_q - P, w_q).astype(np.float64)
-    bound = float(np.abs(centred).sum(axis=1).max()) * float(np.abs(x).max(initial=0.0))
+def activation_scale(row_abs_sums: np.ndarray, x: np.ndarray) -> int:
+    """Fraction bits for ``x`` such that no row of ``W_q x_q`` can reach ``p/2`` (given ``sum |W_q|`` per row)."""
+    bound = float(np.max(row_abs_sums, initial=0.0)) * float(np.abs(x).max(initial=0.0))
     if bound == 0.0:
         return 0
     return int(math.floor(math.log2((HALF - 1) / bound)))
-
-
-def matmul_mod(w_q: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``w_q @ v mod p`` exactly, for field elements in ``[0, p)``."""
-    high, low = np.divmod(np.asarray(v, dtype=np.int64), LIMB)
-    total_high = np.zeros(w_q.shape[0], dtype=np.int64)
-    total_low = np.zeros(w_q.shape[0], dtype=np.int64)
-    for start in range(0, w_q.shape[1], LIMB):
-        block = w_q[:, start : start + LIMB]
-        total_high = np.mod(total_high + block @ high[start : start + LIMB], P)
-        total_low = np.mod(total_low + block @ low[start : start + LIMB], P)
-    return np.mod(total_high * LIMB + total_low, P)
 
 
 def centred(values: np.ndarray) -> np.ndarray:

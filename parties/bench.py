@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -150,3 +151,29 @@ def scale(workers: str, backends: tuple[str, ...], models: tuple[str, ...], clie
             f"the enclave bounds throughput at {p['enclave_limit_images_per_s']:.0f} images/s, reached near "
             f"{p['enclave_bound_at_workers']:.0f} workers (64 workers: {p['images_per_s_at_64_workers']:.0f} images/s)."
         )
+
+
+@bench.command()
+@click.option("--requests", default=5, show_default=True, help="Images timed per strategy.")
+@click.option("--weights", type=WEIGHT_CHOICE, default="encrypted", show_default=True,
+              help="Weight form of heclave's he layers.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def placements(requests: int, weights: str, as_json: bool) -> None:
+    """The seed systems' partitions of one VGG-style model, side by side through the real processes."""
+    from benchmarks.placements import bench_placements
+
+    logging.getLogger("parties.model_owner").setLevel(logging.ERROR)
+    with Console(stderr=True).status("starting") as status:
+        report = bench_placements(requests, weights, say=status.update)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    table = Table(title=f"Placements of a VGG-style CNN (32x32x3), {requests} images",
+                  caption=f"{time.strftime('%Y-%m-%d')} on {_machine()}")
+    for column in ("strategy", "latency (ms)", "enclave share", "MB moved", "agreement", "the server sees"):
+        table.add_column(column)
+    for r in report["strategies"]:
+        table.add_row(r["name"], f"{r['latency_ms']:.1f}", f"{r['enclave_share']:.2f}",
+                      f"{r['bytes_per_image'] / 1e6:.2f}", f"{r['agreement']:.2f}",
+                      "; ".join(r["exposes"]) or "shapes and timings only")
+    Console().print(table)

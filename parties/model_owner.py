@@ -14,6 +14,7 @@ import torch.nn as nn
 from he.blinding import quantize
 from he.graph import Placement, ReleasePolicy
 from he.linear import WeightForm, encrypt_weights
+from he.sparse import SparseMatrix
 from plan import Plan, plan_pytorch
 from protocol.evidence import VerifierPolicy
 from protocol.messages import Message
@@ -72,9 +73,9 @@ class ModelOwner:
         out = []
         for i, (stage, w) in enumerate(zip(plan.graph.stages, plan.weights)):
             if stage.placement is Placement.ENCLAVE:
-                out.append((i, np.ascontiguousarray(w, dtype="<f8").tobytes()))
+                out.append((i, SparseMatrix.from_dense(w).to_bytes()))
             elif stage.placement is Placement.BLINDED:
-                out.append((i, quantize(w, stage.weight_bits).astype("<i8").tobytes()))
+                out.append((i, SparseMatrix.from_dense(quantize(w, stage.weight_bits)).to_bytes()))
         return out
 
     def _server_weights(self, plan: Plan) -> tuple[list[bytes], list[bytes]]:
@@ -93,8 +94,10 @@ class ModelOwner:
                 continue
             masks.append(b"")
             if placement is Placement.BLINDED:
-                frames.append(quantize(w, stage.weight_bits).astype("<i8").tobytes())
-            elif placement is not Placement.ENCLAVE:
+                frames.append(SparseMatrix.from_dense(quantize(w, stage.weight_bits)).to_bytes())
+            elif placement is Placement.PLAIN:
+                frames.append(SparseMatrix.from_dense(w).to_bytes())
+            elif placement is Placement.HE:
                 frames.append(np.ascontiguousarray(w, dtype="<f8").tobytes())
         return masks, frames
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from he.blinding import matmul_mod
 from he.context import PublicContext
 from he.graph import ModelGraph, Placement
 from he.linear import OpCounter
+from he.sparse import SparseMatrix
 from protocol.errors import ErrorCode, HeclaveError, ProtocolError, UnavailableError
 from protocol.messages import Message, batch_size, field_of
 from protocol.transport import Client, dispatch
@@ -40,7 +40,7 @@ class Deployment:
 
     graph: ModelGraph
     bundle: Bundle
-    matrices: dict[int, np.ndarray]
+    matrices: dict[int, SparseMatrix]
 
     @classmethod
     def of(cls, graph: ModelGraph, bundle: Bundle) -> "Deployment":
@@ -48,8 +48,8 @@ class Deployment:
         for i, (stage, (_, frames)) in enumerate(zip(graph.stages, split_weights(graph, bundle.masks,
                                                                                    bundle.weights))):
             if stage.placement in (Placement.PLAIN, Placement.BLINDED):
-                dtype = "<f8" if stage.placement is Placement.PLAIN else "<i8"
-                matrices[i] = np.frombuffer(frames[0], dtype=dtype).reshape(stage.geometry.rows, stage.geometry.cols)
+                dtype = "f8" if stage.placement is Placement.PLAIN else "i8"
+                matrices[i] = SparseMatrix.from_bytes(frames[0], (stage.geometry.rows, stage.geometry.cols), dtype)
         return cls(graph, bundle, matrices)
 
 
@@ -219,11 +219,11 @@ class Server:
         if stage.placement is Placement.BLINDED:
             blinded = parse_values(frames, "<i8", (batch, g.cols), "blinded input")
             w_q = deployment.matrices[index]
-            out = np.stack([matmul_mod(w_q, row) for row in blinded])
+            out = np.stack([w_q.apply_mod(row) for row in blinded])
             return index, "blinded", [out.astype("<i8").tobytes()]
         xs = parse_values(frames, "<f8", (batch, g.cols - 1), "plain activation")
         while True:  # a run of plain stages, their nonlinear steps included, all on the server
-            ys = np.concatenate([xs, np.ones((batch, 1))], axis=1) @ deployment.matrices[index].T
+            ys = deployment.matrices[index].apply(np.concatenate([xs, np.ones((batch, 1))], axis=1))
             xs = np.stack([apply_ops(y, stages[index].ops) for y in ys])
             if index + 1 == len(stages) or stages[index + 1].placement is not Placement.PLAIN:
                 return index, "plain", [np.ascontiguousarray(xs, dtype="<f8").tobytes()]

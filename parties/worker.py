@@ -40,9 +40,9 @@ def split_weights(graph: ModelGraph, masks: list, weights: list[bytes]) -> list[
     """A deployment's server-side weight frames, stage by stage, with each ``he`` stage's diagonal mask.
 
     ``he`` stages carry a float64 matrix (plain weights) or one ciphertext per
-    nonzero diagonal; ``plain`` stages a float64 matrix; ``blinded`` stages an
-    int64 matrix in the field; ``enclave`` stages nothing (their weights go to the
-    enclave only).
+    nonzero diagonal; ``plain`` stages a sparse float64 matrix; ``blinded`` stages
+    a sparse matrix of field integers; ``enclave`` stages nothing (their weights
+    go to the enclave only).
     """
     if len(masks) != len(graph.stages) or not all(isinstance(m, bytes) for m in masks):
         raise ProtocolError("A deployment carries one packed diagonal mask per stage.", ErrorCode.BAD_FIELD)
@@ -53,7 +53,12 @@ def split_weights(graph: ModelGraph, masks: list, weights: list[bytes]) -> list[
         if stage.placement is Placement.ENCLAVE:
             out.append((None, []))
             continue
-        if stage.placement is not Placement.HE or graph.weight_form is WeightForm.PLAIN:
+        if stage.placement is not Placement.HE:
+            if not weights:
+                raise PlanError(f"Stage {i} ({stage.placement.value}) needs its weight matrix.")
+            out.append((None, [weights.pop(0)]))
+            continue
+        if graph.weight_form is WeightForm.PLAIN:
             if not weights or len(weights[0]) != g.rows * g.cols * 8:
                 raise PlanError(f"Stage {i} needs a {g.rows}x{g.cols} matrix of 8-byte numbers.")
             out.append((None, [weights.pop(0)]))

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 import numpy as np
 
-from he.blinding import P, activation_scale, centred, matmul_mod
+from he.blinding import P, activation_scale, centred
 from he.graph import ModelGraph, Placement
+from he.sparse import SparseMatrix
 from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
 
 from .nonlinear import apply_ops
@@ -39,7 +40,7 @@ class ModelRuntime:
     """One registered model: its graph, the weights only the enclave holds, and pending pads."""
 
     graph: ModelGraph
-    weights: dict[int, np.ndarray]
+    weights: dict[int, SparseMatrix]
     pads: OrderedDict = field(default_factory=OrderedDict)
 
     @classmethod
@@ -51,10 +52,10 @@ class ModelRuntime:
                 continue
             blob = blobs.get(str(i))
             g = stage.geometry
-            if not isinstance(blob, bytes) or len(blob) != g.rows * g.cols * 8:
+            if not isinstance(blob, bytes):
                 raise PlanError(f"Stage {i} ({stage.placement.value}) needs its {g.rows}x{g.cols} weights sealed.")
-            dtype = "<f8" if stage.placement is Placement.ENCLAVE else "<i8"
-            weights[i] = np.frombuffer(blob, dtype=dtype).reshape(g.rows, g.cols)
+            dtype = "f8" if stage.placement is Placement.ENCLAVE else "i8"
+            weights[i] = SparseMatrix.from_bytes(blob, (g.rows, g.cols), dtype)
         return cls(graph, weights)
 
     def finish(self, index: int, form: Form, values: np.ndarray, batch: int, key: str) -> np.ndarray:
@@ -72,17 +73,16 @@ class ModelRuntime:
         """Run ``enclave`` stages from ``start`` on; returns the next stage to hand over and its input."""
         index = start
         while index < len(self.graph.stages) and self.graph.stages[index].placement is Placement.ENCLAVE:
-            w = self.weights[index]
-            ys = np.concatenate([xs, np.ones((len(xs), 1))], axis=1) @ w.T
+            ys = self.weights[index].apply(np.concatenate([xs, np.ones((len(xs), 1))], axis=1))
             xs = np.stack([apply_ops(y, self.graph.stages[index].ops) for y in ys])
             index += 1
         return index, xs
 
     def blind(self, index: int, xs: np.ndarray, key: str) -> np.ndarray:
         """``x_q + r mod p`` for each query, keeping the pad ``r`` and the scale here."""
-        w_q = self.weights[index]
+        sums = self.weights[index].row_abs_sums()
         augmented = np.concatenate([xs, np.ones((len(xs), 1))], axis=1)
-        scales = [activation_scale(w_q, row) for row in augmented]
+        scales = [activation_scale(sums, row) for row in augmented]
         pads = np.random.default_rng().integers(0, P, size=augmented.shape, dtype=np.int64)
         quantized = np.stack([np.mod(np.round(row * 2.0**s).astype(np.int64), P) for row, s in zip(augmented, scales)])
         self.pads[(key, index)] = (pads, scales)
@@ -101,7 +101,7 @@ class ModelRuntime:
             raise CiphertextError("The blinded layer's output does not have the layer's shape or is outside the field.")
         bits = self.graph.stages[index].weight_bits
         return np.stack([
-            centred(np.mod(v - matmul_mod(w_q, r), P)) / 2.0 ** (s + bits)
+            centred(np.mod(v - w_q.apply_mod(r), P)) / 2.0 ** (s + bits)
             for v, r, s in zip(values, pads, scales)
         ])
 

@@ -31,3 +31,17 @@ def test_bench_scale_reports_throughput_per_worker_count_and_exact_results() -> 
         assert run["images_per_s"] > 0 and run["latency_ms_p50"] > 0 and run["agreement"] == 1.0
     projection = report["projection"][0]
     assert projection["enclave_bound_at_workers"] > 0 and projection["images_per_s_at_64_workers"] > 0
+
+
+def test_bench_placements_reports_every_strategy_with_what_it_exposes() -> None:
+    result = CliRunner().invoke(main, ["bench", "placements", "--requests", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    by_name = {s["name"]: s for s in report["strategies"]}
+    assert set(by_name) == {"full-enclave", "slalom", "origami", "ennclave", "heclave-he"}
+    for strategy in by_name.values():
+        assert {"name", "latency_ms", "enclave_share", "exposes"} <= strategy.keys()
+        assert strategy["agreement"] == 1.0
+    assert by_name["heclave-he"]["exposes"] == [] and by_name["full-enclave"]["exposes"] == []
+    assert any("input" in item for item in by_name["ennclave"]["exposes"])
+    assert by_name["full-enclave"]["enclave_share"] == 1.0

@@ -1,0 +1,26 @@
+"""What the untrusted server can see under a plan: the part of a placement's protection that is given up."""
+
+from __future__ import annotations
+
+from he.graph import ModelGraph, Placement
+from he.linear import WeightForm
+
+
+def exposure(graph: ModelGraph) -> list[str]:
+    """Plain-language items the server learns beyond shapes, sizes and timings (empty: nothing more)."""
+    stages = graph.stages
+    seen: list[str] = []
+    for i, stage in enumerate(stages):
+        where = f"layer {i + 1} ({stage.geometry.rows}x{stage.geometry.cols - 1})"
+        if stage.placement is Placement.PLAIN:
+            seen.append("the input" if i == 0 else f"the activation entering {where}")
+            seen.append(f"the weights of {where}")
+            if i == len(stages) - 1:
+                seen.append("the output (before release)")
+            elif stages[i + 1].placement is not Placement.PLAIN:
+                seen.append(f"the activation leaving {where}")
+        elif stage.placement is Placement.BLINDED:
+            seen.append(f"the weights of {where} (quantized)")
+        elif stage.placement is Placement.HE and graph.weight_form is WeightForm.PLAIN:
+            seen.append(f"the weights of {where}")
+    return seen
