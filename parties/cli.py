@@ -243,6 +243,55 @@ def demo(samples: int, weights: str, as_json: bool, require_attestation: bool) -
 main.add_command(bench)
 
 
+@main.command()
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--data", type=click.Choice(["digits"]), default="digits", show_default=True,
+              help="The attacker's auxiliary data and the images attacked (shipped with scikit-learn).")
+@click.option("--state-dict", type=click.Path(exists=True, path_type=Path), help="Weights for MODEL.")
+@click.option("--threshold", type=float, help="Mark the cuts whose best attack's SSIM is below this (owner's choice).")
+@click.option("--figure", "figure_path", type=click.Path(path_type=Path), default=Path("assessment.png"),
+              show_default=True, help="Where to write the PNG of reconstructions and SSIM against depth.")
+@click.option("--epochs", default=60, show_default=True, help="Training epochs of the decoder attack.")
+@click.option("--steps", default=200, show_default=True, help="Gradient steps of the optimisation attack.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def assess(model_spec: str, data: str, state_dict: Path | None, threshold: float | None, figure_path: Path,
+           epochs: int, steps: int, as_json: bool) -> None:
+    """Train inversion attacks on the feature map at every candidate cut of MODEL and report SSIM and PSNR.
+
+    MODEL is FILE.py:NAME or MODULE:NAME, or `digits-cnn` to train the demo's CNN first.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from examples.digits import INPUT_SHAPE, digits_split, train_digits_cnn
+    from plan import from_pytorch
+    from plan.assessment import Budget, assess as run_assessment, figure
+
+    _logging(False)
+    x_train, x_test, _, _ = digits_split()
+    model = train_digits_cnn()[0] if model_spec == "digits-cnn" else _load_model(model_spec, state_dict)
+    with Console(stderr=True).status("assessing") as status:
+        report = run_assessment(from_pytorch(model, INPUT_SHAPE), x_train, x_test,
+                                Budget(decoder_epochs=epochs, rmle_steps=steps), threshold, say=status.update)
+    figure(report, str(figure_path))
+    public = {k: v for k, v in report.items() if k != "originals"}
+    public["cuts"] = [{k: v for k, v in c.items() if k != "reconstructions"} for c in report["cuts"]]
+    public["figure"] = str(figure_path)
+    if as_json:
+        click.echo(json.dumps(public))
+        return
+    table = Table(title=f"Inversion attacks on {model_spec} ({data}); figure: {figure_path}")
+    for column in ("depth", "cut", "features", "decoder SSIM / PSNR", "optimisation SSIM / PSNR", "below threshold"):
+        table.add_column(column)
+    for c in public["cuts"]:
+        d, o = c["attacks"]["decoder"], c["attacks"]["optimisation"]
+        table.add_row(str(c["depth"]), c["cut"], str(c["feature_size"]), f"{d['ssim']:.2f} / {d['psnr_db']:.1f}",
+                      f"{o['ssim']:.2f} / {o['psnr_db']:.1f}", "-" if c["below_threshold"] is None
+                      else str(c["below_threshold"]))
+    Console().print(table)
+    Console().print(public["note"])
+
+
 @main.command("loadtest")
 @click.option("--clients", default=8, show_default=True, help="Concurrent data owners.")
 @click.option("--requests", default=25, show_default=True, help="Requests each data owner sends.")
