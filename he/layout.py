@@ -297,19 +297,26 @@ def _best_split(k: int, in_cts: int, out_cts: int) -> tuple[int, int]:
     return best
 
 
-def estimate_ms(layout: Layout, encrypted_weights: bool, costs: UnitCosts = UnitCosts(), batch: int = 1) -> float:
-    """The cost model: server time plus enclave time (weighted by its slowdown), per query of a batch."""
+def estimate_parts(layout: Layout, encrypted_weights: bool, costs: UnitCosts = UnitCosts(),
+                   batch: int = 1) -> tuple[float, float]:
+    """Predicted server and enclave milliseconds per query of a batch (enclave time with its slowdown)."""
     c = layout.counts()
     multiply = costs.multiply_cipher if encrypted_weights else costs.multiply_plain
-    per_group = (
+    server = (
         c["baby_rotations"] * costs.rotation
         + c["giant_rotations"] * costs.rotation_rescaled
         + c["rescales"] * costs.rescale
         + c["multiplications"] * (multiply + costs.add)
         + (c["giant_rotations"] * costs.relinearize_rescaled if encrypted_weights else 0.0)
-        + costs.enclave_factor * (layout.out_cts * costs.enclave_decrypt + layout.in_cts * costs.enclave_encrypt)
     )
-    return per_group * math.ceil(batch / layout.queries) / batch
+    enclave = costs.enclave_factor * (layout.out_cts * costs.enclave_decrypt + layout.in_cts * costs.enclave_encrypt)
+    groups = math.ceil(batch / layout.queries) / batch
+    return server * groups, enclave * groups
+
+
+def estimate_ms(layout: Layout, encrypted_weights: bool, costs: UnitCosts = UnitCosts(), batch: int = 1) -> float:
+    """The cost model: server time plus enclave time (weighted by its slowdown), per query of a batch."""
+    return sum(estimate_parts(layout, encrypted_weights, costs, batch))
 
 
 def _cheapest(candidates: list[Layout | None], encrypted_weights: bool, costs: UnitCosts, batch: int) -> Layout:

@@ -186,15 +186,23 @@ def model_owner() -> None:
 @click.option("--decimals", default=4, show_default=True, help="Precision of released logits.")
 @click.option("--batch", default=1, show_default=True,
               help="Queries per request to plan for; above 1, layouts pack several queries per ciphertext.")
+@click.option("--plan", "plan_file", type=click.Path(exists=True, path_type=Path),
+              help="A plan file from `heclave plan`: its placements, weight form and batch size are used.")
 def deploy(endpoint: str, server_key: Path, policy: VerifierPolicy, model_spec: str, state_dict: Path | None,
-           input_shape: str, weights: str, release: str, decimals: int, batch: int) -> None:
+           input_shape: str, weights: str, release: str, decimals: int, batch: int, plan_file: Path | None) -> None:
     """Plan a torch model and deploy it; prints the model id."""
     from parties.model_owner import ModelOwner
 
     _logging(False)
+    placements = None
+    if plan_file is not None:
+        chosen = json.loads(plan_file.read_text())
+        if chosen.get("format") != 1:
+            raise click.BadParameter(f"{plan_file} is not a heclave plan file of format 1", param_hint="--plan")
+        placements, weights, batch = chosen["placements"], chosen["weights"], chosen["batch"]
     owner = ModelOwner(endpoint, server_key, policy)
     plan = owner.plan(_load_model(model_spec, state_dict), _shape(input_shape), weights,
-                      ReleasePolicy(ReleaseMode(release), decimals), batch=batch)
+                      ReleasePolicy(ReleaseMode(release), decimals), batch=batch, placements=placements)
     click.echo(owner.deploy(plan))
 
 
@@ -290,6 +298,89 @@ def assess(model_spec: str, data: str, state_dict: Path | None, threshold: float
                       else str(c["below_threshold"]))
     Console().print(table)
     Console().print(public["note"])
+
+
+@main.command()
+@click.option("--enclave-factor", default=2.0, show_default=True,
+              help="Slowdown applied to enclave work (SGX overheads cannot be measured without SGX).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to store the costs (default: ~/.config/heclave/costs.json).")
+def calibrate(enclave_factor: float, out: Path | None) -> None:
+    """Measure the cost model's unit costs on this machine and store them for `heclave plan`."""
+    from plan.calibration import DEFAULT_PATH, calibrate as measure
+
+    with click.progressbar(length=1, label="measuring", file=sys.stderr) as bar:
+        calibration = measure(enclave_factor)
+        bar.update(1)
+    path = out or DEFAULT_PATH
+    calibration.save(path)
+    click.echo(json.dumps({"path": str(path), "he": calibration.he.__dict__, "plaintext": calibration.plaintext.__dict__}))
+
+
+@main.command("plan")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--input-shape", default="1,8,8", show_default=True)
+@click.option("--state-dict", type=click.Path(exists=True, path_type=Path))
+@click.option("--protect", default="input,weights", show_default=True,
+              help="What the server must not see: any of input, weights (comma-separated; empty for nothing).")
+@click.option("--ssim-threshold", type=float,
+              help="Allow plain layers after cuts whose best inversion attack scores below this SSIM (runs "
+                   "`heclave assess` on digits). Without it, protecting the input forbids plain layers.")
+@click.option("--enclave-budget", default=1.0, show_default=True,
+              help="Largest predicted share of compute the enclave may do (its work counted with the SGX "
+                   "slowdown factor of the calibration); lower it to keep the scarce enclave free.")
+@click.option("--weights", type=click.Choice([f.value for f in WeightForm]), default="encrypted", show_default=True)
+@click.option("--batch", default=1, show_default=True)
+@click.option("--calibration", type=click.Path(path_type=Path), help="Costs from `heclave calibrate`.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the plan file the deployment uses.")
+@click.option("--json", "as_json", is_flag=True)
+def plan_command(model_spec: str, input_shape: str, state_dict: Path | None, protect: str,
+                 ssim_threshold: float | None, enclave_budget: float, weights: str, batch: int,
+                 calibration: Path | None, out: Path | None, as_json: bool) -> None:
+    """The cheapest placement of every layer of MODEL that meets the protections asked for."""
+    from examples.digits import digits_split, train_digits_cnn
+    from plan import from_pytorch
+    from plan.calibration import DEFAULT_PATH, Calibration
+    from plan.exposure import exposure
+    from plan.planner import plan_model
+    from plan.search import cheapest
+
+    _logging(False)
+    shape = _shape(input_shape)
+    model = train_digits_cnn()[0] if model_spec == "digits-cnn" else _load_model(model_spec, state_dict)
+    imported = from_pytorch(model, shape)
+    cut_ssim = None
+    if ssim_threshold is not None:
+        from plan.assessment import Budget, assess as run_assessment
+
+        x_train, x_test, _, _ = digits_split()
+        report = run_assessment(imported, x_train, x_test, Budget(decoder_epochs=20, rmle_steps=100))
+        cut_ssim = {c["depth"]: c["max_ssim"] for c in report["cuts"]}
+    costs = Calibration.load(calibration or DEFAULT_PATH)
+    wanted = {p.strip() for p in protect.split(",") if p.strip()}
+    best = cheapest(imported, wanted, costs, WeightForm(weights), enclave_budget, cut_ssim, ssim_threshold, batch)
+    graph = plan_model(imported, weights, batch=batch, placements=best.placements).graph
+    result = {
+        "format": 1,
+        "model": model_spec,
+        "input_shape": list(shape),
+        "weights": weights,
+        "batch": batch,
+        "placements": [p.value for p in best.placements],
+        "protect": sorted(wanted),
+        "predicted_latency_ms": best.latency_ms,
+        "predicted_enclave_share": best.enclave_share,
+        "exposes": exposure(graph),
+        "cut_ssim": cut_ssim,
+    }
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"placements: {', '.join(result['placements'])}")
+    click.echo(f"predicted latency {best.latency_ms:.1f} ms per query, enclave share {best.enclave_share:.2f}")
+    click.echo("the server sees: " + ("; ".join(result["exposes"]) or "shapes, sizes and timings only"))
 
 
 @main.command("loadtest")

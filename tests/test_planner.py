@@ -1,0 +1,83 @@
+"""Choosing placements: the cheapest plan under the protections asked for, or a refusal that says why."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.nn as nn
+
+from he.graph import Placement
+from he.layout import UnitCosts
+from he.linear import WeightForm
+from plan import from_pytorch
+from plan.calibration import Calibration, PlaintextCosts
+from plan.search import cheapest
+from protocol.errors import PlanError
+
+COSTS = Calibration(UnitCosts(), PlaintextCosts())
+
+
+@pytest.fixture(scope="module")
+def imported():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10), nn.ReLU(),
+                          nn.Linear(10, 4)).eval()
+    return from_pytorch(model, (1, 8, 8))
+
+
+def test_protecting_nothing_runs_everything_in_plain(imported):
+    best = cheapest(imported, set(), COSTS, WeightForm.ENCRYPTED, enclave_budget=1.0)
+    assert best.placements == (Placement.PLAIN,) * 3 and best.enclave_share == 0.0
+
+
+def test_protecting_weights_never_hands_the_server_weights(imported):
+    for budget in (1.0, 0.9):
+        best = cheapest(imported, {"weights"}, COSTS, WeightForm.ENCRYPTED, enclave_budget=budget)
+        assert set(best.placements) <= {Placement.HE, Placement.ENCLAVE}
+    with pytest.raises(PlanError):
+        cheapest(imported, {"weights"}, COSTS, WeightForm.PLAIN, enclave_budget=0.0)
+
+
+def test_protecting_the_input_forbids_plain_layers_without_an_assessment(imported):
+    best = cheapest(imported, {"input"}, COSTS, WeightForm.ENCRYPTED, enclave_budget=1.0)
+    assert Placement.PLAIN not in best.placements
+
+
+def test_an_assessment_below_the_threshold_allows_plain_after_that_cut(imported):
+    cut_ssim = {0: 0.99, 1: 0.95, 2: 0.1}
+    best = cheapest(imported, {"input"}, COSTS, WeightForm.ENCRYPTED, 1.0, cut_ssim, threshold=0.3)
+    assert best.placements[2] in (Placement.PLAIN, Placement.ENCLAVE)
+    assert Placement.PLAIN not in best.placements[:2]
+
+
+def test_an_impossible_budget_is_refused_with_the_reason(imported):
+    with pytest.raises(PlanError, match=r"enclave share of 0\.01.*lowest possible"):
+        cheapest(imported, {"input", "weights"}, COSTS, WeightForm.ENCRYPTED, enclave_budget=0.01)
+    with pytest.raises(PlanError, match="Unknown protections"):
+        cheapest(imported, {"outputs"}, COSTS, WeightForm.ENCRYPTED, enclave_budget=1.0)
+
+
+def test_plan_command_writes_a_plan_file_with_prediction_and_exposure(tmp_path):
+    heclave = str(Path(sys.executable).parent / "heclave")
+    out = tmp_path / "plan.json"
+    done = subprocess.run([heclave, "plan", "digits-cnn", "--protect", "input,weights", "--enclave-budget", "0.9",
+                           "--out", str(out), "--json", "--calibration", str(tmp_path / "none.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plan = json.loads(out.read_text())
+    assert plan["format"] == 1 and len(plan["placements"]) == 3 and plan["exposes"] == []
+    assert plan["predicted_enclave_share"] <= 0.9 and plan["predicted_latency_ms"] > 0
+
+
+def test_calibration_measures_positive_costs_and_round_trips(tmp_path):
+    from plan.calibration import calibrate
+
+    measured = calibrate(enclave_factor=3.0)
+    assert all(v > 0 for v in measured.he.__dict__.values()) and measured.he.enclave_factor == 3.0
+    assert measured.he.rotation > measured.he.multiply_plain  # a rotation is a key switch; a product is not
+    path = tmp_path / "costs.json"
+    measured.save(path)
+    assert Calibration.load(path) == measured
