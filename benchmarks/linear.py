@@ -28,18 +28,10 @@ import tenseal.sealapi as seal
 from he.context import CkksParams, PublicContext, SecretKeySet
 from he.layout import LinearGeometry, choose_geometry
 from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from plan.calibration import median_ms
 from protocol.errors import PlanError
 
 UNIT_REPEATS = 4
-
-
-def _median_ms(action: Callable[[], object], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        action()
-        times.append((time.perf_counter() - started) * 1e3)
-    return median(times)
 
 
 def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -98,7 +90,7 @@ def tenseal_matmul(w: np.ndarray, b: np.ndarray, x: np.ndarray, runs: int) -> tu
     enc_x = ts.ckks_vector(ctx, x.tolist())
     w_t, bias = w.T.tolist(), b.tolist()
     results = []
-    elapsed = _median_ms(lambda: results.append(enc_x.matmul(w_t) + bias), runs)
+    elapsed = median_ms(lambda: results.append(enc_x.matmul(w_t) + bias), runs, warmup=False)
     return elapsed, np.asarray(results[-1].decrypt())
 
 

@@ -68,8 +68,10 @@ class Calibration:
         return Calibration(UnitCosts(**values), self.plaintext)
 
 
-def _ms(action: Callable[[], object], repeats: int = 15) -> float:
-    action()
+def median_ms(action: Callable[[], object], repeats: int = 15, warmup: bool = True) -> float:
+    """Median wall-clock milliseconds of ``action`` over ``repeats`` runs (after one untimed run)."""
+    if warmup:
+        action()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -98,15 +100,15 @@ def calibrate(enclave_factor: float = 2.0) -> Calibration:
     ev.rescale_to_next_inplace(cube)
     lower_bytes = to_bytes(lower)
     he = UnitCosts(
-        rotation=_ms(lambda: ev.rotate_vector(fresh, 1, context.galois_keys, out)),
-        rotation_rescaled=_ms(lambda: ev.rotate_vector(lower, 1, context.galois_keys, out)),
-        rescale=_ms(lambda: ev.rescale_to_next(fresh, out)),
-        multiply_plain=_ms(lambda: ev.multiply_plain(fresh, plain, out)),
-        multiply_cipher=_ms(lambda: ev.multiply(fresh, other, out)),
-        relinearize_rescaled=_ms(lambda: ev.relinearize(cube, context.relin_keys, out)),
-        add=_ms(lambda: ev.add(fresh, other, out)),
-        enclave_decrypt=_ms(lambda: keys.decrypt(toolkit.load_ciphertext(lower_bytes, top_level=False))),
-        enclave_encrypt=_ms(lambda: keys.encrypt_symmetric(values)),
+        rotation=median_ms(lambda: ev.rotate_vector(fresh, 1, context.galois_keys, out)),
+        rotation_rescaled=median_ms(lambda: ev.rotate_vector(lower, 1, context.galois_keys, out)),
+        rescale=median_ms(lambda: ev.rescale_to_next(fresh, out)),
+        multiply_plain=median_ms(lambda: ev.multiply_plain(fresh, plain, out)),
+        multiply_cipher=median_ms(lambda: ev.multiply(fresh, other, out)),
+        relinearize_rescaled=median_ms(lambda: ev.relinearize(cube, context.relin_keys, out)),
+        add=median_ms(lambda: ev.add(fresh, other, out)),
+        enclave_decrypt=median_ms(lambda: keys.decrypt(toolkit.load_ciphertext(lower_bytes, top_level=False))),
+        enclave_encrypt=median_ms(lambda: keys.encrypt_symmetric(values)),
         enclave_factor=enclave_factor,
     )
     dense = rng.uniform(-1, 1, (256, 1024)) * (rng.uniform(0, 1, (256, 1024)) < 0.1)
@@ -116,7 +118,7 @@ def calibrate(enclave_factor: float = 2.0) -> Calibration:
     v = rng.integers(0, P, 1024, dtype=np.int64)
     nnz = len(sparse.values)
     plaintext = PlaintextCosts(
-        sparse_mac_ns=_ms(lambda: sparse.apply(x)) * 1e6 / nnz,
-        field_mac_ns=_ms(lambda: field.apply_mod(v)) * 1e6 / nnz,
+        sparse_mac_ns=median_ms(lambda: sparse.apply(x)) * 1e6 / nnz,
+        field_mac_ns=median_ms(lambda: field.apply_mod(v)) * 1e6 / nnz,
     )
     return Calibration(he, plaintext)
