@@ -103,3 +103,12 @@ def test_replayed_request_is_refused(cluster, model, attacker):
     with pytest.raises(ChannelError):
         attacker.connection.request(Message("infer", request.content, request.buffers))
     _good_request_succeeds(cluster, model)
+
+
+def test_a_data_owner_that_disappears_mid_request_costs_nothing(cluster, model, attacker):
+    request = attacker.prepare(model[0], np.ones((1, 12)))
+    sock = raw_socket(cluster)
+    sock.send_multipart(encode(request))
+    sock.close()  # gone before the reply: the server's ROUTER drops it
+    _good_request_succeeds(cluster, model)
+    cluster.check()
