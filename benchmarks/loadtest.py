@@ -19,7 +19,7 @@ import torch
 from examples.digits import INPUT_SHAPE, train_digits_cnn
 from parties.data_owner import DataOwner
 from parties.model_owner import ModelOwner
-from parties.processes import Cluster
+from parties.processes import Cluster, peak_rss_mb
 from protocol.errors import HeclaveError, NoReplyError
 from protocol.evidence import VerifierPolicy
 
@@ -90,6 +90,7 @@ def loadtest(clients: int, requests: int, weights: str = "encrypted", say: Calla
         )
         cluster.check()
         rss = {child.name: child.peak_rss_mb() for child in cluster.children}
+        workers = [peak_rss_mb(pid) for pid in cluster.children[1].wait_ready().get("worker_pids", [])]
     latencies = np.asarray(tally.latencies_ms) if tally.latencies_ms else np.zeros(1)
     return {
         "clients": clients,
@@ -106,4 +107,5 @@ def loadtest(clients: int, requests: int, weights: str = "encrypted", say: Calla
         "throughput_rps": tally.answered / wall_s,
         "server_peak_rss_mb": rss.get("server", float("nan")),
         "enclave_peak_rss_mb": rss.get("enclave", float("nan")),
+        "worker_peak_rss_mb": max(workers, default=float("nan")),
     }

@@ -19,6 +19,18 @@ from protocol.errors import ErrorCode, UnavailableError
 log = logging.getLogger(__name__)
 
 
+def peak_rss_mb(pid: int) -> float:
+    """A running process's peak resident set (VmHWM) in MB; NaN once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return float("nan")
+
+
 class Child:
     """One child process that reports readiness by writing a JSON file."""
 
@@ -56,14 +68,7 @@ class Child:
 
     def peak_rss_mb(self) -> float:
         """The child's peak resident set (VmHWM) in MB, while it is still running."""
-        try:
-            with open(f"/proc/{self.process.pid}/status") as status:
-                for line in status:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024 / 1e6
-        except OSError:
-            pass
-        return float("nan")
+        return peak_rss_mb(self.process.pid)
 
     def tail(self, lines: int = 15) -> str:
         self._log.flush()

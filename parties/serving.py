@@ -127,6 +127,8 @@ def run_server(config: ServerConfig, should_stop: Callable[[], bool]) -> None:
     executor = make_executor(config, state / "workers")
     try:
         status = {"lanes": executor.lanes, **({"enclave_pid": supervisor.pid()} if supervisor else {})}
+        if isinstance(executor, ProcessExecutor):
+            status["worker_pids"] = executor.pids()
         _serve(config, executor, should_stop, status)
     finally:
         executor.close()
