@@ -39,11 +39,18 @@ class WeightForm(str, Enum):
 
 
 def encrypt_weights(
-    context: PublicContext, geometry: Layout, weights: np.ndarray
+    context: PublicContext, geometry: Layout, weights: np.ndarray, support: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[bytes]]:
-    """The model owner's side: the diagonal mask, and the nonzero diagonals encrypted in mask order."""
+    """The model owner's side: the diagonal mask, and those diagonals encrypted in mask order.
+
+    The mask is public. With ``support`` (the architecture's structural nonzeros)
+    it depends on the architecture only, and a diagonal whose trained weights
+    happen to be all zero is encrypted like any other; without it, the mask
+    follows the weights themselves and reveals such diagonals.
+    """
     diags = geometry.diagonals(weights)
-    mask = np.any(diags != 0, axis=-1)
+    pattern = diags if support is None else geometry.diagonals(support.astype(np.float64))
+    mask = np.any(pattern != 0, axis=-1)
     return mask, [context.encrypt(diags[idx]) for idx in zip(*np.nonzero(mask))]
 
 

@@ -81,14 +81,14 @@ class ModelOwner:
     def _server_weights(self, plan: Plan) -> tuple[list[bytes], list[bytes]]:
         graph, context = plan.graph, self.connection.public_context
         masks, frames = [], []
-        for stage, w in zip(graph.stages, plan.weights):
+        for stage, w, support in zip(graph.stages, plan.weights, plan.supports):
             placement = stage.placement
             encrypted = placement is Placement.HE and graph.weight_form is WeightForm.ENCRYPTED
             if placement in (Placement.PLAIN, Placement.BLINDED) or (placement is Placement.HE and not encrypted):
                 log.warning("stage %s: the server will hold its weights in the clear (%s)", stage.out_shape,
                             placement.value if placement is not Placement.HE else "plain weights")
             if encrypted:
-                mask, cts = encrypt_weights(context, stage.geometry, w)
+                mask, cts = encrypt_weights(context, stage.geometry, w, support)
                 masks.append(np.packbits(mask.ravel()).tobytes())
                 frames.extend(cts)
                 continue

@@ -24,6 +24,7 @@ class Plan:
 
     graph: ModelGraph
     weights: list[np.ndarray]
+    supports: list[np.ndarray]
 
     def summary(self) -> list[dict]:
         """Per stage: shape, layout and the server's operation counts (public metadata)."""
@@ -69,7 +70,7 @@ def plan_model(
     ]
     if len(chosen) != len(imported.stages):
         raise PlanError(f"The model has {len(imported.stages)} stages but {len(chosen)} placements were given.")
-    stages, weights = [], []
+    stages, weights, supports = [], [], []
     for (affine, ops), placement in zip(imported.stages, chosen):
         w = affine.augmented
         if placement is Placement.HE:
@@ -79,8 +80,9 @@ def plan_model(
         bits = weight_scale(w) if placement is Placement.BLINDED else 0
         stages.append(Stage(layout, affine.out_shape, tuple(ops), placement, bits))
         weights.append(w)
+        supports.append(affine.support)
     graph = ModelGraph(imported.input_shape, tuple(stages), params, form, release, name)
-    return Plan(graph, weights)
+    return Plan(graph, weights, supports)
 
 
 def plan_pytorch(model: nn.Module, input_shape: tuple[int, ...], **options) -> Plan:

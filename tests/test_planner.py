@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch.nn as nn
 
@@ -81,3 +82,17 @@ def test_calibration_measures_positive_costs_and_round_trips(tmp_path):
     path = tmp_path / "costs.json"
     measured.save(path)
     assert Calibration.load(path) == measured
+
+
+def test_encrypted_weight_mask_follows_the_architecture_not_trained_zeros():
+    from he.context import CkksParams, SecretKeySet
+    from he.layout import choose_geometry
+    from he.linear import encrypt_weights
+
+    context = SecretKeySet(CkksParams()).public
+    g = choose_geometry(4, 7, 4096, True)
+    pruned = np.zeros((4, 7))
+    pruned[0, 0] = 1.0
+    revealing, _ = encrypt_weights(context, g, pruned)
+    hiding, frames = encrypt_weights(context, g, pruned, support=np.ones((4, 7), dtype=bool))
+    assert revealing.sum() < hiding.sum() == len(frames)
