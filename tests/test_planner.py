@@ -86,11 +86,11 @@ def test_calibration_measures_positive_costs_and_round_trips(tmp_path):
 
 def test_encrypted_weight_mask_follows_the_architecture_not_trained_zeros():
     from he.context import CkksParams, SecretKeySet
-    from he.layout import choose_geometry
+    from he.layout import LinearGeometry
     from he.linear import encrypt_weights
 
     context = SecretKeySet(CkksParams()).public
-    g = choose_geometry(4, 7, 4096, True)
+    g = LinearGeometry(rows=4, cols=7, slots=4096, k=4, period=8, chunk=7, baby=4, giant=1)
     pruned = np.zeros((4, 7))
     pruned[0, 0] = 1.0
     revealing, _ = encrypt_weights(context, g, pruned)
