@@ -154,10 +154,17 @@ def handle_frames(frames: list[bytes], handler: Handler) -> list[bytes]:
     return encode(reply)
 
 
-def serve(sock: zmq.Socket, handler: Handler, should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Answer requests on a bound ROUTER socket until ``should_stop`` returns true."""
+def serve(sock: zmq.Socket, handler: Handler, should_stop: Callable[[], bool] = lambda: False,
+          idle: Callable[[], bool] = lambda: False) -> None:
+    """Answer requests on a bound ROUTER socket until ``should_stop`` returns true.
+
+    Between requests ``idle`` may do background work in small steps; it returns
+    true while it has more to do, and a waiting request always comes first.
+    """
+    busy = False
     while not should_stop():
-        if not sock.poll(200):
+        if not sock.poll(0 if busy else 200):
+            busy = idle()
             continue
         identity, *frames = sock.recv_multipart()
         sock.send_multipart([identity, *handle_frames(frames, handler)], copy=False)

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps({"endpoint": endpoint, "runtime": detected.value}))
         tmp.replace(args.ready_file)
     log.info("serving on %s (runtime %s)", endpoint, detected.value)
-    serve(sock, enclave.handle, lambda: bool(stopping))
+    serve(sock, enclave.handle, lambda: bool(stopping), enclave.idle)
     log.info("stopped")
     return 0
 

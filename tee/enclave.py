@@ -82,6 +82,10 @@ class Enclave:
         reply.content["enclave_ms"] = (time.perf_counter() - started) * 1e3
         return reply
 
+    def idle(self) -> bool:
+        """Precompute blinding pads between requests; true while there is more to do."""
+        return any(runtime.refill() for runtime in list(self._models.values()))
+
     def _evidence(self, request: Message) -> Message:
         return request.reply({"evidence": self.evidence.to_wire()}, [self.public_context])
 

@@ -23,6 +23,7 @@ from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError,
 from .nonlinear import apply_ops
 
 MAX_PENDING_PADS = 1024
+POOL_SIZE = 8
 
 
 class Form(str, Enum):
@@ -42,6 +43,7 @@ class ModelRuntime:
     graph: ModelGraph
     weights: dict[int, SparseMatrix]
     pads: OrderedDict = field(default_factory=OrderedDict)
+    pool: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
     @classmethod
     def from_secrets(cls, graph: ModelGraph, blobs: dict) -> "ModelRuntime":
@@ -79,30 +81,48 @@ class ModelRuntime:
         return index, xs
 
     def blind(self, index: int, xs: np.ndarray, key: str) -> np.ndarray:
-        """``x_q + r mod p`` for each query, keeping the pad ``r`` and the scale here."""
+        """``x_q + r mod p`` for each query, keeping the pad's ``W r`` and the scale here."""
         sums = self.weights[index].row_abs_sums()
         augmented = np.concatenate([xs, np.ones((len(xs), 1))], axis=1)
         scales = [activation_scale(sums, row) for row in augmented]
-        pads = np.random.default_rng().integers(0, P, size=augmented.shape, dtype=np.int64)
+        pads = [self._pad(index) for _ in augmented]
         quantized = np.stack([np.mod(np.round(row * 2.0**s).astype(np.int64), P) for row, s in zip(augmented, scales)])
-        self.pads[(key, index)] = (pads, scales)
+        self.pads[(key, index)] = ([wr for _, wr in pads], scales)
         while len(self.pads) > MAX_PENDING_PADS:
             self.pads.popitem(last=False)
-        return np.mod(quantized + pads, P)
+        return np.mod(quantized + np.stack([r for r, _ in pads]), P)
+
+    def _pad(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """A one-time pad and its product with the layer's weights, from the pool if one is ready."""
+        ready = self.pool.get(index)
+        if ready:
+            return ready.pop()
+        r = np.random.default_rng().integers(0, P, size=self.weights[index].shape[1], dtype=np.int64)
+        return r, self.weights[index].apply_mod(r)
+
+    def refill(self) -> bool:
+        """Precompute one pad for a blinded layer whose pool is short (Slalom's offline phase); False if full."""
+        for index in self.weights:
+            if self.graph.stages[index].placement is Placement.BLINDED:
+                pool = self.pool.setdefault(index, [])
+                if len(pool) < POOL_SIZE:
+                    r = np.random.default_rng().integers(0, P, size=self.weights[index].shape[1], dtype=np.int64)
+                    pool.append((r, self.weights[index].apply_mod(r)))
+                    return True
+        return False
 
     def _unblind(self, index: int, values: np.ndarray, batch: int, key: str) -> np.ndarray:
         pending = self.pads.pop((key, index), None)
         if pending is None:
             raise HeclaveError("No pad is pending for this blinded layer; the request cannot continue.",
                                ErrorCode.BAD_FIELD)
-        pads, scales = pending
-        w_q = self.weights[index]
-        if values.shape != (batch, w_q.shape[0]) or values.min(initial=0) < 0 or values.max(initial=0) >= P:
+        products, scales = pending
+        rows = self.weights[index].shape[0]
+        if values.shape != (batch, rows) or values.min(initial=0) < 0 or values.max(initial=0) >= P:
             raise CiphertextError("The blinded layer's output does not have the layer's shape or is outside the field.")
         bits = self.graph.stages[index].weight_bits
         return np.stack([
-            centred(np.mod(v - w_q.apply_mod(r), P)) / 2.0 ** (s + bits)
-            for v, r, s in zip(values, pads, scales)
+            centred(np.mod(v - wr, P)) / 2.0 ** (s + bits) for v, wr, s in zip(values, products, scales)
         ])
 
 

@@ -100,3 +100,26 @@ def test_field_products_are_exact_for_long_rows_of_large_elements():
     v = rng.integers(0, P, 70_000, dtype=np.int64)
     want = [sum(int(a) * int(b) for a, b in zip(row, v)) % P for row in w]
     assert SparseMatrix.from_dense(w).apply_mod(v).tolist() == want
+
+
+def test_pads_precomputed_between_requests_unblind_exactly():
+    from plan import plan_pytorch
+    from tee.execution import POOL_SIZE, Form, ModelRuntime
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    planned = plan_pytorch(net, (6,), placements=["blinded", "enclave"])
+    blobs = {"0": SparseMatrix.from_dense(quantize(planned.weights[0], planned.graph.stages[0].weight_bits)).to_bytes(),
+             "1": SparseMatrix.from_dense(planned.weights[1]).to_bytes()}
+    runtime = ModelRuntime.from_secrets(planned.graph, blobs)
+    while runtime.refill():
+        pass
+    assert len(runtime.pool[0]) == POOL_SIZE
+    xs = np.random.default_rng().normal(size=(2, 6))
+    blinded = runtime.blind(0, xs, "request")
+    assert len(runtime.pool[0]) == POOL_SIZE - 2
+    server_side = np.stack([runtime.weights[0].apply_mod(row) for row in blinded])  # what the server computes
+    hidden = runtime.finish(0, Form.BLINDED, server_side, 2, "request")
+    _, logits = runtime.advance(1, hidden)
+    want = net.double()(torch.from_numpy(xs)).detach().numpy()
+    assert np.abs(logits - want).max() < 1e-3
