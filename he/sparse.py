@@ -10,6 +10,7 @@ for the nonzeros: the enclave never holds a dense copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import msgpack
 import numpy as np
@@ -72,16 +73,23 @@ class SparseMatrix:
         return out
 
     def apply_mod(self, v: np.ndarray) -> np.ndarray:
-        """``M @ v mod p`` exactly, for field elements (int64 products split into 16-bit limbs)."""
+        """``M @ v mod p`` exactly, for field elements.
+
+        Each product is split into 16-bit limbs so it fits int64, reduced mod p
+        (below 2^31), and summed per row in float64, which is exact while a row
+        has fewer than 2^22 nonzeros.
+        """
+        if np.bincount(self.rows, minlength=1).max(initial=0) >= 1 << 22:
+            raise ProtocolError("A blinded layer's row is too long for exact field sums.", ErrorCode.BAD_FIELD)
         high, low = np.divmod(np.asarray(v, dtype=np.int64)[self.cols], LIMB)
         sums = []
         for limb in (high, low):
-            acc = np.zeros(self.shape[0], dtype=np.int64)
-            np.add.at(acc, self.rows, np.mod(self.values * limb, P))
-            sums.append(np.mod(acc, P))
+            products = np.mod(self.values * limb, P).astype(np.float64)
+            sums.append(np.mod(np.bincount(self.rows, weights=products, minlength=self.shape[0]).astype(np.int64), P))
         return np.mod(sums[0] * LIMB + sums[1], P)
 
-    def row_abs_sums(self) -> np.ndarray:
+    @cached_property
+    def abs_row_sums(self) -> np.ndarray:
         """Sum of |entries| per row (field elements read as signed), for choosing a blinded scale."""
         values = self.values.astype(np.float64)
         if self.values.dtype.kind == "i":

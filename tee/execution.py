@@ -82,7 +82,7 @@ class ModelRuntime:
 
     def blind(self, index: int, xs: np.ndarray, key: str) -> np.ndarray:
         """``x_q + r mod p`` for each query, keeping the pad's ``W r`` and the scale here."""
-        sums = self.weights[index].row_abs_sums()
+        sums = self.weights[index].abs_row_sums
         augmented = np.concatenate([xs, np.ones((len(xs), 1))], axis=1)
         scales = [activation_scale(sums, row) for row in augmented]
         pads = [self._pad(index) for _ in augmented]

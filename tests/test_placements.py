@@ -79,7 +79,7 @@ def test_blinding_is_exact_in_the_field_even_at_the_edges_of_its_range(rows, col
     w_q = quantize(w, bits)
     sparse = SparseMatrix.from_dense(w_q)
     x = rng.uniform(-magnitude, magnitude, cols)
-    s = activation_scale(sparse.row_abs_sums(), x)
+    s = activation_scale(sparse.abs_row_sums, x)
     x_q = np.round(x * 2.0**s).astype(np.int64)
     r = rng.integers(0, P, cols, dtype=np.int64)
     blinded = sparse.apply_mod(np.mod(x_q + r, P))
