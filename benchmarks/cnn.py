@@ -21,9 +21,9 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from statistics import median
-from typing import Callable
 
 import numpy as np
 import tenseal as ts
@@ -80,20 +80,27 @@ class TensealRecipe:
         self.fc1_weight, self.fc1_bias = fc1.weight.T.data.tolist(), fc1.bias.data.tolist()
         self.fc2_weight, self.fc2_bias = fc2.weight.T.data.tolist(), fc2.bias.data.tolist()
         bits = TENSEAL_SCALE_BITS
-        self.context = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192,
-                                  coeff_mod_bit_sizes=[31, bits, bits, bits, bits, bits, bits, 31])
+        self.context = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            poly_modulus_degree=8192,
+            coeff_mod_bit_sizes=[31, bits, bits, bits, bits, bits, bits, 31],
+        )
         self.context.global_scale = 2.0**bits
         self.context.generate_galois_keys()
 
     def public_context_bytes(self) -> int:
-        return len(self.context.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=True,
-                                          save_relin_keys=True))
+        return len(
+            self.context.serialize(
+                save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=True
+            )
+        )
 
     def infer(self, image: np.ndarray) -> np.ndarray:
         """Encrypt, run the network and decrypt one 28x28 image, as the tutorial does."""
         enc_x, windows_nb = ts.im2col_encoding(self.context, image.reshape(28, 28).tolist(), KERNEL, KERNEL, STRIDE)
-        channels = [enc_x.conv2d_im2col(kernel, windows_nb) + bias
-                    for kernel, bias in zip(self.conv_weight, self.conv_bias)]
+        channels = [
+            enc_x.conv2d_im2col(kernel, windows_nb) + bias for kernel, bias in zip(self.conv_weight, self.conv_bias)
+        ]
         enc_x = ts.CKKSVector.pack_vectors(channels)
         enc_x.square_()
         enc_x = enc_x.mm(self.fc1_weight) + self.fc1_bias
@@ -114,8 +121,9 @@ def _plaintext(model: nn.Module, images: np.ndarray) -> tuple[float, np.ndarray]
     return median(times), logits
 
 
-def _run_ours(cluster: Cluster, model: nn.Module, images: np.ndarray, weights: WeightForm, batch: int,
-              say: Callable[[str], None]) -> dict:
+def _run_ours(
+    cluster: Cluster, model: nn.Module, images: np.ndarray, weights: WeightForm, batch: int, say: Callable[[str], None]
+) -> dict:
     say(f"model owner: planning and deploying with {weights.value} weights")
     owner = ModelOwner(cluster.endpoint, cluster.server_key_file, BENCH_POLICY)
     started = time.perf_counter()
@@ -135,7 +143,7 @@ def _run_ours(cluster: Cluster, model: nn.Module, images: np.ndarray, weights: W
         inferences: list[Inference] = []
         wall_s = 0.0
         for first in range(0, len(images), batch):
-            group = images[first:first + batch]
+            group = images[first : first + batch]
             say(f"data owner: classifying images {first + 1}-{first + len(group)} of {len(images)}")
             started = time.perf_counter()
             inferences.append(data_owner.infer_batch(model_id, group))
@@ -158,8 +166,14 @@ def _run_ours(cluster: Cluster, model: nn.Module, images: np.ndarray, weights: W
     }
 
 
-def bench_cnn(weights: WeightForm = WeightForm.ENCRYPTED, samples: int = 20, batch: int = 1, tenseal_runs: int = 2,
-              seed: int = 0, say: Callable[[str], None] = lambda message: None) -> dict:
+def bench_cnn(
+    weights: WeightForm = WeightForm.ENCRYPTED,
+    samples: int = 20,
+    batch: int = 1,
+    tenseal_runs: int = 2,
+    seed: int = 0,
+    say: Callable[[str], None] = lambda message: None,
+) -> dict:
     """Run the comparison; returns the report ``heclave bench cnn`` prints. ``say`` receives progress lines."""
     if samples < 1 or batch < 1 or tenseal_runs < 1:
         raise PlanError("Samples, batch and TenSEAL runs must each be at least 1.")
@@ -230,7 +244,6 @@ def bench_cnn(weights: WeightForm = WeightForm.ENCRYPTED, samples: int = 20, bat
         "tenseal_agreement_with_x2": float((recipe_logits_arr.argmax(1) == reference.argmax(1)).mean()),
         "tenseal_max_abs_err_vs_x2": float(np.abs(recipe_logits_arr - reference).max()),
         "stages": [
-            f"{s['shape']} {s['layout']} rotations={s['rotations']} then {s['enclave']}"
-            for s in ours["stages"]
+            f"{s['shape']} {s['layout']} rotations={s['rotations']} then {s['enclave']}" for s in ours["stages"]
         ],
     }

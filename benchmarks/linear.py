@@ -18,8 +18,8 @@ kernel's runs, so both see the same machine load.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from statistics import median
-from typing import Callable
 
 import numpy as np
 import tenseal as ts
@@ -38,8 +38,7 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
 
 
-def _kernel(context: PublicContext, geometry: LinearGeometry, w_aug: np.ndarray,
-            form: WeightForm) -> LinearKernel:
+def _kernel(context: PublicContext, geometry: LinearGeometry, w_aug: np.ndarray, form: WeightForm) -> LinearKernel:
     if form is WeightForm.PLAIN:
         return LinearKernel.from_plain(context.toolkit, geometry, w_aug)
     mask, frames = encrypt_weights(context, geometry, w_aug)
@@ -94,8 +93,14 @@ def tenseal_matmul(w: np.ndarray, b: np.ndarray, x: np.ndarray, runs: int) -> tu
     return elapsed, np.asarray(results[-1].decrypt())
 
 
-def bench_linear(n_in: int, n_out: int, weights: WeightForm = WeightForm.ENCRYPTED, runs: int = 10,
-                 tenseal_runs: int = 2, seed: int = 0) -> dict:
+def bench_linear(
+    n_in: int,
+    n_out: int,
+    weights: WeightForm = WeightForm.ENCRYPTED,
+    runs: int = 10,
+    tenseal_runs: int = 2,
+    seed: int = 0,
+) -> dict:
     """Time an ``n_out x n_in`` dense layer three ways; returns the report ``heclave bench linear`` prints."""
     if n_in < 1 or n_out < 1 or runs < 1 or tenseal_runs < 1:
         raise PlanError("The layer needs at least one input and one output, and every timing at least one run.")
@@ -115,8 +120,9 @@ def bench_linear(n_in: int, n_out: int, weights: WeightForm = WeightForm.ENCRYPT
     unit_step = steps[0] if steps else 1
     context = keys.public.with_galois(keys.galois_keys([*steps, unit_step]), [*steps, unit_step])
     kernel = _kernel(context, geometry, w_aug, weights)
-    inputs = [context.toolkit.load_ciphertext(keys.encrypt_symmetric(row))
-              for row in geometry.gather(np.append(x, 1.0))]
+    inputs = [
+        context.toolkit.load_ciphertext(keys.encrypt_symmetric(row)) for row in geometry.gather(np.append(x, 1.0))
+    ]
 
     # Kernel runs and unit-operation samples alternate, so both see the same machine load.
     units = UnitOps(keys, context, unit_step, weights)
@@ -158,7 +164,7 @@ def bench_linear(n_in: int, n_out: int, weights: WeightForm = WeightForm.ENCRYPT
         "max_rel_err": _relative_error(got, want),
         "tenseal_max_rel_err": _relative_error(tenseal_y[:n_out], want),
         "layout": f"k={geometry.k} period={geometry.period} baby={geometry.baby} giant={geometry.giant} "
-                  f"in_cts={geometry.in_cts} out_cts={geometry.out_cts}",
+        f"in_cts={geometry.in_cts} out_cts={geometry.out_cts}",
         "galois_steps": len(steps),
         "runs": runs,
         "tenseal_runs": tenseal_runs,

@@ -10,8 +10,8 @@ and the logits are within 1e-3 of the logit range.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -43,8 +43,9 @@ class _Tally:
             self.errors[code] = self.errors.get(code, 0) + 1
 
 
-def _client(cluster: Cluster, model_id: str, x: np.ndarray, reference: np.ndarray, requests: int, offset: int,
-            tally: _Tally) -> None:
+def _client(
+    cluster: Cluster, model_id: str, x: np.ndarray, reference: np.ndarray, requests: int, offset: int, tally: _Tally
+) -> None:
     owner = DataOwner(cluster.endpoint, cluster.server_key_file, LOAD_POLICY, timeout_s=120)
     spread = float(reference.max() - reference.min())
     try:
@@ -85,9 +86,7 @@ def loadtest(clients: int, requests: int, weights: str = "encrypted", say: Calla
         owner.close()
         say(f"{clients} data owners sending {requests} requests each")
         tally = _Tally()
-        wall_s = run_clients(
-            clients, lambda c: _client(cluster, model_id, x, reference, requests, c * requests, tally)
-        )
+        wall_s = run_clients(clients, lambda c: _client(cluster, model_id, x, reference, requests, c * requests, tally))
         cluster.check()
         rss = {child.name: child.peak_rss_mb() for child in cluster.children}
         workers = [peak_rss_mb(pid) for pid in cluster.children[1].wait_ready().get("worker_pids", [])]

@@ -13,7 +13,7 @@ on the same inputs in one run:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,8 +37,9 @@ STRATEGIES: dict[str, list[str]] = {
 }
 
 
-def bench_placements(requests: int = 5, weights: str = "encrypted", seed: int = 0,
-                     say: Callable[[str], None] = print) -> dict:
+def bench_placements(
+    requests: int = 5, weights: str = "encrypted", seed: int = 0, say: Callable[[str], None] = print
+) -> dict:
     """Latency, enclave share, bytes moved and exposure of every strategy; the ``bench placements`` report."""
     torch.manual_seed(seed)
     model = vgg_small().eval()
@@ -61,16 +62,18 @@ def bench_placements(requests: int = 5, weights: str = "encrypted", seed: int = 
             logits = np.stack([run.logits for run in runs])
             server = sum(run.server["he_ms"] for run in runs)
             enclave = sum(run.server["enclave_ms"] for run in runs)
-            results.append({
-                "name": name,
-                "placements": placements,
-                "latency_ms": float(np.median([run.latency_ms for run in runs])),
-                "server_ms": server / requests,
-                "enclave_ms": enclave / requests,
-                "enclave_share": enclave / max(server + enclave, 1e-9),
-                "bytes_per_image": sum(run.bytes_moved for run in runs) / requests,
-                "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
-                "max_abs_logit_error": float(np.abs(logits - reference).max()),
-                "exposes": exposure(plan.graph),
-            })
+            results.append(
+                {
+                    "name": name,
+                    "placements": placements,
+                    "latency_ms": float(np.median([run.latency_ms for run in runs])),
+                    "server_ms": server / requests,
+                    "enclave_ms": enclave / requests,
+                    "enclave_share": enclave / max(server + enclave, 1e-9),
+                    "bytes_per_image": sum(run.bytes_moved for run in runs) / requests,
+                    "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
+                    "max_abs_logit_error": float(np.abs(logits - reference).max()),
+                    "exposes": exposure(plan.graph),
+                }
+            )
     return {"benchmark": "placements", "model": "vgg-32", "weights": weights, "strategies": results}

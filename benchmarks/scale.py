@@ -10,7 +10,7 @@ same two cores. Every result is checked against plaintext torch.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,9 +30,14 @@ SCALE_POLICY = VerifierPolicy(allow_unattested=True)
 def vgg_small() -> nn.Sequential:
     """A VGG-style CNN on 32x32 colour images: two conv-ReLU-pool blocks and a classifier."""
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 8 * 8, 10),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 10),
     )
 
 
@@ -42,8 +47,15 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
-def _run(model: nn.Module, shape: tuple[int, ...], server_args: tuple[str, ...], clients: int, requests: int,
-         batch: int, seed: int) -> dict:
+def _run(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    server_args: tuple[str, ...],
+    clients: int,
+    requests: int,
+    batch: int,
+    seed: int,
+) -> dict:
     rng = np.random.default_rng(seed)
     images = rng.uniform(0, 1, (clients * requests * batch, *shape)).astype(np.float32)
     with torch.no_grad():
@@ -57,8 +69,10 @@ def _run(model: nn.Module, shape: tuple[int, ...], server_args: tuple[str, ...],
         for data_owner in owners[1:]:
             data_owner.graph(model_id)
         prepared = [
-            [data_owner.prepare(model_id, images[(c * requests + r) * batch : (c * requests + r + 1) * batch])
-             for r in range(requests)]
+            [
+                data_owner.prepare(model_id, images[(c * requests + r) * batch : (c * requests + r + 1) * batch])
+                for r in range(requests)
+            ]
             for c, data_owner in enumerate(owners)
         ]
         done: list[list[Inference]] = [[] for _ in owners]
@@ -81,8 +95,16 @@ def _run(model: nn.Module, shape: tuple[int, ...], server_args: tuple[str, ...],
     }
 
 
-def bench_scale(workers: list[int], backends: list[str], models: list[str], clients: int = 4, requests: int = 3,
-                batch: int = 8, seed: int = 0, say: Callable[[str], None] = print) -> dict:
+def bench_scale(
+    workers: list[int],
+    backends: list[str],
+    models: list[str],
+    clients: int = 4,
+    requests: int = 3,
+    batch: int = 8,
+    seed: int = 0,
+    say: Callable[[str], None] = print,
+) -> dict:
     """Every (model, backend, worker count) combination; returns the report ``heclave bench scale`` prints."""
     torch.manual_seed(seed)
     runs = []
@@ -94,8 +116,14 @@ def bench_scale(workers: list[int], backends: list[str], models: list[str], clie
             for count in workers:
                 say(f"{name}: {count} worker(s) on {backend}")
                 args = ("--workers", str(count)) + (("--ray", "local") if backend == "ray" else ())
-                run = {"model": name, "backend": backend, "workers": count, "batch": batch, "clients": clients,
-                       **_run(model, shape, args, clients, requests, batch, seed)}
+                run = {
+                    "model": name,
+                    "backend": backend,
+                    "workers": count,
+                    "batch": batch,
+                    "clients": clients,
+                    **_run(model, shape, args, clients, requests, batch, seed),
+                }
                 base = base or run["images_per_s"]
                 run["speedup_vs_first"] = run["images_per_s"] / base
                 runs.append(run)

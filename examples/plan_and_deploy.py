@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     cut_ssim = {c["depth"]: c["max_ssim"] for c in report["cuts"]}
 
     protect = {p for p in args.protect.split(",") if p}
-    best = cheapest(imported, protect, Calibration.load(), WeightForm.ENCRYPTED, args.enclave_budget, cut_ssim,
-                    args.ssim_threshold)
+    best = cheapest(
+        imported, protect, Calibration.load(), WeightForm.ENCRYPTED, args.enclave_budget, cut_ssim, args.ssim_threshold
+    )
     placements = [p.value for p in best.placements]
     graph = plan_model(imported, placements=placements).graph
     print(f"plan: {placements}; predicted {best.latency_ms:.1f} ms, enclave share {best.enclave_share:.2f}")
@@ -60,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         data_owner.close()
     with torch.no_grad():
         expected = model(torch.from_numpy(x_test[:10])).argmax(1).numpy()
-    print(f"labels {labels}; plaintext agrees on {np.mean(np.array(labels) == expected):.0%}; "
-          f"true labels {y_test[:10].tolist()}")
+    print(
+        f"labels {labels}; plaintext agrees on {np.mean(np.array(labels) == expected):.0%}; "
+        f"true labels {y_test[:10].tolist()}"
+    )
 
 
 if __name__ == "__main__":

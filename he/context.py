@@ -10,8 +10,8 @@ that is 160 bits, inside SEAL's 128-bit-security bound of 218 bits.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import msgpack
 import numpy as np
@@ -62,7 +62,7 @@ class CkksParams:
         return {"n": self.poly_modulus_degree, "q": list(self.coeff_mod_bits), "scale": self.scale_bits}
 
     @classmethod
-    def from_wire(cls, data: dict) -> "CkksParams":
+    def from_wire(cls, data: dict) -> CkksParams:
         try:
             n, q, s = int(data["n"]), tuple(int(b) for b in data["q"]), int(data["scale"])
         except (KeyError, TypeError, ValueError):
@@ -154,7 +154,7 @@ class PublicContext:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "PublicContext":
+    def from_bytes(cls, data: bytes) -> PublicContext:
         try:
             d = msgpack.unpackb(data, raw=False)
             if d.get("format") != CONTEXT_FORMAT:
@@ -175,7 +175,7 @@ class PublicContext:
     def digest(self) -> bytes:
         return hashlib.sha256(self.to_bytes()).digest()
 
-    def with_galois(self, galois_keys: bytes, steps: Iterable[int]) -> "PublicContext":
+    def with_galois(self, galois_keys: bytes, steps: Iterable[int]) -> PublicContext:
         """The same context plus Galois keys for exactly the rotation steps a plan uses."""
         return PublicContext(self.params, self.public_key_bytes, self.relin_keys_bytes, galois_keys, steps)
 

@@ -46,7 +46,7 @@ class ReleasePolicy:
         return {"mode": self.mode.value, "decimals": self.decimals, "k": self.k}
 
     @classmethod
-    def from_wire(cls, d: dict) -> "ReleasePolicy":
+    def from_wire(cls, d: dict) -> ReleasePolicy:
         try:
             mode = ReleaseMode(d["mode"])
         except (KeyError, ValueError, TypeError):
@@ -67,7 +67,7 @@ class Placement(str, Enum):
     PLAIN = "plain"
 
     @classmethod
-    def parse(cls, value: str) -> "Placement":
+    def parse(cls, value: str) -> Placement:
         try:
             return cls(value)
         except ValueError:
@@ -109,7 +109,7 @@ class EnclaveOp:
         }
 
     @classmethod
-    def from_wire(cls, d: dict) -> "EnclaveOp":
+    def from_wire(cls, d: dict) -> EnclaveOp:
         try:
             op = cls(
                 OpKind(d["kind"]),
@@ -153,7 +153,7 @@ class Stage:
         }
 
     @classmethod
-    def from_wire(cls, d: dict) -> "Stage":
+    def from_wire(cls, d: dict) -> Stage:
         try:
             return cls(
                 layout_from_wire(d["geometry"]),
@@ -231,7 +231,7 @@ class ModelGraph:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ModelGraph":
+    def from_bytes(cls, data: bytes) -> ModelGraph:
         try:
             d = msgpack.unpackb(data, raw=False)
         except Exception:

@@ -213,7 +213,7 @@ class LinearGeometry(Layout):
         return {"kind": self.kind, **asdict(self)}
 
     @classmethod
-    def from_wire(cls, data: dict) -> "LinearGeometry":
+    def from_wire(cls, data: dict) -> LinearGeometry:
         values = {k: data.get(k) for k in cls.__dataclass_fields__}
         if not all(type(v) is int for v in values.values()):
             raise PlanError(f"A linear layer's geometry needs integer fields {', '.join(values)}.")
@@ -297,8 +297,9 @@ def _best_split(k: int, in_cts: int, out_cts: int) -> tuple[int, int]:
     return best
 
 
-def estimate_parts(layout: Layout, encrypted_weights: bool, costs: UnitCosts = UnitCosts(),
-                   batch: int = 1) -> tuple[float, float]:
+def estimate_parts(
+    layout: Layout, encrypted_weights: bool, costs: UnitCosts = UnitCosts(), batch: int = 1
+) -> tuple[float, float]:
     """Predicted server and enclave milliseconds per query of a batch (enclave time with its slowdown)."""
     c = layout.counts()
     multiply = costs.multiply_cipher if encrypted_weights else costs.multiply_plain
@@ -442,7 +443,7 @@ class GroupedLayout(Layout):
         return int(self.output_chunk[o]) == i
 
     @classmethod
-    def from_support(cls, support: np.ndarray, slots: int, queries: int = 1) -> "GroupedLayout | None":
+    def from_support(cls, support: np.ndarray, slots: int, queries: int = 1) -> GroupedLayout | None:
         """The im2col-like layout; ``None`` if a group has no inputs or more than the slots.
 
         With ``queries > 1`` each query gets its own region of one copy, which
@@ -481,7 +482,7 @@ class GroupedLayout(Layout):
         return cls(rows, cols, slots, index_map, row_map, np.asarray(owner, dtype=np.int64), queries=queries)
 
     @classmethod
-    def block_cyclic(cls, support: np.ndarray, slots: int, k: int, queries: int = 1) -> "GroupedLayout | None":
+    def block_cyclic(cls, support: np.ndarray, slots: int, k: int, queries: int = 1) -> GroupedLayout | None:
         """Blocks of ``k`` rows of one group, cyclic within the block; ``None`` if a block exceeds the slots."""
         rows, cols = support.shape
         blocks = [(g[0], g[1][j : j + k]) for g in support_groups(support) for j in range(0, len(g[1]), k)]
@@ -529,7 +530,7 @@ class GroupedLayout(Layout):
         }
 
     @classmethod
-    def from_wire(cls, data: dict) -> "GroupedLayout":
+    def from_wire(cls, data: dict) -> GroupedLayout:
         try:
             rows, cols, slots = (data[k] for k in ("rows", "cols", "slots"))
             if not all(type(v) is int for v in (rows, cols, slots)) or not _plausible(rows, cols, slots):

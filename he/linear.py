@@ -11,9 +11,9 @@ The unrotated group's three-polynomial sum goes to the enclave as it is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Sequence
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -31,7 +31,7 @@ class WeightForm(str, Enum):
     PLAIN = "plain"
 
     @classmethod
-    def parse(cls, value: str) -> "WeightForm":
+    def parse(cls, value: str) -> WeightForm:
         try:
             return cls(value)
         except ValueError:
@@ -63,7 +63,7 @@ class OpCounter:
     relinearizations: int = 0
     rescales: int = 0
 
-    def add(self, other: "OpCounter") -> None:
+    def add(self, other: OpCounter) -> None:
         """Accumulate another counter's operations into this one."""
         self.rotations += other.rotations
         self.multiplications += other.multiplications
@@ -82,7 +82,7 @@ class LinearKernel:
     weights: dict[tuple[int, int, int], seal.Plaintext | seal.Ciphertext] = field(repr=False)
 
     @classmethod
-    def from_plain(cls, toolkit: Toolkit, geometry: Layout, weights: np.ndarray) -> "LinearKernel":
+    def from_plain(cls, toolkit: Toolkit, geometry: Layout, weights: np.ndarray) -> LinearKernel:
         """Encode the diagonals of plaintext weights once, at deployment."""
         diags = geometry.diagonals(weights)
         encoded = {}
@@ -99,7 +99,7 @@ class LinearKernel:
     @classmethod
     def from_encrypted(
         cls, toolkit: Toolkit, geometry: Layout, mask: np.ndarray, frames: Sequence[bytes]
-    ) -> "LinearKernel":
+    ) -> LinearKernel:
         """Load the model owner's encrypted diagonals, one frame per nonzero diagonal."""
         mask = np.asarray(mask, dtype=bool)
         expected = (geometry.out_cts, geometry.in_cts, geometry.k)
@@ -114,7 +114,7 @@ class LinearKernel:
     @classmethod
     def _checked(
         cls, toolkit: Toolkit, geometry: Layout, form: WeightForm, mask: np.ndarray, weights: dict
-    ) -> "LinearKernel":
+    ) -> LinearKernel:
         """The kernel, unless an output ciphertext would have no product to start from."""
         empty = [o for o in range(geometry.out_cts) if not mask[o].any()]
         if empty:

@@ -30,7 +30,7 @@ class SparseMatrix:
     values: np.ndarray
 
     @classmethod
-    def from_dense(cls, matrix: np.ndarray) -> "SparseMatrix":
+    def from_dense(cls, matrix: np.ndarray) -> SparseMatrix:
         rows, cols = np.nonzero(matrix)
         return cls(matrix.shape, rows.astype(np.int64), cols.astype(np.int64), matrix[rows, cols])
 
@@ -47,7 +47,7 @@ class SparseMatrix:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes, shape: tuple[int, int], dtype: str) -> "SparseMatrix":
+    def from_bytes(cls, data: bytes, shape: tuple[int, int], dtype: str) -> SparseMatrix:
         """Parse and check a matrix that must have ``shape`` and value type ``dtype`` (``f8`` or ``i8``)."""
         try:
             d = msgpack.unpackb(data, raw=False)
@@ -57,10 +57,12 @@ class SparseMatrix:
             ok = tuple(d["shape"]) == tuple(shape) and d["dtype"] == dtype and len(rows) == len(cols) == len(values)
         except Exception:
             ok = False
-        if not ok or (len(rows) and (rows.min() < 0 or rows.max() >= shape[0] or cols.min() < 0
-                                     or cols.max() >= shape[1])):
-            raise ProtocolError(f"A weight matrix is malformed or not the {shape[0]}x{shape[1]} the layer needs.",
-                                ErrorCode.BAD_FIELD)
+        if not ok or (
+            len(rows) and (rows.min() < 0 or rows.max() >= shape[0] or cols.min() < 0 or cols.max() >= shape[1])
+        ):
+            raise ProtocolError(
+                f"A weight matrix is malformed or not the {shape[0]}x{shape[1]} the layer needs.", ErrorCode.BAD_FIELD
+            )
         if dtype == "i8" and len(values) and (values.min() < 0 or values.max() >= P):
             raise ProtocolError("A blinded layer's weights must be field elements.", ErrorCode.BAD_FIELD)
         return cls(tuple(shape), rows, cols, values)

@@ -48,8 +48,13 @@ def bench() -> None:
 @bench.command()
 @click.option("--in", "n_in", default=784, show_default=True, help="Inputs of the dense layer.")
 @click.option("--out", "n_out", default=128, show_default=True, help="Outputs of the dense layer.")
-@click.option("--weights", type=WEIGHT_CHOICE, default="encrypted", show_default=True,
-              help="heclave's weight form; TenSEAL's matmul always has plaintext weights.")
+@click.option(
+    "--weights",
+    type=WEIGHT_CHOICE,
+    default="encrypted",
+    show_default=True,
+    help="heclave's weight form; TenSEAL's matmul always has plaintext weights.",
+)
 @click.option("--runs", default=10, show_default=True, help="Timed runs of heclave's layer (the median is reported).")
 @click.option("--tenseal-runs", default=2, show_default=True, help="Timed runs of TenSEAL's matmul (seconds each).")
 @click.option("--seed", default=0, show_default=True)
@@ -68,8 +73,10 @@ def linear(n_in: int, n_out: int, weights: str, runs: int, tenseal_runs: int, se
         ("heclave / floor", f"{r['ours_over_floor']:.2f}x"),
         ("rotations (baby + giant)", f"{r['rotations']} ({r['baby_rotations']} + {r['giant_rotations']})"),
         ("multiplications", f"{r['multiplications']}"),
-        ("unit times: rotation, rotation a level down, multiply",
-         f"{r['t_rotation_ms']:.2f}, {r['t_rotation_rescaled_ms']:.2f}, {r['t_multiply_ms']:.2f} ms"),
+        (
+            "unit times: rotation, rotation a level down, multiply",
+            f"{r['t_rotation_ms']:.2f}, {r['t_rotation_rescaled_ms']:.2f}, {r['t_multiply_ms']:.2f} ms",
+        ),
         ("max relative error (heclave / TenSEAL)", f"{r['max_rel_err']:.1e} / {r['tenseal_max_rel_err']:.1e}"),
         ("layout", r["layout"]),
     ]
@@ -77,12 +84,21 @@ def linear(n_in: int, n_out: int, weights: str, runs: int, tenseal_runs: int, se
 
 
 @bench.command()
-@click.option("--weights", type=WEIGHT_CHOICE, default="encrypted", show_default=True,
-              help="heclave's weight form; TenSEAL's recipe always has plaintext weights.")
+@click.option(
+    "--weights",
+    type=WEIGHT_CHOICE,
+    default="encrypted",
+    show_default=True,
+    help="heclave's weight form; TenSEAL's recipe always has plaintext weights.",
+)
 @click.option("--samples", default=20, show_default=True, help="Random 28x28 images heclave classifies.")
-@click.option("--batch", default=1, show_default=True,
-              help="Images per request; the model is planned for it (throughput mode packs several images per "
-                   "ciphertext where the slots allow). ours_ms is then the latency of a whole batch.")
+@click.option(
+    "--batch",
+    default=1,
+    show_default=True,
+    help="Images per request; the model is planned for it (throughput mode packs several images per "
+    "ciphertext where the slots allow). ours_ms is then the latency of a whole batch.",
+)
 @click.option("--tenseal-runs", default=2, show_default=True, help="Images through TenSEAL's recipe (seconds each).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -107,9 +123,11 @@ def cnn(weights: str, samples: int, batch: int, tenseal_runs: int, seed: int, as
         ("enclave share of compute", f"{r['enclave_share']:.2f}"),
         ("label agreement with plaintext", f"{r['agreement']:.3f} ({r['samples']} images)"),
         ("images per second", f"{r['images_per_s']:.1f} (batch {r['batch']})"),
-        ("public context (base + Galois keys)",
-         f"{r['public_context_mb']:.1f} MB ({r['base_context_mb']:.1f} + {r['galois_keys_mb']:.1f}); "
-         f"TenSEAL {r['tenseal_public_context_mb']:.1f} MB"),
+        (
+            "public context (base + Galois keys)",
+            f"{r['public_context_mb']:.1f} MB ({r['base_context_mb']:.1f} + {r['galois_keys_mb']:.1f}); "
+            f"TenSEAL {r['tenseal_public_context_mb']:.1f} MB",
+        ),
         ("peak RSS server / enclave", f"{r['server_peak_rss_mb']:.0f} / {r['enclave_peak_rss_mb']:.0f} MB"),
         ("rotations per image", f"{r['rotations_per_image']:.0f}"),
     ]
@@ -118,16 +136,36 @@ def cnn(weights: str, samples: int, batch: int, tenseal_runs: int, seed: int, as
 
 @bench.command()
 @click.option("--workers", default="1,2", show_default=True, help="Comma-separated worker counts to compare.")
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["processes", "ray"]),
-              default=("processes", "ray"), show_default=True, help="Where the HE work runs (repeatable).")
-@click.option("--model", "models", multiple=True, type=click.Choice(["tutorial-cnn", "vgg-32"]),
-              default=("tutorial-cnn", "vgg-32"), show_default=True)
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    type=click.Choice(["processes", "ray"]),
+    default=("processes", "ray"),
+    show_default=True,
+    help="Where the HE work runs (repeatable).",
+)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Choice(["tutorial-cnn", "vgg-32"]),
+    default=("tutorial-cnn", "vgg-32"),
+    show_default=True,
+)
 @click.option("--clients", default=4, show_default=True, help="Concurrent data owners.")
 @click.option("--requests", default=3, show_default=True, help="Batch requests per data owner.")
 @click.option("--batch", default=8, show_default=True, help="Images per request (the models are planned for it).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def scale(workers: str, backends: tuple[str, ...], models: tuple[str, ...], clients: int, requests: int, batch: int,
-          as_json: bool) -> None:
+def scale(
+    workers: str,
+    backends: tuple[str, ...],
+    models: tuple[str, ...],
+    clients: int,
+    requests: int,
+    batch: int,
+    as_json: bool,
+) -> None:
     """Throughput and latency against the number of HE workers, on local processes and on Ray."""
     from benchmarks.scale import bench_scale
 
@@ -137,13 +175,22 @@ def scale(workers: str, backends: tuple[str, ...], models: tuple[str, ...], clie
     if as_json:
         click.echo(json.dumps(report))
         return
-    table = Table(title=f"HE workers: {clients} data owners x {requests} requests of {batch} images",
-                  caption=f"{time.strftime('%Y-%m-%d')} on {_machine()}")
+    table = Table(
+        title=f"HE workers: {clients} data owners x {requests} requests of {batch} images",
+        caption=f"{time.strftime('%Y-%m-%d')} on {_machine()}",
+    )
     for column in ("model", "backend", "workers", "images/s", "p50 latency (ms)", "speedup", "agreement"):
         table.add_column(column, justify="right")
     for r in report["runs"]:
-        table.add_row(r["model"], r["backend"], str(r["workers"]), f"{r['images_per_s']:.1f}",
-                      f"{r['latency_ms_p50']:.0f}", f"{r['speedup_vs_first']:.2f}x", f"{r['agreement']:.3f}")
+        table.add_row(
+            r["model"],
+            r["backend"],
+            str(r["workers"]),
+            f"{r['images_per_s']:.1f}",
+            f"{r['latency_ms_p50']:.0f}",
+            f"{r['speedup_vs_first']:.2f}x",
+            f"{r['agreement']:.3f}",
+        )
     Console().print(table)
     for p in report["projection"]:
         Console().print(
@@ -155,8 +202,9 @@ def scale(workers: str, backends: tuple[str, ...], models: tuple[str, ...], clie
 
 @bench.command()
 @click.option("--requests", default=5, show_default=True, help="Images timed per strategy.")
-@click.option("--weights", type=WEIGHT_CHOICE, default="encrypted", show_default=True,
-              help="Weight form of heclave's he layers.")
+@click.option(
+    "--weights", type=WEIGHT_CHOICE, default="encrypted", show_default=True, help="Weight form of heclave's he layers."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def placements(requests: int, weights: str, as_json: bool) -> None:
     """The seed systems' partitions of one VGG-style model, side by side through the real processes."""
@@ -168,12 +216,19 @@ def placements(requests: int, weights: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report))
         return
-    table = Table(title=f"Placements of a VGG-style CNN (32x32x3), {requests} images",
-                  caption=f"{time.strftime('%Y-%m-%d')} on {_machine()}")
+    table = Table(
+        title=f"Placements of a VGG-style CNN (32x32x3), {requests} images",
+        caption=f"{time.strftime('%Y-%m-%d')} on {_machine()}",
+    )
     for column in ("strategy", "latency (ms)", "enclave share", "MB moved", "agreement", "the server sees"):
         table.add_column(column)
     for r in report["strategies"]:
-        table.add_row(r["name"], f"{r['latency_ms']:.1f}", f"{r['enclave_share']:.2f}",
-                      f"{r['bytes_per_image'] / 1e6:.2f}", f"{r['agreement']:.2f}",
-                      "; ".join(r["exposes"]) or "shapes and timings only")
+        table.add_row(
+            r["name"],
+            f"{r['latency_ms']:.1f}",
+            f"{r['enclave_share']:.2f}",
+            f"{r['bytes_per_image'] / 1e6:.2f}",
+            f"{r['agreement']:.2f}",
+            "; ".join(r["exposes"]) or "shapes and timings only",
+        )
     Console().print(table)

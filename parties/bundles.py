@@ -48,7 +48,7 @@ class Bundle:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes, origin: Path) -> "Bundle":
+    def from_bytes(cls, data: bytes, origin: Path) -> Bundle:
         try:
             d = msgpack.unpackb(data, raw=False)
             fmt = d.get("format")

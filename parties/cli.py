@@ -17,8 +17,8 @@ import click
 import numpy as np
 
 from he.graph import ReleaseMode, ReleasePolicy
-from parties.bench import bench
 from he.linear import WeightForm
+from parties.bench import bench
 from protocol.errors import HeclaveError
 from protocol.evidence import Runtime, VerifierPolicy
 
@@ -31,8 +31,16 @@ def _logging(verbose: bool) -> None:
     )
 
 
-POLICY_FLAGS = ("policy_file", "mrenclave", "mrsigner", "isv_prod_id", "min_isv_svn", "allow_debug",
-                "allow_unattested", "pccs_url")
+POLICY_FLAGS = (
+    "policy_file",
+    "mrenclave",
+    "mrsigner",
+    "isv_prod_id",
+    "min_isv_svn",
+    "allow_debug",
+    "allow_unattested",
+    "pccs_url",
+)
 
 
 def _policy(policy_file: Path | None = None, **flags) -> VerifierPolicy:
@@ -58,8 +66,13 @@ GRAMINE_DIR = Path(__file__).resolve().parents[1] / "tee" / "gramine"
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--runtime", type=click.Choice([r.value for r in Runtime]), default=Runtime.NATIVE.value,
-              show_default=True, help="native: this process; gramine-direct/gramine-sgx: the built Gramine enclave.")
+@click.option(
+    "--runtime",
+    type=click.Choice([r.value for r in Runtime]),
+    default=Runtime.NATIVE.value,
+    show_default=True,
+    help="native: this process; gramine-direct/gramine-sgx: the built Gramine enclave.",
+)
 @click.option("--measure", is_flag=True, help="Print MRENCLAVE, MRSIGNER and ISV ids of the built SGX enclave.")
 @click.option("--gramine-dir", type=click.Path(path_type=Path), default=GRAMINE_DIR, show_default=True)
 @click.pass_context
@@ -69,8 +82,17 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, gramine_dir: Path) 
         from tee.measure import read_sigstruct
 
         sig = read_sigstruct(gramine_dir)
-        click.echo(json.dumps({"mrenclave": sig.mrenclave.hex(), "mrsigner": sig.mrsigner.hex(),
-                               "isv_prod_id": sig.isv_prod_id, "isv_svn": sig.isv_svn, "debug": sig.debug}))
+        click.echo(
+            json.dumps(
+                {
+                    "mrenclave": sig.mrenclave.hex(),
+                    "mrsigner": sig.mrsigner.hex(),
+                    "isv_prod_id": sig.isv_prod_id,
+                    "isv_svn": sig.isv_svn,
+                    "debug": sig.debug,
+                }
+            )
+        )
         return
     if runtime == Runtime.NATIVE.value:
         os.execv(sys.executable, [sys.executable, "-m", "tee", "--runtime", runtime, *ctx.args])
@@ -88,24 +110,53 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, gramine_dir: Path) 
 @main.command()
 @click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, help="Endpoint for the parties (CURVE).")
 @click.option("--enclave", "enclave_endpoint", default="tcp://127.0.0.1:5556", show_default=True)
-@click.option("--key-file", type=click.Path(path_type=Path), default=Path("server.key"), show_default=True,
-              help="Where to write the server's CURVE public key for the parties to pin.")
-@click.option("--state-dir", type=click.Path(path_type=Path),
-              help="Keep deployed models and the CURVE identity here, so a restart keeps serving them.")
+@click.option(
+    "--key-file",
+    type=click.Path(path_type=Path),
+    default=Path("server.key"),
+    show_default=True,
+    help="Where to write the server's CURVE public key for the parties to pin.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    help="Keep deployed models and the CURVE identity here, so a restart keeps serving them.",
+)
 @click.option("--ready-file", type=click.Path(path_type=Path), help="Write {endpoint, public_key} here once serving.")
 @click.option("--enclave-timeout", default=60.0, show_default=True, help="Seconds to wait for the enclave.")
 @click.option("--max-queue", default=32, show_default=True, help="Requests queued before new ones get 'busy'.")
-@click.option("--queue-timeout", default=60.0, show_default=True,
-              help="Seconds a request may wait in the queue before it is answered 'busy'.")
-@click.option("--spawn-enclave", is_flag=True,
-              help="Run the enclave as this server's child and restart it whenever it dies (ignores --enclave).")
-@click.option("--workers", type=int,
-              help="HE worker processes (lanes); 0 runs the HE work in the server process. Default: one per core.")
+@click.option(
+    "--queue-timeout",
+    default=60.0,
+    show_default=True,
+    help="Seconds a request may wait in the queue before it is answered 'busy'.",
+)
+@click.option(
+    "--spawn-enclave",
+    is_flag=True,
+    help="Run the enclave as this server's child and restart it whenever it dies (ignores --enclave).",
+)
+@click.option(
+    "--workers",
+    type=int,
+    help="HE worker processes (lanes); 0 runs the HE work in the server process. Default: one per core.",
+)
 @click.option("--ray", "ray_address", help="Run the HE work on a Ray cluster: its address, or 'local'.")
 @click.option("-v", "--verbose", is_flag=True)
-def server(bind: str, enclave_endpoint: str, key_file: Path, state_dir: Path | None, ready_file: Path | None,
-           enclave_timeout: float, max_queue: int, queue_timeout: float, spawn_enclave: bool, workers: int | None,
-           ray_address: str | None, verbose: bool) -> None:
+def server(
+    bind: str,
+    enclave_endpoint: str,
+    key_file: Path,
+    state_dir: Path | None,
+    ready_file: Path | None,
+    enclave_timeout: float,
+    max_queue: int,
+    queue_timeout: float,
+    spawn_enclave: bool,
+    workers: int | None,
+    ray_address: str | None,
+    verbose: bool,
+) -> None:
     """Run the untrusted server: CKKS linear layers, relaying to the enclave."""
     from parties.serving import ServerConfig, run_server
 
@@ -113,8 +164,19 @@ def server(bind: str, enclave_endpoint: str, key_file: Path, state_dir: Path | N
     stopping: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    config = ServerConfig(bind, enclave_endpoint, key_file, state_dir, ready_file, enclave_timeout, max_queue,
-                          queue_timeout, spawn_enclave, workers, ray_address)
+    config = ServerConfig(
+        bind,
+        enclave_endpoint,
+        key_file,
+        state_dir,
+        ready_file,
+        enclave_timeout,
+        max_queue,
+        queue_timeout,
+        spawn_enclave,
+        workers,
+        ray_address,
+    )
     click.echo(f"server starting on {bind}; its CURVE public key goes to {key_file}", err=True)
     run_server(config, lambda: bool(stopping))
 
@@ -151,19 +213,35 @@ def _client_options(f):
 
     options = [
         click.option("--server", "endpoint", required=True, help="The server's party endpoint, e.g. tcp://host:5555."),
-        click.option("--server-key", type=click.Path(exists=True, path_type=Path), required=True,
-                     help="The server's CURVE public key file to pin."),
-        click.option("--policy", "policy_file", type=click.Path(exists=True, path_type=Path),
-                     help="Verifier policy (TOML); the flags below override its keys."),
+        click.option(
+            "--server-key",
+            type=click.Path(exists=True, path_type=Path),
+            required=True,
+            help="The server's CURVE public key file to pin.",
+        ),
+        click.option(
+            "--policy",
+            "policy_file",
+            type=click.Path(exists=True, path_type=Path),
+            help="Verifier policy (TOML); the flags below override its keys.",
+        ),
         click.option("--mrenclave", help="Expected MRENCLAVE (hex)."),
         click.option("--mrsigner", help="Expected MRSIGNER (hex)."),
         click.option("--isv-prod-id", type=int, help="Expected ISV_PROD_ID."),
         click.option("--min-isv-svn", type=int, help="Lowest acceptable ISV_SVN."),
         click.option("--pccs-url", help="PCCS to fetch quote-verification collateral from."),
-        click.option("--allow-debug", is_flag=True, default=None,
-                     help="INSECURE: accept a debug enclave, whose memory the host can read."),
-        click.option("--allow-unattested", is_flag=True, default=None,
-                     help="DEVELOPMENT ONLY: accept an enclave that presents no SGX quote."),
+        click.option(
+            "--allow-debug",
+            is_flag=True,
+            default=None,
+            help="INSECURE: accept a debug enclave, whose memory the host can read.",
+        ),
+        click.option(
+            "--allow-unattested",
+            is_flag=True,
+            default=None,
+            help="DEVELOPMENT ONLY: accept an enclave that presents no SGX quote.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -178,18 +256,44 @@ def model_owner() -> None:
 @model_owner.command()
 @_client_options
 @click.option("--model", "model_spec", required=True, help="FILE.py:NAME or MODULE:NAME of an nn.Module or factory.")
-@click.option("--state-dict", type=click.Path(exists=True, path_type=Path), help="Weights (torch.save of a state_dict).")
+@click.option(
+    "--state-dict", type=click.Path(exists=True, path_type=Path), help="Weights (torch.save of a state_dict)."
+)
 @click.option("--input-shape", required=True, help="Input shape without batch axis, e.g. 1,8,8.")
-@click.option("--weights", type=click.Choice([f.value for f in WeightForm]), default="encrypted", show_default=True,
-              help="'plain' hands the server the weights in the clear.")
+@click.option(
+    "--weights",
+    type=click.Choice([f.value for f in WeightForm]),
+    default="encrypted",
+    show_default=True,
+    help="'plain' hands the server the weights in the clear.",
+)
 @click.option("--release", type=click.Choice([m.value for m in ReleaseMode]), default="logits", show_default=True)
 @click.option("--decimals", default=4, show_default=True, help="Precision of released logits.")
-@click.option("--batch", default=1, show_default=True,
-              help="Queries per request to plan for; above 1, layouts pack several queries per ciphertext.")
-@click.option("--plan", "plan_file", type=click.Path(exists=True, path_type=Path),
-              help="A plan file from `heclave plan`: its placements, weight form and batch size are used.")
-def deploy(endpoint: str, server_key: Path, policy: VerifierPolicy, model_spec: str, state_dict: Path | None,
-           input_shape: str, weights: str, release: str, decimals: int, batch: int, plan_file: Path | None) -> None:
+@click.option(
+    "--batch",
+    default=1,
+    show_default=True,
+    help="Queries per request to plan for; above 1, layouts pack several queries per ciphertext.",
+)
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(exists=True, path_type=Path),
+    help="A plan file from `heclave plan`: its placements, weight form and batch size are used.",
+)
+def deploy(
+    endpoint: str,
+    server_key: Path,
+    policy: VerifierPolicy,
+    model_spec: str,
+    state_dict: Path | None,
+    input_shape: str,
+    weights: str,
+    release: str,
+    decimals: int,
+    batch: int,
+    plan_file: Path | None,
+) -> None:
     """Plan a torch model and deploy it; prints the model id."""
     from parties.model_owner import ModelOwner
 
@@ -201,8 +305,14 @@ def deploy(endpoint: str, server_key: Path, policy: VerifierPolicy, model_spec: 
             raise click.BadParameter(f"{plan_file} is not a heclave plan file of format 1", param_hint="--plan")
         placements, weights, batch = chosen["placements"], chosen["weights"], chosen["batch"]
     owner = ModelOwner(endpoint, server_key, policy)
-    plan = owner.plan(_load_model(model_spec, state_dict), _shape(input_shape), weights,
-                      ReleasePolicy(ReleaseMode(release), decimals), batch=batch, placements=placements)
+    plan = owner.plan(
+        _load_model(model_spec, state_dict),
+        _shape(input_shape),
+        weights,
+        ReleasePolicy(ReleaseMode(release), decimals),
+        batch=batch,
+        placements=placements,
+    )
     click.echo(owner.deploy(plan))
 
 
@@ -214,11 +324,15 @@ def data_owner() -> None:
 @data_owner.command()
 @_client_options
 @click.option("--model-id", required=True)
-@click.option("--input", "input_file", type=click.Path(exists=True, path_type=Path), required=True,
-              help=".npy file: one input, or a batch along the first axis.")
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help=".npy file: one input, or a batch along the first axis.",
+)
 @click.option("--batch", default=1, show_default=True, help="Inputs sent per request.")
-def infer(endpoint: str, server_key: Path, policy: VerifierPolicy, model_id: str, input_file: Path,
-          batch: int) -> None:
+def infer(endpoint: str, server_key: Path, policy: VerifierPolicy, model_id: str, input_file: Path, batch: int) -> None:
     """Classify private inputs; prints one JSON result per input."""
     from parties.data_owner import DataOwner
 
@@ -239,8 +353,11 @@ def infer(endpoint: str, server_key: Path, policy: VerifierPolicy, model_id: str
 @click.option("--samples", default=100, show_default=True, help="Held-out digits to classify.")
 @click.option("--weights", type=click.Choice([f.value for f in WeightForm]), default="encrypted", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.option("--require-attestation", is_flag=True,
-              help="Use the default policy (SGX quote required) instead of accepting the development enclave.")
+@click.option(
+    "--require-attestation",
+    is_flag=True,
+    help="Use the default policy (SGX quote required) instead of accepting the development enclave.",
+)
 def demo(samples: int, weights: str, as_json: bool, require_attestation: bool) -> None:
     """Train a CNN on digits, start an enclave and a server, deploy, classify, report."""
     from parties.demo import run_demo
@@ -253,17 +370,36 @@ main.add_command(bench)
 
 @main.command()
 @click.argument("model_spec", metavar="MODEL")
-@click.option("--data", type=click.Choice(["digits"]), default="digits", show_default=True,
-              help="The attacker's auxiliary data and the images attacked (shipped with scikit-learn).")
+@click.option(
+    "--data",
+    type=click.Choice(["digits"]),
+    default="digits",
+    show_default=True,
+    help="The attacker's auxiliary data and the images attacked (shipped with scikit-learn).",
+)
 @click.option("--state-dict", type=click.Path(exists=True, path_type=Path), help="Weights for MODEL.")
 @click.option("--threshold", type=float, help="Mark the cuts whose best attack's SSIM is below this (owner's choice).")
-@click.option("--figure", "figure_path", type=click.Path(path_type=Path), default=Path("assessment.png"),
-              show_default=True, help="Where to write the PNG of reconstructions and SSIM against depth.")
+@click.option(
+    "--figure",
+    "figure_path",
+    type=click.Path(path_type=Path),
+    default=Path("assessment.png"),
+    show_default=True,
+    help="Where to write the PNG of reconstructions and SSIM against depth.",
+)
 @click.option("--epochs", default=60, show_default=True, help="Training epochs of the decoder attack.")
 @click.option("--steps", default=200, show_default=True, help="Gradient steps of the optimisation attack.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def assess(model_spec: str, data: str, state_dict: Path | None, threshold: float | None, figure_path: Path,
-           epochs: int, steps: int, as_json: bool) -> None:
+def assess(
+    model_spec: str,
+    data: str,
+    state_dict: Path | None,
+    threshold: float | None,
+    figure_path: Path,
+    epochs: int,
+    steps: int,
+    as_json: bool,
+) -> None:
     """Train inversion attacks on the feature map at every candidate cut of MODEL and report SSIM and PSNR.
 
     MODEL is FILE.py:NAME or MODULE:NAME, or `digits-cnn` to train the demo's CNN first.
@@ -273,14 +409,21 @@ def assess(model_spec: str, data: str, state_dict: Path | None, threshold: float
 
     from examples.digits import INPUT_SHAPE, digits_split, train_digits_cnn
     from plan import from_pytorch
-    from plan.assessment import Budget, assess as run_assessment, figure
+    from plan.assessment import Budget, figure
+    from plan.assessment import assess as run_assessment
 
     _logging(False)
     x_train, x_test, _, _ = digits_split()
     model = train_digits_cnn()[0] if model_spec == "digits-cnn" else _load_model(model_spec, state_dict)
     with Console(stderr=True).status("assessing") as status:
-        report = run_assessment(from_pytorch(model, INPUT_SHAPE), x_train, x_test,
-                                Budget(decoder_epochs=epochs, rmle_steps=steps), threshold, say=status.update)
+        report = run_assessment(
+            from_pytorch(model, INPUT_SHAPE),
+            x_train,
+            x_test,
+            Budget(decoder_epochs=epochs, rmle_steps=steps),
+            threshold,
+            say=status.update,
+        )
     figure(report, str(figure_path))
     public = {k: v for k, v in report.items() if k != "originals"}
     public["cuts"] = [{k: v for k, v in c.items() if k != "reconstructions"} for c in report["cuts"]]
@@ -293,50 +436,87 @@ def assess(model_spec: str, data: str, state_dict: Path | None, threshold: float
         table.add_column(column)
     for c in public["cuts"]:
         d, o = c["attacks"]["decoder"], c["attacks"]["optimisation"]
-        table.add_row(str(c["depth"]), c["cut"], str(c["feature_size"]), f"{d['ssim']:.2f} / {d['psnr_db']:.1f}",
-                      f"{o['ssim']:.2f} / {o['psnr_db']:.1f}", "-" if c["below_threshold"] is None
-                      else str(c["below_threshold"]))
+        table.add_row(
+            str(c["depth"]),
+            c["cut"],
+            str(c["feature_size"]),
+            f"{d['ssim']:.2f} / {d['psnr_db']:.1f}",
+            f"{o['ssim']:.2f} / {o['psnr_db']:.1f}",
+            "-" if c["below_threshold"] is None else str(c["below_threshold"]),
+        )
     Console().print(table)
     Console().print(public["note"])
 
 
 @main.command()
-@click.option("--enclave-factor", default=2.0, show_default=True,
-              help="Slowdown applied to enclave work (SGX overheads cannot be measured without SGX).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Where to store the costs (default: ~/.config/heclave/costs.json).")
+@click.option(
+    "--enclave-factor",
+    default=2.0,
+    show_default=True,
+    help="Slowdown applied to enclave work (SGX overheads cannot be measured without SGX).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to store the costs (default: ~/.config/heclave/costs.json).",
+)
 def calibrate(enclave_factor: float, out: Path | None) -> None:
     """Measure the cost model's unit costs on this machine and store them for `heclave plan`."""
-    from plan.calibration import DEFAULT_PATH, calibrate as measure
+    from plan.calibration import DEFAULT_PATH
+    from plan.calibration import calibrate as measure
 
     with click.progressbar(length=1, label="measuring", file=sys.stderr) as bar:
         calibration = measure(enclave_factor)
         bar.update(1)
     path = out or DEFAULT_PATH
     calibration.save(path)
-    click.echo(json.dumps({"path": str(path), "he": calibration.he.__dict__, "plaintext": calibration.plaintext.__dict__}))
+    click.echo(
+        json.dumps({"path": str(path), "he": calibration.he.__dict__, "plaintext": calibration.plaintext.__dict__})
+    )
 
 
 @main.command("plan")
 @click.argument("model_spec", metavar="MODEL")
 @click.option("--input-shape", default="1,8,8", show_default=True)
 @click.option("--state-dict", type=click.Path(exists=True, path_type=Path))
-@click.option("--protect", default="input,weights", show_default=True,
-              help="What the server must not see: any of input, weights (comma-separated; empty for nothing).")
-@click.option("--ssim-threshold", type=float,
-              help="Allow plain layers after cuts whose best inversion attack scores below this SSIM (runs "
-                   "`heclave assess` on digits). Without it, protecting the input forbids plain layers.")
-@click.option("--enclave-budget", default=1.0, show_default=True,
-              help="Largest predicted share of compute the enclave may do (its work counted with the SGX "
-                   "slowdown factor of the calibration); lower it to keep the scarce enclave free.")
+@click.option(
+    "--protect",
+    default="input,weights",
+    show_default=True,
+    help="What the server must not see: any of input, weights (comma-separated; empty for nothing).",
+)
+@click.option(
+    "--ssim-threshold",
+    type=float,
+    help="Allow plain layers after cuts whose best inversion attack scores below this SSIM (runs "
+    "`heclave assess` on digits). Without it, protecting the input forbids plain layers.",
+)
+@click.option(
+    "--enclave-budget",
+    default=1.0,
+    show_default=True,
+    help="Largest predicted share of compute the enclave may do (its work counted with the SGX "
+    "slowdown factor of the calibration); lower it to keep the scarce enclave free.",
+)
 @click.option("--weights", type=click.Choice([f.value for f in WeightForm]), default="encrypted", show_default=True)
 @click.option("--batch", default=1, show_default=True)
 @click.option("--calibration", type=click.Path(path_type=Path), help="Costs from `heclave calibrate`.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the plan file the deployment uses.")
 @click.option("--json", "as_json", is_flag=True)
-def plan_command(model_spec: str, input_shape: str, state_dict: Path | None, protect: str,
-                 ssim_threshold: float | None, enclave_budget: float, weights: str, batch: int,
-                 calibration: Path | None, out: Path | None, as_json: bool) -> None:
+def plan_command(
+    model_spec: str,
+    input_shape: str,
+    state_dict: Path | None,
+    protect: str,
+    ssim_threshold: float | None,
+    enclave_budget: float,
+    weights: str,
+    batch: int,
+    calibration: Path | None,
+    out: Path | None,
+    as_json: bool,
+) -> None:
     """The cheapest placement of every layer of MODEL that meets the protections asked for."""
     from examples.digits import digits_split, train_digits_cnn
     from plan import from_pytorch
@@ -351,7 +531,8 @@ def plan_command(model_spec: str, input_shape: str, state_dict: Path | None, pro
     imported = from_pytorch(model, shape)
     cut_ssim = None
     if ssim_threshold is not None:
-        from plan.assessment import Budget, assess as run_assessment
+        from plan.assessment import Budget
+        from plan.assessment import assess as run_assessment
 
         x_train, x_test, _, _ = digits_split()
         report = run_assessment(imported, x_train, x_test, Budget(decoder_epochs=20, rmle_steps=100))

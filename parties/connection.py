@@ -58,7 +58,7 @@ class AttestedConnection:
     def close(self) -> None:
         self.client.close()
 
-    def __enter__(self) -> "AttestedConnection":
+    def __enter__(self) -> AttestedConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -67,7 +67,11 @@ class DataOwner:
     """Sends private inputs to a deployed model; only this owner can open the results."""
 
     def __init__(
-        self, endpoint: str, server_key: bytes | Path, policy: VerifierPolicy = VerifierPolicy(), timeout_s: float = 120.0
+        self,
+        endpoint: str,
+        server_key: bytes | Path,
+        policy: VerifierPolicy = VerifierPolicy(),
+        timeout_s: float = 120.0,
     ) -> None:
         self.connection = AttestedConnection(endpoint, server_key, policy, timeout_s)
         self._graphs: dict[str, ModelGraph] = {}
@@ -132,7 +136,9 @@ class DataOwner:
         authorisation: dict = {"model_id": model_id}
         first = graph.stages[0].placement
         if first is Placement.HE:
-            frames = [self.connection.public_context.encrypt(row) for row in graph.stages[0].geometry.gather_batch(flat)]
+            frames = [
+                self.connection.public_context.encrypt(row) for row in graph.stages[0].geometry.gather_batch(flat)
+            ]
         elif first is Placement.PLAIN:
             log.warning("model %s starts with a plain layer: the server sees this input", model_id)
             frames = [flat.tobytes()]

@@ -29,8 +29,9 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else 0.0
 
 
-def _summarise(samples: int, plain_logits: np.ndarray, labels: np.ndarray, inferences: list, deploy_s: float,
-               weights: WeightForm) -> dict:
+def _summarise(
+    samples: int, plain_logits: np.ndarray, labels: np.ndarray, inferences: list, deploy_s: float, weights: WeightForm
+) -> dict:
     enc_logits = np.stack([inf.logits for inf in inferences])
     he_ms = sum(inf.server["he_ms"] for inf in inferences)
     enclave_ms = sum(inf.server["enclave_ms"] for inf in inferences)
@@ -88,8 +89,10 @@ def run_demo(samples: int, weights: WeightForm, as_json: bool, require_attestati
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
     policy = VerifierPolicy() if require_attestation else DEVELOPMENT_POLICY
     if not require_attestation:
-        console.print("[bold yellow]DEVELOPMENT RUN[/]: the enclave runs natively and presents no SGX quote; "
-                      "the owners accept it only because this is a demo.")
+        console.print(
+            "[bold yellow]DEVELOPMENT RUN[/]: the enclave runs natively and presents no SGX quote; "
+            "the owners accept it only because this is a demo."
+        )
     with console.status("model owner: training a CNN on scikit-learn's digits"):
         model, x_test, y_test = train_digits_cnn()
     count = min(samples, len(x_test))

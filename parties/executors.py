@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from he.linear import OpCounter
 from protocol.messages import Message
@@ -35,8 +35,9 @@ class Executor(ABC):
     lanes: int
 
     @abstractmethod
-    def evaluate(self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int,
-                 source: BundleSource) -> tuple[list[bytes], OpCounter]:
+    def evaluate(
+        self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int, source: BundleSource
+    ) -> tuple[list[bytes], OpCounter]:
         """Serialised outputs of the stage and the homomorphic operations it took."""
 
     def close(self) -> None:
@@ -51,8 +52,9 @@ class InlineExecutor(Executor):
     def __init__(self) -> None:
         self._worker = HeWorker()
 
-    def evaluate(self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int,
-                 source: BundleSource) -> tuple[list[bytes], OpCounter]:
+    def evaluate(
+        self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int, source: BundleSource
+    ) -> tuple[list[bytes], OpCounter]:
         if not self._worker.has(model_id):
             self._worker.install(*source())
         return self._worker.evaluate(model_id, stage, inputs, batch)
@@ -76,8 +78,9 @@ class ProcessExecutor(Executor):
             clients[lane] = (Client(self._endpoints[lane], timeout_s=self._timeout_s), set())
         return clients[lane]
 
-    def evaluate(self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int,
-                 source: BundleSource) -> tuple[list[bytes], OpCounter]:
+    def evaluate(
+        self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int, source: BundleSource
+    ) -> tuple[list[bytes], OpCounter]:
         client, installed = self._lane(lane)
         if model_id not in installed:
             bundle, public = source()

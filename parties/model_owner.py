@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import msgpack
 import numpy as np
@@ -28,7 +28,11 @@ class ModelOwner:
     """Deploys models to a server whose enclave passed this owner's policy."""
 
     def __init__(
-        self, endpoint: str, server_key: bytes | Path, policy: VerifierPolicy = VerifierPolicy(), timeout_s: float = 600.0
+        self,
+        endpoint: str,
+        server_key: bytes | Path,
+        policy: VerifierPolicy = VerifierPolicy(),
+        timeout_s: float = 600.0,
     ) -> None:
         self.connection = AttestedConnection(endpoint, server_key, policy, timeout_s)
 
@@ -45,7 +49,13 @@ class ModelOwner:
         """Import and plan ``model`` for the enclave's CKKS parameters (``batch``: see :func:`plan.plan_model`)."""
         params = self.connection.public_context.params
         return plan_pytorch(
-            model, input_shape, weight_form=weights, release=release, params=params, name=name, batch=batch,
+            model,
+            input_shape,
+            weight_form=weights,
+            release=release,
+            params=params,
+            name=name,
+            batch=batch,
             placements=placements,
         )
 
@@ -85,8 +95,11 @@ class ModelOwner:
             placement = stage.placement
             encrypted = placement is Placement.HE and graph.weight_form is WeightForm.ENCRYPTED
             if placement in (Placement.PLAIN, Placement.BLINDED) or (placement is Placement.HE and not encrypted):
-                log.warning("stage %s: the server will hold its weights in the clear (%s)", stage.out_shape,
-                            placement.value if placement is not Placement.HE else "plain weights")
+                log.warning(
+                    "stage %s: the server will hold its weights in the clear (%s)",
+                    stage.out_shape,
+                    placement.value if placement is not Placement.HE else "plain weights",
+                )
             if encrypted:
                 mask, cts = encrypt_weights(context, stage.geometry, w, support)
                 masks.append(np.packbits(mask.ravel()).tobytes())

@@ -145,7 +145,7 @@ class Cluster:
         self.server_key_file = self.workdir / "server.key"
         self._stopping = False
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         self.start()
         return self
 
@@ -162,8 +162,16 @@ class Cluster:
 
     def _server_args(self, bind: str) -> list[str]:
         return [
-            "parties.cli", "server", "--bind", bind, "--enclave", self.enclave_endpoint,
-            "--key-file", str(self.server_key_file), "--state-dir", str(self.workdir / "server-state"),
+            "parties.cli",
+            "server",
+            "--bind",
+            bind,
+            "--enclave",
+            self.enclave_endpoint,
+            "--key-file",
+            str(self.server_key_file),
+            "--state-dir",
+            str(self.workdir / "server-state"),
             *self.server_args,
         ]
 

@@ -65,8 +65,9 @@ class RayExecutor(Executor):
                 self._bundles[model_id] = (self._ray.put(bundle.to_bytes()), self._ray.put(public))
             return self._bundles[model_id]
 
-    def evaluate(self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int,
-                 source: BundleSource) -> tuple[list[bytes], OpCounter]:
+    def evaluate(
+        self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int, source: BundleSource
+    ) -> tuple[list[bytes], OpCounter]:
         actor = self._actors[lane]
         if model_id not in self._installed[lane]:
             bundle_ref, public_ref = self._bundle_ref(model_id, source)

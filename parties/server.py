@@ -43,10 +43,9 @@ class Deployment:
     matrices: dict[int, SparseMatrix]
 
     @classmethod
-    def of(cls, graph: ModelGraph, bundle: Bundle) -> "Deployment":
+    def of(cls, graph: ModelGraph, bundle: Bundle) -> Deployment:
         matrices = {}
-        for i, (stage, (_, frames)) in enumerate(zip(graph.stages, split_weights(graph, bundle.masks,
-                                                                                   bundle.weights))):
+        for i, (stage, (_, frames)) in enumerate(zip(graph.stages, split_weights(graph, bundle.masks, bundle.weights))):
             if stage.placement in (Placement.PLAIN, Placement.BLINDED):
                 dtype = "f8" if stage.placement is Placement.PLAIN else "i8"
                 matrices[i] = SparseMatrix.from_bytes(frames[0], (stage.geometry.rows, stage.geometry.cols), dtype)
@@ -81,8 +80,13 @@ class Server:
     a lane runs on that lane's worker (``parties.executors``).
     """
 
-    def __init__(self, enclave_endpoint: str, executor: Executor, store: BundleStore | None = None,
-                 enclave_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        enclave_endpoint: str,
+        executor: Executor,
+        store: BundleStore | None = None,
+        enclave_timeout_s: float = 60.0,
+    ) -> None:
         self.enclave_endpoint, self.enclave_timeout_s = enclave_endpoint, enclave_timeout_s
         self.executor = executor
         self._base: bytes | None = None
@@ -151,7 +155,9 @@ class Server:
         graph = ModelGraph.from_bytes(graph_bytes)
         masks = field_of(request.content, "masks", list)
         if not request.buffers:
-            raise ProtocolError("'deploy' carries the owner's sealed envelope as its first buffer.", ErrorCode.BAD_FIELD)
+            raise ProtocolError(
+                "'deploy' carries the owner's sealed envelope as its first buffer.", ErrorCode.BAD_FIELD
+            )
         envelope, weights = request.buffers[0], list(request.buffers[1:])
         # The weights are checked before the enclave registers anything.
         build_kernels(graph, PublicContext.from_bytes(self._public()).toolkit, masks, weights)
@@ -205,8 +211,16 @@ class Server:
                 return request.reply({"result": reply.content["result"], "stats": stats.to_wire()})
             index, frames = int(reply.content["next"]), list(reply.buffers)
 
-    def _server_stage(self, lane: int, model_id: str, deployment: Deployment, index: int, frames: list[bytes],
-                      batch: int, stats: RequestStats) -> tuple[int, str, list[bytes]]:
+    def _server_stage(
+        self,
+        lane: int,
+        model_id: str,
+        deployment: Deployment,
+        index: int,
+        frames: list[bytes],
+        batch: int,
+        stats: RequestStats,
+    ) -> tuple[int, str, list[bytes]]:
         """Run the server's part from stage ``index``: what to hand the enclave, and for which stage."""
         stages = deployment.graph.stages
         stage = stages[index]
@@ -228,4 +242,3 @@ class Server:
             if index + 1 == len(stages) or stages[index + 1].placement is not Placement.PLAIN:
                 return index, "plain", [np.ascontiguousarray(xs, dtype="<f8").tobytes()]
             index += 1
-

@@ -21,9 +21,9 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import zmq
 
@@ -82,8 +82,15 @@ class _Job:
 class _Lane(threading.Thread):
     """Takes queued requests, runs them through the server on its lane, and hands the replies back."""
 
-    def __init__(self, lane: int, server: Server, jobs: queue.Queue, reply_endpoint: str, context: zmq.Context,
-                 queue_timeout_s: float) -> None:
+    def __init__(
+        self,
+        lane: int,
+        server: Server,
+        jobs: queue.Queue,
+        reply_endpoint: str,
+        context: zmq.Context,
+        queue_timeout_s: float,
+    ) -> None:
         super().__init__(name=f"lane-{lane}", daemon=True)
         self.lane, self.server, self.jobs, self.queue_timeout_s = lane, server, jobs, queue_timeout_s
         self.replies = context.socket(zmq.PUSH)
@@ -96,8 +103,9 @@ class _Lane(threading.Thread):
             if job is None:
                 break
             if time.monotonic() - job.queued_at > self.queue_timeout_s:
-                busy = HeclaveError("The server is busy: the request waited too long in its queue; retry later.",
-                                    ErrorCode.BUSY)
+                busy = HeclaveError(
+                    "The server is busy: the request waited too long in its queue; retry later.", ErrorCode.BUSY
+                )
                 frames = encode(error_message(busy, job.request.id))
             else:
                 frames = handle_frames(encode(job.request), handler)
@@ -156,8 +164,7 @@ def _serve(config: ServerConfig, executor: Executor, should_stop: Callable[[], b
     if config.ready_file:
         ready = {"endpoint": endpoint, "public_key": keys.public.decode(), **status}
         write_atomic(config.ready_file, json.dumps(ready).encode())
-    log.info("listening on %s with %d lane(s); CURVE public key written to %s", endpoint, len(lanes),
-             config.key_file)
+    log.info("listening on %s with %d lane(s); CURVE public key written to %s", endpoint, len(lanes), config.key_file)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(replies, zmq.POLLIN)
@@ -190,7 +197,5 @@ def _admit(identity: bytes, frames: list[bytes], jobs: queue.Queue) -> list[byte
     except HeclaveError as exc:
         return encode(error_message(exc, try_parse_id(frames)))
     except queue.Full:
-        busy = HeclaveError(
-            f"The server is busy ({jobs.maxsize} requests queued); retry in a moment.", ErrorCode.BUSY
-        )
+        busy = HeclaveError(f"The server is busy ({jobs.maxsize} requests queued); retry in a moment.", ErrorCode.BUSY)
         return encode(error_message(busy, try_parse_id(frames)))

@@ -115,8 +115,9 @@ class HeWorker:
             self._base = PublicContext.from_bytes(public_context)
         graph = ModelGraph.from_bytes(bundle.graph)
         kernels = build_kernels(graph, self._base.toolkit, bundle.masks, list(bundle.weights))
-        self._models[bundle.model_id] = _Installed(self._base.with_galois(bundle.galois_keys, bundle.galois_steps),
-                                                   kernels)
+        self._models[bundle.model_id] = _Installed(
+            self._base.with_galois(bundle.galois_keys, bundle.galois_steps), kernels
+        )
 
     def evaluate(self, model_id: str, stage: int, inputs: list[bytes], batch: int) -> tuple[list[bytes], OpCounter]:
         """One layer over every ciphertext group of a batch: serialised outputs and the operations done."""

@@ -18,8 +18,8 @@ and the model owner sets the threshold.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -91,8 +91,9 @@ def _decoder_attack(view, x_train, x_test, shape, budget: Budget) -> np.ndarray:
         f_train, f_test = view(x_train), view(x_test)
     mean, std = f_train.mean(0), f_train.std(0) + 1e-6
     n = int(np.prod(shape))
-    decoder = nn.Sequential(nn.Linear(f_train.shape[1], budget.decoder_hidden), nn.ReLU(),
-                            nn.Linear(budget.decoder_hidden, n), nn.Sigmoid()).double()
+    decoder = nn.Sequential(
+        nn.Linear(f_train.shape[1], budget.decoder_hidden), nn.ReLU(), nn.Linear(budget.decoder_hidden, n), nn.Sigmoid()
+    ).double()
     optimiser = torch.optim.Adam(decoder.parameters(), lr=3e-3)
     target = x_train.reshape(len(x_train), -1)
     generator = torch.Generator().manual_seed(budget.seed)
@@ -120,8 +121,14 @@ def _optimisation_attack(view, x_test, shape, budget: Budget) -> np.ndarray:
     return torch.sigmoid(logits).detach().numpy()
 
 
-def assess(imported: ImportedModel, x_train: np.ndarray, x_test: np.ndarray, budget: Budget = Budget(),
-           threshold: float | None = None, say: Callable[[str], None] = lambda _: None) -> dict:
+def assess(
+    imported: ImportedModel,
+    x_train: np.ndarray,
+    x_test: np.ndarray,
+    budget: Budget = Budget(),
+    threshold: float | None = None,
+    say: Callable[[str], None] = lambda _: None,
+) -> dict:
     """SSIM and PSNR of both attacks at every cut; reconstructions kept for the figure."""
     shape = imported.input_shape
     train = torch.as_tensor(x_train, dtype=torch.float64)
@@ -130,8 +137,10 @@ def assess(imported: ImportedModel, x_train: np.ndarray, x_test: np.ndarray, bud
     cuts = []
     for depth, (name, view) in enumerate(cut_functions(imported)):
         say(f"cut {depth}: {name}")
-        attacks = {"decoder": _decoder_attack(view, train, test, shape, budget),
-                   "optimisation": _optimisation_attack(view, test, shape, budget)}
+        attacks = {
+            "decoder": _decoder_attack(view, train, test, shape, budget),
+            "optimisation": _optimisation_attack(view, test, shape, budget),
+        }
         scores = {
             attack: {
                 "ssim": float(np.mean([ssim(o, r) for o, r in zip(originals, recon)])),
@@ -140,22 +149,33 @@ def assess(imported: ImportedModel, x_train: np.ndarray, x_test: np.ndarray, bud
             for attack, recon in attacks.items()
         }
         worst = max(s["ssim"] for s in scores.values())
-        cuts.append({
-            "depth": depth,
-            "cut": name,
-            "feature_size": int(view(test[:1]).shape[1]),
-            "attacks": scores,
-            "max_ssim": worst,
-            "below_threshold": None if threshold is None else worst < threshold,
-            "reconstructions": {k: v[:4] for k, v in attacks.items()},
-        })
+        cuts.append(
+            {
+                "depth": depth,
+                "cut": name,
+                "feature_size": int(view(test[:1]).shape[1]),
+                "attacks": scores,
+                "max_ssim": worst,
+                "below_threshold": None if threshold is None else worst < threshold,
+                "reconstructions": {k: v[:4] for k, v in attacks.items()},
+            }
+        )
     return {
         "attacks": [
-            {"name": "decoder", "kind": "learned inversion network (black box, auxiliary data)",
-             "budget": {"epochs": budget.decoder_epochs, "hidden": budget.decoder_hidden,
-                        "training_images": len(x_train)}},
-            {"name": "optimisation", "kind": "white-box reconstruction (rMLE) with a total-variation prior",
-             "budget": {"steps": budget.rmle_steps, "images": len(originals)}},
+            {
+                "name": "decoder",
+                "kind": "learned inversion network (black box, auxiliary data)",
+                "budget": {
+                    "epochs": budget.decoder_epochs,
+                    "hidden": budget.decoder_hidden,
+                    "training_images": len(x_train),
+                },
+            },
+            {
+                "name": "optimisation",
+                "kind": "white-box reconstruction (rMLE) with a total-variation prior",
+                "budget": {"steps": budget.rmle_steps, "images": len(originals)},
+            },
         ],
         "threshold": threshold,
         "note": "No cut is safe by default: the model owner chooses the SSIM threshold.",

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from statistics import median
-from typing import Callable
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -52,18 +52,20 @@ class Calibration:
         path.write_text(json.dumps(data, indent=2))
 
     @classmethod
-    def load(cls, path: Path = DEFAULT_PATH) -> "Calibration":
+    def load(cls, path: Path = DEFAULT_PATH) -> Calibration:
         """The stored calibration, or the built-in defaults when there is none."""
         if not path.exists():
             return cls(UnitCosts(), PlaintextCosts())
         data = json.loads(path.read_text())
         if data.get("format") != CALIBRATION_FORMAT:
-            raise PlanError(f"{path} has calibration format {data.get('format')!r}, this version reads "
-                            f"{CALIBRATION_FORMAT}; run `heclave calibrate` again.")
+            raise PlanError(
+                f"{path} has calibration format {data.get('format')!r}, this version reads "
+                f"{CALIBRATION_FORMAT}; run `heclave calibrate` again."
+            )
         he = {f.name: float(data["he"][f.name]) for f in fields(UnitCosts) if f.name in data["he"]}
         return cls(UnitCosts(**he), PlaintextCosts(**data["plaintext"]))
 
-    def with_enclave_factor(self, factor: float) -> "Calibration":
+    def with_enclave_factor(self, factor: float) -> Calibration:
         values = asdict(self.he) | {"enclave_factor": factor}
         return Calibration(UnitCosts(**values), self.plaintext)
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch.nn as nn
 
-from he.context import CkksParams
 from he.blinding import weight_scale
+from he.context import CkksParams
 from he.graph import ModelGraph, Placement, ReleasePolicy, Stage
 from he.layout import UnitCosts, choose_layout, unused_layout
 from he.linear import WeightForm
@@ -65,9 +65,11 @@ def plan_model(
     if batch < 1:
         raise PlanError(f"The batch size must be at least 1, got {batch}.")
     form = WeightForm.parse(weight_form) if isinstance(weight_form, str) else weight_form
-    chosen = [Placement.HE] * len(imported.stages) if placements is None else [
-        Placement.parse(p) if isinstance(p, str) else p for p in placements
-    ]
+    chosen = (
+        [Placement.HE] * len(imported.stages)
+        if placements is None
+        else [Placement.parse(p) if isinstance(p, str) else p for p in placements]
+    )
     if len(chosen) != len(imported.stages):
         raise PlanError(f"The model has {len(imported.stages)} stages but {len(chosen)} placements were given.")
     stages, weights, supports = [], [], []

@@ -34,8 +34,9 @@ class Prediction:
         return self.enclave_ms / max(self.latency_ms, 1e-12)
 
 
-def stage_costs(imported: ImportedModel, calibration: Calibration, form: WeightForm,
-                batch: int = 1, slots: int = 4096) -> list[dict[Placement, tuple[float, float]]]:
+def stage_costs(
+    imported: ImportedModel, calibration: Calibration, form: WeightForm, batch: int = 1, slots: int = 4096
+) -> list[dict[Placement, tuple[float, float]]]:
     """(server ms, enclave ms) of every stage under every placement."""
     he, plain = calibration.he, calibration.plaintext
     costs = []
@@ -43,22 +44,27 @@ def stage_costs(imported: ImportedModel, calibration: Calibration, form: WeightF
         nnz = int(affine.support.sum())
         layout = choose_layout(affine.support, slots, form is WeightForm.ENCRYPTED, he, batch)
         mac, field = nnz * plain.sparse_mac_ns / 1e6, nnz * plain.field_mac_ns / 1e6
-        costs.append({
-            Placement.HE: estimate_parts(layout, form is WeightForm.ENCRYPTED, he, batch),
-            Placement.ENCLAVE: (0.0, he.enclave_factor * mac),
-            Placement.BLINDED: (field, he.enclave_factor * field),
-            Placement.PLAIN: (mac, 0.0),
-        })
+        costs.append(
+            {
+                Placement.HE: estimate_parts(layout, form is WeightForm.ENCRYPTED, he, batch),
+                Placement.ENCLAVE: (0.0, he.enclave_factor * mac),
+                Placement.BLINDED: (field, he.enclave_factor * field),
+                Placement.PLAIN: (mac, 0.0),
+            }
+        )
     return costs
 
 
-def allowed(stage: int, protect: set[str], form: WeightForm, cut_ssim: dict[int, float] | None,
-            threshold: float | None) -> list[Placement]:
+def allowed(
+    stage: int, protect: set[str], form: WeightForm, cut_ssim: dict[int, float] | None, threshold: float | None
+) -> list[Placement]:
     """The placements stage ``stage`` may take under the protections asked for."""
     options = []
     for placement in Placement:
-        if "weights" in protect and (placement in (Placement.PLAIN, Placement.BLINDED)
-                                     or (placement is Placement.HE and form is WeightForm.PLAIN)):
+        if "weights" in protect and (
+            placement in (Placement.PLAIN, Placement.BLINDED)
+            or (placement is Placement.HE and form is WeightForm.PLAIN)
+        ):
             continue
         if "input" in protect and placement is Placement.PLAIN:
             # A plain stage shows the server the activation entering it: cut depth ``stage``.
@@ -68,16 +74,25 @@ def allowed(stage: int, protect: set[str], form: WeightForm, cut_ssim: dict[int,
     return options
 
 
-def cheapest(imported: ImportedModel, protect: set[str], calibration: Calibration, form: WeightForm,
-             enclave_budget: float, cut_ssim: dict[int, float] | None = None, threshold: float | None = None,
-             batch: int = 1) -> Prediction:
+def cheapest(
+    imported: ImportedModel,
+    protect: set[str],
+    calibration: Calibration,
+    form: WeightForm,
+    enclave_budget: float,
+    cut_ssim: dict[int, float] | None = None,
+    threshold: float | None = None,
+    batch: int = 1,
+) -> Prediction:
     """The lowest predicted latency among the plans that meet ``protect`` and the enclave budget."""
     unknown = protect - set(PROTECTIONS)
     if unknown:
         raise PlanError(f"Unknown protections {sorted(unknown)}; choose from {', '.join(PROTECTIONS)}.")
     if len(imported.stages) > MAX_EXHAUSTIVE_STAGES:
-        raise PlanError(f"Planning searches every placement of up to {MAX_EXHAUSTIVE_STAGES} stages; "
-                        f"this model has {len(imported.stages)}. Give placements explicitly.")
+        raise PlanError(
+            f"Planning searches every placement of up to {MAX_EXHAUSTIVE_STAGES} stages; "
+            f"this model has {len(imported.stages)}. Give placements explicitly."
+        )
     costs = stage_costs(imported, calibration, form, batch)
     choices = [allowed(i, protect, form, cut_ssim, threshold) for i in range(len(costs))]
     best: Prediction | None = None

@@ -126,7 +126,9 @@ def accept_owner_session(identity: X25519PrivateKey, owner_public: bytes, eviden
     """The enclave's side of a session an owner opened with its public key."""
     shared = identity.exchange(load_public(owner_public))
     enclave_public = raw_public(identity.public_key())
-    to_enclave, to_owner, confirm, sid, digest = _derive(shared, transcript(owner_public, enclave_public, evidence_hash))
+    to_enclave, to_owner, confirm, sid, digest = _derive(
+        shared, transcript(owner_public, enclave_public, evidence_hash)
+    )
     return Session(sid, to_owner, to_enclave, TO_OWNER, confirm, digest)
 
 

@@ -55,14 +55,16 @@ class Evidence:
         }
 
     @classmethod
-    def from_wire(cls, data: Any) -> "Evidence":
+    def from_wire(cls, data: Any) -> Evidence:
         if not isinstance(data, dict):
             raise AttestationError("Evidence must be a map with runtime, identity_public, report_data and quote.")
         try:
             runtime = Runtime(data.get("runtime"))
         except ValueError:
             valid = ", ".join(r.value for r in Runtime)
-            raise AttestationError(f"Unknown evidence runtime {data.get('runtime')!r}; expected one of {valid}.") from None
+            raise AttestationError(
+                f"Unknown evidence runtime {data.get('runtime')!r}; expected one of {valid}."
+            ) from None
         fields = [data.get(k) for k in ("identity_public", "report_data", "quote")]
         if not all(isinstance(f, bytes) for f in fields):
             raise AttestationError("Evidence fields identity_public, report_data and quote must be bytes.")
@@ -88,7 +90,7 @@ class QuoteFields:
     report_data: bytes
 
     @classmethod
-    def parse(cls, quote: bytes) -> "QuoteFields":
+    def parse(cls, quote: bytes) -> QuoteFields:
         if len(quote) < 432:
             raise AttestationError(f"Quote of {len(quote)} bytes is too short to hold an SGX report body (432 bytes).")
         flags = int.from_bytes(quote[96:104], "little")
@@ -115,7 +117,7 @@ class VerifierPolicy:
     allowed_tcb: tuple[str, ...] = ("UpToDate",)
 
     @classmethod
-    def from_toml(cls, path: Path, **overrides: Any) -> "VerifierPolicy":
+    def from_toml(cls, path: Path, **overrides: Any) -> VerifierPolicy:
         """Read a policy file; keyword ``overrides`` (from CLI flags, ``None`` = unset) win."""
         try:
             data = tomllib.loads(path.read_text())
@@ -130,8 +132,9 @@ class VerifierPolicy:
         return cls.from_mapping(data)
 
     @classmethod
-    def from_mapping(cls, data: dict[str, Any]) -> "VerifierPolicy":
+    def from_mapping(cls, data: dict[str, Any]) -> VerifierPolicy:
         """A policy from plain values: measurements as hex strings, the rest as in the dataclass."""
+
         def measurement(name: str) -> bytes | None:
             value = data.get(name)
             if value is None or isinstance(value, bytes):

@@ -10,8 +10,9 @@ carries the id of the request it answers in ``parent`` (as jupyter_client's
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import msgpack
 
@@ -35,15 +36,15 @@ class Message:
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     parent: str | None = None
 
-    def reply(self, content: dict[str, Any] | None = None, buffers: Sequence[bytes] = ()) -> "Message":
+    def reply(self, content: dict[str, Any] | None = None, buffers: Sequence[bytes] = ()) -> Message:
         """An ``ok`` reply to this message."""
         return Message(OK, content or {}, tuple(buffers), parent=self.id)
 
-    def error_reply(self, error: HeclaveError) -> "Message":
+    def error_reply(self, error: HeclaveError) -> Message:
         """An ``error`` reply carrying the error's stable code and sentence."""
         return error_message(error, parent=self.id)
 
-    def raise_for_error(self) -> "Message":
+    def raise_for_error(self) -> Message:
         """Raise the remote error if this is an error reply; return self otherwise."""
         if self.type == ERROR:
             raise error_from_reply(str(self.content.get("code")), str(self.content.get("message")))
@@ -98,7 +99,9 @@ def decode(frames: Sequence[bytes]) -> Message:
     kind, mid, parent = header.get("type"), header.get("id"), header.get("parent")
     content, nbuf = header.get("content", {}), header.get("nbuf")
     if not isinstance(kind, str) or not isinstance(mid, str) or not (parent is None or isinstance(parent, str)):
-        raise ProtocolError("Header fields 'type' and 'id' must be strings, 'parent' a string or nil.", ErrorCode.BAD_FIELD)
+        raise ProtocolError(
+            "Header fields 'type' and 'id' must be strings, 'parent' a string or nil.", ErrorCode.BAD_FIELD
+        )
     if not isinstance(content, dict):
         raise ProtocolError("Header field 'content' must be a map.", ErrorCode.BAD_FIELD)
     if not isinstance(nbuf, int) or nbuf != len(frames) - 1:

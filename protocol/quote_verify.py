@@ -82,8 +82,9 @@ def verify_quote_signature(
             f"({_first_line(exc)}). Do not send anything to this enclave."
         ) from None
     if report.advisory_ids:
-        log.warning("the enclave's platform (TCB status %s) is affected by %s", report.status,
-                    ", ".join(report.advisory_ids))
+        log.warning(
+            "the enclave's platform (TCB status %s) is affected by %s", report.status, ", ".join(report.advisory_ids)
+        )
     return report.status
 
 
@@ -103,7 +104,7 @@ def _fetch_collateral(dcap_qvl, url: str, quote: bytes, timeout_s: float):
             with ThreadPoolExecutor(1) as pool:
                 return pool.submit(asyncio.run, fetch()).result()
         return asyncio.run(fetch())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise AttestationError(
             f"quote signature: no collateral from {url} within {timeout_s:g} s. Check that the PCCS is "
             "running and reachable, or name another with pccs_url in the policy (--pccs-url)."

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import zmq
 
@@ -34,7 +34,7 @@ class CurveKeys:
     secret: bytes
 
     @classmethod
-    def generate(cls) -> "CurveKeys":
+    def generate(cls) -> CurveKeys:
         public, secret = zmq.curve_keypair()
         return cls(public, secret)
 
@@ -101,7 +101,7 @@ class Client:
     def close(self) -> None:
         self._socket.close(linger=0)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -154,8 +154,12 @@ def handle_frames(frames: list[bytes], handler: Handler) -> list[bytes]:
     return encode(reply)
 
 
-def serve(sock: zmq.Socket, handler: Handler, should_stop: Callable[[], bool] = lambda: False,
-          idle: Callable[[], bool] = lambda: False) -> None:
+def serve(
+    sock: zmq.Socket,
+    handler: Handler,
+    should_stop: Callable[[], bool] = lambda: False,
+    idle: Callable[[], bool] = lambda: False,
+) -> None:
     """Answer requests on a bound ROUTER socket until ``should_stop`` returns true.
 
     Between requests ``idle`` may do background work in small steps; it returns

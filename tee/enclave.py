@@ -108,14 +108,17 @@ class Enclave:
         graph_bytes = field_of(request.content, "graph", bytes)
         session = self._session(request.content)
         if len(request.buffers) != 1:
-            raise ProtocolError("'register_model' carries the owner's sealed envelope as its one buffer.",
-                                ErrorCode.BAD_FIELD)
+            raise ProtocolError(
+                "'register_model' carries the owner's sealed envelope as its one buffer.", ErrorCode.BAD_FIELD
+            )
         vouched = _unpack_map(session.open(request.buffers[0], b"register"))
         if vouched.get("graph") != hashlib.sha256(graph_bytes).digest():
             raise ChannelError("The model graph is not the one the model owner sealed; refusing it.")
         graph = ModelGraph.from_bytes(graph_bytes)
         if graph.params != self.keys.params:
-            raise PlanError(f"The graph is planned for CKKS parameters {graph.params}, the enclave uses {self.keys.params}.")
+            raise PlanError(
+                f"The graph is planned for CKKS parameters {graph.params}, the enclave uses {self.keys.params}."
+            )
         if len(self._models) >= MAX_MODELS:
             raise HeclaveError(f"The enclave holds its limit of {MAX_MODELS} models.", ErrorCode.BUSY)
         secret_weights = vouched.get("weights") if isinstance(vouched.get("weights"), dict) else {}
@@ -125,7 +128,9 @@ class Enclave:
         if self._state is not None:
             self._state.save_model(model_id, graph_bytes, secret_weights)
         galois = self.keys.galois_keys(graph.rotation_steps)
-        log.info("registered model %s (%d stages, %d rotation steps)", model_id, len(graph.stages), len(graph.rotation_steps))
+        log.info(
+            "registered model %s (%d stages, %d rotation steps)", model_id, len(graph.stages), len(graph.rotation_steps)
+        )
         return request.reply({"model_id": model_id, "galois_steps": graph.rotation_steps}, [galois])
 
     def _activate(self, request: Message) -> Message:
@@ -163,8 +168,10 @@ class Enclave:
         stage = runtime.graph.stages[index]
         expected = {Form.PARTIALS: Placement.HE, Form.BLINDED: Placement.BLINDED, Form.PLAIN: Placement.PLAIN}
         if expected.get(form) is not stage.placement:
-            raise ProtocolError(f"Stage {index} is placed {stage.placement.value!r}; {form.value!r} does not fit it.",
-                                ErrorCode.BAD_FIELD)
+            raise ProtocolError(
+                f"Stage {index} is placed {stage.placement.value!r}; {form.value!r} does not fit it.",
+                ErrorCode.BAD_FIELD,
+            )
         g = stage.geometry
         if form is Form.PARTIALS:
             return g.scatter_batch(self._decrypt_partials(request, g.groups(batch) * g.out_cts), batch)
@@ -217,7 +224,9 @@ def _form(content: dict) -> Form:
     try:
         return Form(field_of(content, "form", str))
     except ValueError:
-        raise ProtocolError(f"Unknown form; use one of {', '.join(f.value for f in Form)}.", ErrorCode.BAD_FIELD) from None
+        raise ProtocolError(
+            f"Unknown form; use one of {', '.join(f.value for f in Form)}.", ErrorCode.BAD_FIELD
+        ) from None
 
 
 def _unpack_map(data: bytes) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
+
 import numpy as np
 
 from he.blinding import P, activation_scale, centred
@@ -46,7 +47,7 @@ class ModelRuntime:
     pool: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
     @classmethod
-    def from_secrets(cls, graph: ModelGraph, blobs: dict) -> "ModelRuntime":
+    def from_secrets(cls, graph: ModelGraph, blobs: dict) -> ModelRuntime:
         """Check that the owner sent exactly the weights the enclave needs, in the right shapes."""
         weights = {}
         for i, stage in enumerate(graph.stages):
@@ -114,23 +115,21 @@ class ModelRuntime:
     def _unblind(self, index: int, values: np.ndarray, batch: int, key: str) -> np.ndarray:
         pending = self.pads.pop((key, index), None)
         if pending is None:
-            raise HeclaveError("No pad is pending for this blinded layer; the request cannot continue.",
-                               ErrorCode.BAD_FIELD)
+            raise HeclaveError(
+                "No pad is pending for this blinded layer; the request cannot continue.", ErrorCode.BAD_FIELD
+            )
         products, scales = pending
         rows = self.weights[index].shape[0]
         if values.shape != (batch, rows) or values.min(initial=0) < 0 or values.max(initial=0) >= P:
             raise CiphertextError("The blinded layer's output does not have the layer's shape or is outside the field.")
         bits = self.graph.stages[index].weight_bits
-        return np.stack([
-            centred(np.mod(v - wr, P)) / 2.0 ** (s + bits) for v, wr, s in zip(values, products, scales)
-        ])
+        return np.stack([centred(np.mod(v - wr, P)) / 2.0 ** (s + bits) for v, wr, s in zip(values, products, scales)])
 
 
-def parse_values(buffers: tuple[bytes, ...] | list[bytes], dtype: str, shape: tuple[int, int],
-                 what: str) -> np.ndarray:
+def parse_values(buffers: tuple[bytes, ...] | list[bytes], dtype: str, shape: tuple[int, int], what: str) -> np.ndarray:
     """One buffer holding a ``shape`` array of ``dtype``, or a :class:`ProtocolError` naming ``what``."""
     if len(buffers) != 1 or len(buffers[0]) != shape[0] * shape[1] * 8:
-        raise ProtocolError(f"The {what} must be one buffer of {shape[0]}x{shape[1]} 8-byte values.",
-                            ErrorCode.BAD_FIELD)
+        raise ProtocolError(
+            f"The {what} must be one buffer of {shape[0]}x{shape[1]} 8-byte values.", ErrorCode.BAD_FIELD
+        )
     return np.frombuffer(buffers[0], dtype=dtype).reshape(shape)
-

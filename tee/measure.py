@@ -40,17 +40,17 @@ class Sigstruct:
     debug: bool
 
     @classmethod
-    def parse(cls, data: bytes, source: str = "SIGSTRUCT") -> "Sigstruct":
+    def parse(cls, data: bytes, source: str = "SIGSTRUCT") -> Sigstruct:
         if len(data) != SIGSTRUCT_SIZE or data[:16] != SIGSTRUCT_HEADER or data[24:40] != SIGSTRUCT_HEADER2:
             raise AttestationError(
                 f"{source} is not an SGX SIGSTRUCT ({len(data)} bytes; a SIGSTRUCT is {SIGSTRUCT_SIZE} bytes "
                 "with the architectural HEADER and HEADER2). Rebuild it with `make -C tee/gramine SGX=1`."
             )
-        flags = int.from_bytes(data[_ATTRIBUTES:_ATTRIBUTES + 8], "little")
+        flags = int.from_bytes(data[_ATTRIBUTES : _ATTRIBUTES + 8], "little")
         prod_id, svn = struct.unpack_from("<HH", data, _ISV_PROD_ID)
         return cls(
-            mrenclave=data[_ENCLAVE_HASH:_ENCLAVE_HASH + 32],
-            mrsigner=hashlib.sha256(data[_MODULUS:_MODULUS + 384]).digest(),
+            mrenclave=data[_ENCLAVE_HASH : _ENCLAVE_HASH + 32],
+            mrsigner=hashlib.sha256(data[_MODULUS : _MODULUS + 384]).digest(),
             isv_prod_id=prod_id,
             isv_svn=svn,
             debug=bool(flags & DEBUG_FLAG),

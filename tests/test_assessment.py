@@ -26,11 +26,17 @@ def test_ssim_and_psnr_behave_at_the_extremes():
 
 def test_assessment_scores_every_cut_and_pooling_hides_more_than_the_identity():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
-                          nn.Linear(8, 10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(), nn.Linear(8, 10)
+    ).eval()
     x_train, x_test, _, _ = digits_split()
-    report = assess(from_pytorch(model, INPUT_SHAPE), x_train[:600], x_test,
-                    Budget(decoder_epochs=15, rmle_steps=60, rmle_images=8), threshold=0.5)
+    report = assess(
+        from_pytorch(model, INPUT_SHAPE),
+        x_train[:600],
+        x_test,
+        Budget(decoder_epochs=15, rmle_steps=60, rmle_images=8),
+        threshold=0.5,
+    )
     cuts = report["cuts"]
     assert [c["depth"] for c in cuts] == [0, 1]
     for cut in cuts:
@@ -45,8 +51,12 @@ def test_assessment_scores_every_cut_and_pooling_hides_more_than_the_identity():
 def test_assess_command_writes_the_figure_and_json(tmp_path):
     heclave = str(Path(sys.executable).parent / "heclave")
     figure = tmp_path / "assessment.png"
-    done = subprocess.run([heclave, "assess", "digits-cnn", "--epochs", "3", "--steps", "10", "--json",
-                           "--figure", str(figure)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [heclave, "assess", "digits-cnn", "--epochs", "3", "--steps", "10", "--json", "--figure", str(figure)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["threshold"] is None and len(report["cuts"]) == 3

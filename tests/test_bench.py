@@ -21,8 +21,23 @@ def test_bench_linear_reports_every_key_and_an_accurate_layer() -> None:
 
 
 def test_bench_scale_reports_throughput_per_worker_count_and_exact_results() -> None:
-    args = ["bench", "scale", "--workers", "1,2", "--backend", "processes", "--model", "tutorial-cnn",
-            "--clients", "2", "--requests", "1", "--batch", "2", "--json"]
+    args = [
+        "bench",
+        "scale",
+        "--workers",
+        "1,2",
+        "--backend",
+        "processes",
+        "--model",
+        "tutorial-cnn",
+        "--clients",
+        "2",
+        "--requests",
+        "1",
+        "--batch",
+        "2",
+        "--json",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -37,6 +37,18 @@ def test_gramine_runtime_refuses_unmeasured_arguments():
 def test_owner_commands_refuse_a_malformed_pinned_measurement(tmp_path):
     key = tmp_path / "server.key"
     key.write_text("x" * 40)
-    done = run("data-owner", "infer", "--server", "tcp://127.0.0.1:1", "--server-key", str(key),
-               "--mrenclave", "abc", "--model-id", "m", "--input", str(key))
+    done = run(
+        "data-owner",
+        "infer",
+        "--server",
+        "tcp://127.0.0.1:1",
+        "--server-key",
+        str(key),
+        "--mrenclave",
+        "abc",
+        "--model-id",
+        "m",
+        "--input",
+        str(key),
+    )
     assert done.returncode == 1 and "64 hexadecimal" in done.stderr

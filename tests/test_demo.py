@@ -21,16 +21,25 @@ def test_demo_json_report_has_the_documented_keys_and_full_agreement():
     done = subprocess.run([HECLAVE, "demo", "--samples", "12", "--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
-    for key in ("samples", "accuracy_plaintext", "accuracy_encrypted", "agreement", "max_abs_logit_error",
-                "latency_ms_p50", "latency_ms_p95", "enclave_share"):
+    for key in (
+        "samples",
+        "accuracy_plaintext",
+        "accuracy_encrypted",
+        "agreement",
+        "max_abs_logit_error",
+        "latency_ms_p50",
+        "latency_ms_p95",
+        "enclave_share",
+    ):
         assert key in report
     assert report["samples"] == 12 and report["agreement"] == 1.0
     assert 0 < report["enclave_share"] < 1 and report["latency_ms_p50"] <= report["latency_ms_p95"]
 
 
 def test_ctrl_c_stops_the_demo_and_its_children():
-    demo = subprocess.Popen([HECLAVE, "demo", "--samples", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    demo = subprocess.Popen(
+        [HECLAVE, "demo", "--samples", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while len(_children_of(demo.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -42,6 +51,9 @@ def test_ctrl_c_stops_the_demo_and_its_children():
     assert demo.returncode == 130, err[-2000:]
     assert "interrupted" in err
     time.sleep(0.5)
-    alive = [pid for pid in children if Path(f"/proc/{pid}").exists() and "zombie" not in
-             Path(f"/proc/{pid}/status").read_text().lower()]
+    alive = [
+        pid
+        for pid in children
+        if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    ]
     assert alive == [], "children outlived the demo"

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from helpers import run_encrypted
+
 from he.graph import OpKind
 from he.linear import WeightForm
 from plan import from_pytorch, plan_pytorch
@@ -134,9 +134,19 @@ CASES = [
     ("linear-widening", lambda: nn.Sequential(nn.Linear(6, 41)), (6,), 1),
     ("linear-no-bias", lambda: nn.Sequential(nn.Linear(9, 4, bias=False)), (9,), 1),
     ("linear-chain-composed", lambda: nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 5)), (8,), 1),
-    ("mlp-relu", lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)), (10,), 3),
+    (
+        "mlp-relu",
+        lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)),
+        (10,),
+        3,
+    ),
     ("ends-with-relu", lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU()), (5,), 1),
-    ("dropout-identity", lambda: nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.4), nn.Identity(), nn.ReLU(), nn.Linear(6, 2)), (6,), 2),
+    (
+        "dropout-identity",
+        lambda: nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.4), nn.Identity(), nn.ReLU(), nn.Linear(6, 2)),
+        (6,),
+        2,
+    ),
     # convolutions: stride, padding, channels, non-square kernels
     ("conv-3x3", lambda: nn.Sequential(nn.Conv2d(1, 2, 3)), (1, 6, 6), 1),
     ("conv-s2-p1", lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1)), (3, 9, 9), 1),
@@ -146,24 +156,106 @@ CASES = [
     ("conv-s3-p0-no-bias", lambda: nn.Sequential(nn.Conv2d(1, 3, 2, stride=3, bias=False)), (1, 8, 7), 1),
     ("conv-s2-p2-1x4", lambda: nn.Sequential(nn.Conv2d(4, 2, (1, 4), stride=2, padding=2)), (4, 5, 6), 1),
     ("conv-groups-dilation", lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2)), (4, 6, 6), 1),
-    ("conv-relu-conv", lambda: nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 2, stride=1, padding=1)), (2, 7, 7), 2),
+    (
+        "conv-relu-conv",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 2, stride=1, padding=1)
+        ),
+        (2, 7, 7),
+        2,
+    ),
     # average pooling: merged into the neighbouring affine work
-    ("avgpool-after-conv", lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)), (2, 8, 8), 2),
-    ("avgpool-before-linear", lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.AvgPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)), (1, 9, 9), 2),
-    ("avgpool-first", lambda: nn.Sequential(nn.AvgPool2d((2, 3), stride=(2, 1)), nn.Flatten(), nn.Linear(2 * 3 * 4, 3)), (2, 6, 6), 1),
-    ("avgpool-exclude-pad", lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)), (2, 7, 7), 1),
+    (
+        "avgpool-after-conv",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)
+        ),
+        (2, 8, 8),
+        2,
+    ),
+    (
+        "avgpool-before-linear",
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.ReLU(), nn.AvgPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)
+        ),
+        (1, 9, 9),
+        2,
+    ),
+    (
+        "avgpool-first",
+        lambda: nn.Sequential(nn.AvgPool2d((2, 3), stride=(2, 1)), nn.Flatten(), nn.Linear(2 * 3 * 4, 3)),
+        (2, 6, 6),
+        1,
+    ),
+    (
+        "avgpool-exclude-pad",
+        lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)),
+        (2, 7, 7),
+        1,
+    ),
     # max pooling: an enclave step, with and without padding, stride != kernel
-    ("maxpool-2", lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 3 * 3, 4)), (1, 8, 8), 2),
-    ("maxpool-k3-s2-p1", lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)), (2, 7, 7), 2),
+    (
+        "maxpool-2",
+        lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 3 * 3, 4)),
+        (1, 8, 8),
+        2,
+    ),
+    (
+        "maxpool-k3-s2-p1",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            nn.Flatten(),
+            nn.Linear(3 * 4 * 4, 4),
+        ),
+        (2, 7, 7),
+        2,
+    ),
     ("maxpool-k2-s1", lambda: nn.Sequential(nn.Conv2d(2, 2, 2), nn.MaxPool2d(2, stride=1)), (2, 6, 5), 1),
-    ("maxpool-k32-s12-p10", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d((3, 2), stride=(1, 2), padding=(1, 0)), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 3, 3)), (1, 8, 8), 2),
+    (
+        "maxpool-k32-s12-p10",
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3),
+            nn.MaxPool2d((3, 2), stride=(1, 2), padding=(1, 0)),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(2 * 6 * 3, 3),
+        ),
+        (1, 8, 8),
+        2,
+    ),
     ("maxpool-padding-negative", negative_before_padded_maxpool, (2, 6, 7), 1),
-    ("maxpool-k3-s3-p1", lambda: nn.Sequential(nn.Conv2d(3, 2, 1), nn.MaxPool2d(3, stride=3, padding=1), nn.Flatten(), nn.Linear(2 * 3 * 3, 2)), (3, 8, 8), 2),
+    (
+        "maxpool-k3-s3-p1",
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 2, 1), nn.MaxPool2d(3, stride=3, padding=1), nn.Flatten(), nn.Linear(2 * 3 * 3, 2)
+        ),
+        (3, 8, 8),
+        2,
+    ),
     # batch-norm folded
-    ("bn2d-after-conv", lambda: nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4)), (2, 7, 7), 1),
+    (
+        "bn2d-after-conv",
+        lambda: nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4)),
+        (2, 7, 7),
+        1,
+    ),
     ("bn2d-first", lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 2)), (3, 5, 5), 1),
-    ("bn2d-no-affine", lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)), (1, 6, 6), 2),
-    ("bn1d-after-linear", lambda: nn.Sequential(nn.Linear(12, 9), nn.BatchNorm1d(9), nn.ReLU(), nn.Linear(9, 4)), (12,), 2),
+    (
+        "bn2d-no-affine",
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)
+        ),
+        (1, 6, 6),
+        2,
+    ),
+    (
+        "bn1d-after-linear",
+        lambda: nn.Sequential(nn.Linear(12, 9), nn.BatchNorm1d(9), nn.ReLU(), nn.Linear(9, 4)),
+        (12,),
+        2,
+    ),
     ("bn1d-first", lambda: nn.Sequential(nn.BatchNorm1d(7), nn.Linear(7, 3)), (7,), 1),
     ("flatten-linear", lambda: nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 3, 4)), (2, 3, 3), 1),
     # custom forwards
@@ -245,7 +337,7 @@ def test_average_pooling_costs_no_stage_of_its_own():
 
 def test_maxpool_step_keeps_torch_geometry():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d((3, 2), stride=(1, 2), padding=(1, 0)))
-    (_, ops), = from_pytorch(model, (1, 9, 8)).stages
+    ((_, ops),) = from_pytorch(model, (1, 9, 8)).stages
     (op,) = ops
     assert op.kind is OpKind.MAXPOOL2D
     assert (op.kernel, op.stride, op.padding) == ((3, 2), (1, 2), (1, 0))
@@ -341,8 +433,18 @@ REFUSED = [
     ("lstm-in-sequential", nn.Sequential(nn.LSTM(4, 3)), (5, 4), ["'0'", "LSTM"]),
     ("lstm-custom", Lstm(), (5, 4), ["'lstm'", "LSTM"]),
     ("conv1d", nn.Sequential(nn.Conv1d(2, 3, 3)), (2, 8), ["Conv1d"]),
-    ("maxpool-ceil-mode", nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, ceil_mode=True)), (1, 7, 7), ["'1'", "MaxPool2d", "ceil_mode"]),
-    ("maxpool-dilation", nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, dilation=2)), (1, 9, 9), ["MaxPool2d", "dilation"]),
+    (
+        "maxpool-ceil-mode",
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, ceil_mode=True)),
+        (1, 7, 7),
+        ["'1'", "MaxPool2d", "ceil_mode"],
+    ),
+    (
+        "maxpool-dilation",
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, dilation=2)),
+        (1, 9, 9),
+        ["MaxPool2d", "dilation"],
+    ),
     ("functional-sigmoid", SigmoidCall(), (4,), ["sigmoid"]),
     ("residual", Residual(), (4,), ["add"]),
     ("residual-after-relu", ResidualAfterRelu(), (4,), ["add"]),

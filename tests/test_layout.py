@@ -146,8 +146,10 @@ def test_every_weight_is_used_exactly_once(g):
 
 
 @PURE
-@given(st.one_of(small_slots.flatmap(geometries), shapes.flatmap(lambda s: st.just(choose_geometry(*s, 32, True)))),
-       st.integers(0, 2**32 - 1))
+@given(
+    st.one_of(small_slots.flatmap(geometries), shapes.flatmap(lambda s: st.just(choose_geometry(*s, 32, True)))),
+    st.integers(0, 2**32 - 1),
+)
 def test_plaintext_simulation_of_the_server_computes_w_x(g, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((g.rows, g.cols))
@@ -173,7 +175,12 @@ def test_gather_and_scatter_are_the_layouts_described(g):
 
 
 @PURE
-@given(st.one_of(st.sampled_from([8, 4096]).flatmap(geometries), shapes.flatmap(lambda s: st.just(choose_geometry(*s, 64, False)))))
+@given(
+    st.one_of(
+        st.sampled_from([8, 4096]).flatmap(geometries),
+        shapes.flatmap(lambda s: st.just(choose_geometry(*s, 64, False))),
+    )
+)
 def test_geometry_wire_round_trip(g):
     wire = g.to_wire()
     assert LinearGeometry.from_wire(wire) == g

@@ -142,7 +142,7 @@ def test_entrypoint_runs_the_enclave_module(manifest):
     assert argv[0] == PYTHON_EXE
     i = argv.index("-m")
     assert argv[i + 1] == "tee"
-    assert argv[i + 2:] == VARIABLES["enclave_args"].split()
+    assert argv[i + 2 :] == VARIABLES["enclave_args"].split()
 
 
 def test_no_host_environment_or_command_line(manifest):
@@ -231,7 +231,9 @@ def test_makefile_state_dir_is_the_encrypted_mount(manifest):
 def test_makefile_says_plainly_when_gramine_is_missing(tmp_path):
     result = subprocess.run(
         ["make", "-C", str(GRAMINE_DIR), "SGX=1", "check-gramine"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "Gramine tools not found" in result.stderr and "gramine-sgx-sign" in result.stderr

@@ -21,8 +21,13 @@ DEV = VerifierPolicy(allow_unattested=True)
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(48, 12), nn.ReLU(), nn.Linear(12, 5),
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(48, 12),
+        nn.ReLU(),
+        nn.Linear(12, 5),
     ).eval()
 
 
@@ -70,8 +75,12 @@ def test_wrong_number_of_placements_is_refused(cluster, model):
 
 
 @settings(max_examples=200, deadline=None)
-@given(rows=st.integers(1, 6), cols=st.integers(1, 40), seed=st.integers(0, 2**32 - 1),
-       magnitude=st.sampled_from([1e-6, 1.0, 1e3, 1e6]))
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    magnitude=st.sampled_from([1e-6, 1.0, 1e3, 1e6]),
+)
 def test_blinding_is_exact_in_the_field_even_at_the_edges_of_its_range(rows, cols, seed, magnitude):
     rng = np.random.default_rng(seed)
     w = rng.uniform(-1, 1, (rows, cols))
@@ -109,8 +118,10 @@ def test_pads_precomputed_between_requests_unblind_exactly():
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
     planned = plan_pytorch(net, (6,), placements=["blinded", "enclave"])
-    blobs = {"0": SparseMatrix.from_dense(quantize(planned.weights[0], planned.graph.stages[0].weight_bits)).to_bytes(),
-             "1": SparseMatrix.from_dense(planned.weights[1]).to_bytes()}
+    blobs = {
+        "0": SparseMatrix.from_dense(quantize(planned.weights[0], planned.graph.stages[0].weight_bits)).to_bytes(),
+        "1": SparseMatrix.from_dense(planned.weights[1]).to_bytes(),
+    }
     runtime = ModelRuntime.from_secrets(planned.graph, blobs)
     while runtime.refill():
         pass

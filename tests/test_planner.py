@@ -24,8 +24,9 @@ COSTS = Calibration(UnitCosts(), PlaintextCosts())
 
 @pytest.fixture(scope="module")
 def imported():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10), nn.ReLU(),
-                          nn.Linear(10, 4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10), nn.ReLU(), nn.Linear(10, 4)
+    ).eval()
     return from_pytorch(model, (1, 8, 8))
 
 
@@ -64,9 +65,25 @@ def test_an_impossible_budget_is_refused_with_the_reason(imported):
 def test_plan_command_writes_a_plan_file_with_prediction_and_exposure(tmp_path):
     heclave = str(Path(sys.executable).parent / "heclave")
     out = tmp_path / "plan.json"
-    done = subprocess.run([heclave, "plan", "digits-cnn", "--protect", "input,weights", "--enclave-budget", "0.9",
-                           "--out", str(out), "--json", "--calibration", str(tmp_path / "none.json")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            heclave,
+            "plan",
+            "digits-cnn",
+            "--protect",
+            "input,weights",
+            "--enclave-budget",
+            "0.9",
+            "--out",
+            str(out),
+            "--json",
+            "--calibration",
+            str(tmp_path / "none.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     plan = json.loads(out.read_text())
     assert plan["format"] == 1 and len(plan["placements"]) == 3 and plan["exposes"] == []

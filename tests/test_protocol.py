@@ -7,9 +7,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protocol.channel import accept_owner_session, check_confirmation, open_owner_session, raw_public
-from protocol.errors import ChannelError, ErrorCode, ProtocolError, RemoteError, error_from_reply
+from protocol.errors import AttestationError, ChannelError, ErrorCode, ProtocolError, RemoteError, error_from_reply
 from protocol.evidence import Evidence, Runtime, VerifierPolicy, report_data
-from protocol.errors import AttestationError
 from protocol.messages import PROTOCOL_VERSION, Message, decode, encode
 from protocol.transport import handle_frames
 
@@ -18,7 +17,11 @@ def test_message_round_trip_keeps_content_buffers_and_ids():
     msg = Message("infer", {"model_id": "m", "n": 3, "blob": b"\x00\xff"}, [b"a" * 1000, b""], parent="p1")
     back = decode(encode(msg))
     assert (back.type, back.content, list(back.buffers), back.id, back.parent) == (
-        "infer", msg.content, [b"a" * 1000, b""], msg.id, "p1"
+        "infer",
+        msg.content,
+        [b"a" * 1000, b""],
+        msg.id,
+        "p1",
     )
 
 
@@ -40,8 +43,14 @@ def test_unknown_error_code_becomes_remote_error():
         ([msgpack.packb([1, 2, 3])], ErrorCode.BAD_MESSAGE),
         ([msgpack.packb({"v": 99, "type": "x", "id": "i", "content": {}, "nbuf": 0})], ErrorCode.UNSUPPORTED_VERSION),
         ([msgpack.packb({"v": PROTOCOL_VERSION, "type": 5, "id": "i", "content": {}, "nbuf": 0})], ErrorCode.BAD_FIELD),
-        ([msgpack.packb({"v": PROTOCOL_VERSION, "type": "x", "id": "i", "content": {}, "nbuf": 2}), b"1"], ErrorCode.BAD_FIELD),
-        ([msgpack.packb({"v": PROTOCOL_VERSION, "type": "x", "id": "i", "content": [], "nbuf": 0})], ErrorCode.BAD_FIELD),
+        (
+            [msgpack.packb({"v": PROTOCOL_VERSION, "type": "x", "id": "i", "content": {}, "nbuf": 2}), b"1"],
+            ErrorCode.BAD_FIELD,
+        ),
+        (
+            [msgpack.packb({"v": PROTOCOL_VERSION, "type": "x", "id": "i", "content": [], "nbuf": 0})],
+            ErrorCode.BAD_FIELD,
+        ),
     ],
 )
 def test_malformed_frames_are_refused_with_stable_codes(frames, code):

@@ -32,9 +32,13 @@ def sgx_quote_without_pck_chain() -> bytes:
     report_body = bytes(384)
     cert_data = bytes(384) + bytes(16) + struct.pack("<HH", 0, 0)  # enc PPID, CPUSVN, PCESVN, PCEID
     signature = (
-        bytes(64) + bytes(64) + bytes(384) + bytes(64)  # ECDSA sig, attestation key, QE report, its sig
+        bytes(64)
+        + bytes(64)
+        + bytes(384)
+        + bytes(64)  # ECDSA sig, attestation key, QE report, its sig
         + struct.pack("<H", 0)  # QE auth data (empty)
-        + struct.pack("<HI", 3, len(cert_data)) + cert_data
+        + struct.pack("<HI", 3, len(cert_data))
+        + cert_data
     )
     return header + report_body + struct.pack("<I", len(signature)) + signature
 

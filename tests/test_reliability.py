@@ -114,11 +114,22 @@ def test_loadtest_command_answers_every_request_correctly():
     from pathlib import Path
 
     heclave = str(Path(sys.executable).parent / "heclave")
-    done = subprocess.run([heclave, "loadtest", "--clients", "3", "--requests", "4", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [heclave, "loadtest", "--clients", "3", "--requests", "4", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["sent"] == 12 and report["lost"] == 0 and report["correct"] == report["sent"]
-    for key in ("answered", "errors", "latency_ms_p50", "latency_ms_p95", "throughput_rps",
-                "server_peak_rss_mb", "enclave_peak_rss_mb"):
+    for key in (
+        "answered",
+        "errors",
+        "latency_ms_p50",
+        "latency_ms_p95",
+        "throughput_rps",
+        "server_peak_rss_mb",
+        "enclave_peak_rss_mb",
+    ):
         assert key in report

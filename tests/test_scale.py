@@ -25,8 +25,9 @@ def trained():
     return model.float(), x[:12], reference
 
 
-@pytest.mark.parametrize("server_args", [("--workers", "2"), ("--ray", "local", "--workers", "2")],
-                         ids=["processes", "ray"])
+@pytest.mark.parametrize(
+    "server_args", [("--workers", "2"), ("--ray", "local", "--workers", "2")], ids=["processes", "ray"]
+)
 def test_two_workers_serve_concurrent_owners_exactly(tmp_path, trained, server_args):
     model, x, reference = trained
     with Cluster(tmp_path, server_args=server_args) as cluster:
