@@ -193,27 +193,35 @@ def figure(report: dict, path: str) -> None:
 
     cuts, originals = report["cuts"], report["originals"]
     shown = len(originals)
-    fig, axes = plt.subplots(len(cuts) + 1, 2 * shown + 1, figsize=(2 * shown + 4, 1.4 * len(cuts) + 3))
-    for ax in axes.flat:
-        ax.axis("off")
+    fig = plt.figure(figsize=(2 * shown * 0.9 + 5, 1.1 * (len(cuts) + 1) + 1))
+    grid = fig.add_gridspec(len(cuts) + 1, 2 * shown + 1, width_ratios=[1] * (2 * shown) + [2.5 * shown / 2])
+
+    def show(row: int, column: int, image: np.ndarray, title: str = "") -> None:
+        ax = fig.add_subplot(grid[row, column])
+        ax.imshow(np.moveaxis(image, 0, -1).squeeze(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if title:
+            ax.set_ylabel(title, fontsize=6, rotation=0, ha="right", va="center")
+
     for j in range(shown):
-        axes[0, j].imshow(np.moveaxis(originals[j], 0, -1).squeeze(), cmap="gray", vmin=0, vmax=1)
-    axes[0, 0].set_title("originals", loc="left", fontsize=8)
+        show(0, j, originals[j], "originals" if j == 0 else "")
     for row, cut in enumerate(cuts, start=1):
         for a, attack in enumerate(("decoder", "optimisation")):
             for j in range(shown):
-                image = np.moveaxis(cut["reconstructions"][attack][j], 0, -1).squeeze()
-                axes[row, a * shown + j].imshow(image, cmap="gray", vmin=0, vmax=1)
-        axes[row, 0].set_title(f"{cut['cut']}: decoder | optimisation", loc="left", fontsize=7)
-    plot = fig.add_subplot(len(cuts) + 1, 2 * shown + 1, 2 * shown + 1)
+                label = f"depth {cut['depth']}\n{attack}" if j == 0 else ""
+                show(row, a * shown + j, cut["reconstructions"][attack][j], label)
+    plot = fig.add_subplot(grid[:, -1])
     for attack in ("decoder", "optimisation"):
         plot.plot([c["depth"] for c in cuts], [c["attacks"][attack]["ssim"] for c in cuts], marker="o", label=attack)
     if report["threshold"] is not None:
-        plot.axhline(report["threshold"], linestyle="--", color="grey")
-    plot.set_xlabel("cut depth", fontsize=7)
-    plot.set_ylabel("SSIM", fontsize=7)
+        plot.axhline(report["threshold"], linestyle="--", color="grey", label="owner's threshold")
+    plot.set_xlabel("cut depth (0 = the input)")
+    plot.set_ylabel("SSIM of reconstructions")
     plot.set_ylim(0, 1)
-    plot.legend(fontsize=6)
+    plot.set_xticks([c["depth"] for c in cuts])
+    plot.legend(fontsize=7)
+    fig.suptitle("Inversion attacks per cut: reconstructions (left) and SSIM against depth (right)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
