@@ -35,7 +35,7 @@ from protocol.errors import PlanError
 
 @dataclass(frozen=True)
 class UnitCosts:
-    """Milliseconds per operation, used to choose a layout (``heclave calibrate`` will measure them)."""
+    """Milliseconds per operation, used to choose a layout; ``heclave calibrate`` measures them on a machine."""
 
     rotation: float = 1.3
     rotation_rescaled: float = 0.67
