@@ -77,7 +77,7 @@ GRAMINE_DIR = Path(__file__).resolve().parents[1] / "tee" / "gramine"
 @click.option("--gramine-dir", type=click.Path(path_type=Path), default=GRAMINE_DIR, show_default=True)
 @click.pass_context
 def enclave(ctx: click.Context, runtime: str, measure: bool, gramine_dir: Path) -> None:
-    """Run the enclave (native options, e.g. --bind and --state-dir: see `python -m tee -h`)."""
+    """Run the enclave process (native options such as --bind and --state-dir: `python -m tee -h`)."""
     if measure:
         from tee.measure import read_sigstruct
 
