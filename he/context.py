@@ -9,7 +9,6 @@ that is 160 bits, inside SEAL's 128-bit-security bound of 218 bits.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -171,9 +170,6 @@ class PublicContext:
             )
         except (KeyError, TypeError, AttributeError, ValueError, msgpack.UnpackException):
             raise ProtocolError("The public context is malformed.", ErrorCode.BAD_FIELD) from None
-
-    def digest(self) -> bytes:
-        return hashlib.sha256(self.to_bytes()).digest()
 
     def with_galois(self, galois_keys: bytes, steps: Iterable[int]) -> PublicContext:
         """The same context plus Galois keys for exactly the rotation steps a plan uses."""

@@ -10,7 +10,6 @@ after decrypting. The last stage's output is released as the policy says.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -252,6 +251,3 @@ class ModelGraph:
             )
         except (KeyError, TypeError, ValueError):
             raise PlanError("The model graph is missing fields or has fields of the wrong type.") from None
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_bytes()).hexdigest()

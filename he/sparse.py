@@ -19,6 +19,8 @@ from protocol.errors import ErrorCode, ProtocolError
 
 from .blinding import LIMB, P
 
+MAX_ROW_NONZEROS = 1 << 22
+
 
 @dataclass(frozen=True)
 class SparseMatrix:
@@ -28,6 +30,10 @@ class SparseMatrix:
     rows: np.ndarray
     cols: np.ndarray
     values: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.rows) and np.bincount(self.rows).max() >= MAX_ROW_NONZEROS:
+            raise ProtocolError("A weight matrix has a row too long for exact field sums.", ErrorCode.BAD_FIELD)
 
     @classmethod
     def from_dense(cls, matrix: np.ndarray) -> SparseMatrix:
@@ -78,11 +84,9 @@ class SparseMatrix:
         """``M @ v mod p`` exactly, for field elements.
 
         Each product is split into 16-bit limbs so it fits int64, reduced mod p
-        (below 2^31), and summed per row in float64, which is exact while a row
-        has fewer than 2^22 nonzeros.
+        (below 2^31), and summed per row in float64, which is exact because no
+        row has 2^22 nonzeros (checked once, when the matrix is made).
         """
-        if np.bincount(self.rows, minlength=1).max(initial=0) >= 1 << 22:
-            raise ProtocolError("A blinded layer's row is too long for exact field sums.", ErrorCode.BAD_FIELD)
         high, low = np.divmod(np.asarray(v, dtype=np.int64)[self.cols], LIMB)
         sums = []
         for limb in (high, low):

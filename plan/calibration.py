@@ -65,10 +65,6 @@ class Calibration:
         he = {f.name: float(data["he"][f.name]) for f in fields(UnitCosts) if f.name in data["he"]}
         return cls(UnitCosts(**he), PlaintextCosts(**data["plaintext"]))
 
-    def with_enclave_factor(self, factor: float) -> Calibration:
-        values = asdict(self.he) | {"enclave_factor": factor}
-        return Calibration(UnitCosts(**values), self.plaintext)
-
 
 def median_ms(action: Callable[[], object], repeats: int = 15, warmup: bool = True) -> float:
     """Median wall-clock milliseconds of ``action`` over ``repeats`` runs (after one untimed run)."""

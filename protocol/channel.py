@@ -100,13 +100,6 @@ class Session:
         return hmac.new(self.confirm_key, b"confirm" + self.transcript_hash, hashlib.sha256).digest()
 
 
-def envelope_session_id(envelope: bytes) -> bytes:
-    """The session id an envelope claims, read before any authentication."""
-    if len(envelope) < _HEADER.size:
-        raise ChannelError("Envelope authentication failed; open a new session.")
-    return envelope[:16]
-
-
 def _derive(shared: bytes, transcript_bytes: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     digest = hashlib.sha256(transcript_bytes).digest()
     material = HKDF(hashes.SHA256(), 96, salt=digest, info=LABEL + b"/keys").derive(shared)
