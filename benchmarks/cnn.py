@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from he.context import SecretKeySet
 from he.linear import WeightForm
+from parties.accounting import WorkSplit
 from parties.data_owner import DataOwner, Inference
 from parties.model_owner import ModelOwner
 from parties.processes import Cluster
@@ -204,10 +205,9 @@ def bench_cnn(
 
     inferences: list[Inference] = ours["inferences"]
     enc_logits = np.concatenate([inf.batch_logits for inf in inferences])
-    he_ms = sum(inf.server["he_ms"] for inf in inferences)
-    enclave_ms = sum(inf.server["enclave_ms"] for inf in inferences)
     ours_ms = median(inf.latency_ms for inf in inferences)
     images_done = len(enc_logits)
+    work = WorkSplit.of(inferences, images_done)
     tenseal_ms = median(recipe_times)
     public_bytes = ours["base_context_bytes"] + ours["galois_bytes"]
     return {
@@ -222,13 +222,13 @@ def bench_cnn(
         "speedup_vs_tenseal": tenseal_ms / ours_ms,
         "throughput_speedup_vs_tenseal": tenseal_ms * images_done / (ours["wall_s"] * 1e3),
         "slowdown_vs_plaintext": ours_ms / plaintext_ms,
-        "enclave_share": enclave_ms / max(he_ms + enclave_ms, 1e-9),
+        "enclave_share": work.enclave_share,
+        "enclave_share_with_offline": work.enclave_share_with_offline,
         "agreement": float((enc_logits.argmax(1) == plain_logits.argmax(1)).mean()),
         "max_abs_logit_error": float(np.abs(enc_logits - plain_logits).max()),
         "images_per_s": images_done / ours["wall_s"],
         "latency_ms_p95": float(np.percentile([inf.latency_ms for inf in inferences], 95)),
-        "server_he_ms_per_image": he_ms / images_done,
-        "enclave_ms_per_image": enclave_ms / images_done,
+        **work.to_dict(),
         "client_encrypt_ms_per_image": sum(inf.encrypt_ms for inf in inferences) / images_done,
         "rotations_per_image": sum(inf.server.get("rotations", 0) for inf in inferences) / images_done,
         "bytes_per_image": sum(inf.bytes_moved for inf in inferences) / images_done,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from parties.accounting import WorkSplit
 from parties.data_owner import DataOwner
 from parties.model_owner import ModelOwner
 from parties.processes import Cluster
@@ -60,16 +61,17 @@ def bench_placements(
             runs = [data_owner.infer(model_id, image) for image in images]
             data_owner.close()
             logits = np.stack([run.logits for run in runs])
-            server = sum(run.server["he_ms"] for run in runs)
-            enclave = sum(run.server["enclave_ms"] for run in runs)
+            work = WorkSplit.of(runs, requests)
             results.append(
                 {
                     "name": name,
                     "placements": placements,
                     "latency_ms": float(np.median([run.latency_ms for run in runs])),
-                    "server_ms": server / requests,
-                    "enclave_ms": enclave / requests,
-                    "enclave_share": enclave / max(server + enclave, 1e-9),
+                    "server_ms": work.server_ms,
+                    "enclave_ms": work.enclave_ms,
+                    "enclave_offline_ms": work.enclave_offline_ms,
+                    "enclave_share": work.enclave_share,
+                    "enclave_share_with_offline": work.enclave_share_with_offline,
                     "bytes_per_image": sum(run.bytes_moved for run in runs) / requests,
                     "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
                     "max_abs_logit_error": float(np.abs(logits - reference).max()),

@@ -220,6 +220,30 @@ class SecretKeySet:
         """Secret-key encryption, serialised seeded: faster and half the bytes of public-key encryption."""
         return to_bytes(self._encryptor.encrypt_symmetric(self.toolkit.encode(values)))
 
+    def encrypt_zero(self) -> seal.Ciphertext:
+        """A fresh secret-key encryption of zero at the top level and the standard scale.
+
+        Its randomness and noise are all of an encryption's cost that does not
+        depend on the message, so the enclave can make these between requests.
+        """
+        zero = seal.Ciphertext()
+        self._encryptor.encrypt_zero_symmetric(zero)
+        zero.scale = self.params.scale
+        return zero
+
+    def encrypt_onto(self, zero: seal.Ciphertext, values: np.ndarray) -> bytes:
+        """``values`` encrypted by adding their encoding to ``zero``, serialised; ``zero`` is consumed.
+
+        This is how SEAL itself encrypts (an encryption of zero plus the
+        plaintext), so the result is distributed exactly as a fresh encryption,
+        provided ``zero`` is never used twice: two messages on one zero differ
+        by a noiseless plaintext.
+        """
+        self.toolkit.evaluator.add_plain_inplace(zero, self.toolkit.encode(values))
+        data = to_bytes(zero)
+        zero.release()
+        return data
+
     def decrypt(self, ct: seal.Ciphertext) -> np.ndarray:
         plain = seal.Plaintext()
         self._decryptor.decrypt(ct, plain)

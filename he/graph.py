@@ -211,6 +211,11 @@ class ModelGraph:
         return _size(self.stages[-1].result_shape)
 
     @property
+    def reencrypts(self) -> bool:
+        """Whether the enclave encrypts some stage's input: an ``he`` stage after the first."""
+        return any(st.placement is Placement.HE for st in self.stages[1:])
+
+    @property
     def rotation_steps(self) -> list[int]:
         """Rotations the server's ``he`` layers use: Galois keys are issued for these only."""
         return sorted({s for st in self.stages if st.placement is Placement.HE for s in st.geometry.rotation_steps})

@@ -58,6 +58,7 @@ class RequestStats:
 
     he_ms: float = 0.0
     enclave_ms: float = 0.0
+    enclave_offline_ms: float = 0.0
     enclave_rtt_ms: float = 0.0
     enclave_bytes: int = 0
     ops: OpCounter = field(default_factory=OpCounter)
@@ -66,6 +67,7 @@ class RequestStats:
         return {
             "he_ms": self.he_ms,
             "enclave_ms": self.enclave_ms,
+            "enclave_offline_ms": self.enclave_offline_ms,
             "enclave_rtt_ms": self.enclave_rtt_ms,
             "enclave_bytes": self.enclave_bytes,
             "rotations": self.ops.rotations,
@@ -126,6 +128,7 @@ class Server:
         if stats is not None:
             stats.enclave_rtt_ms += (time.perf_counter() - started) * 1e3
             stats.enclave_ms += float(reply.content.get("enclave_ms", 0.0))
+            stats.enclave_offline_ms += float(reply.content.get("enclave_offline_ms", 0.0))
             stats.enclave_bytes += enclave.bytes_sent + enclave.bytes_received - before
         return reply
 

@@ -165,10 +165,11 @@ def serve(
     Between requests ``idle`` may do background work in small steps; it returns
     true while it has more to do, and a waiting request always comes first.
     """
-    busy = False
+    busy = True
     while not should_stop():
         if not sock.poll(0 if busy else 200):
             busy = idle()
             continue
         identity, *frames = sock.recv_multipart()
         sock.send_multipart([identity, *handle_frames(frames, handler)], copy=False)
+        busy = True  # a request may have used up precomputed work: refill in the next gap

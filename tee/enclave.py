@@ -35,6 +35,7 @@ from protocol.messages import Message, batch_size, field_of
 from protocol.transport import dispatch
 
 from .execution import Form, ModelRuntime, parse_values
+from .precompute import ZeroPool
 from .release import seal_result
 from .runtime import collect_evidence, detect
 from .state import EnclaveState
@@ -60,6 +61,7 @@ class Enclave:
         self.public_context = self.keys.public.to_bytes()
         self.evidence = collect_evidence(raw_public(self.identity.public_key()), self.public_context, self.runtime)
         self._evidence_hash = self.evidence.digest()
+        self._zeros = ZeroPool(self.keys)
         toolkit = self.keys.toolkit
         self._output_parms = toolkit.context.first_context_data().next_context_data().parms_id()
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
@@ -83,8 +85,11 @@ class Enclave:
         return reply
 
     def idle(self) -> bool:
-        """Precompute blinding pads between requests; true while there is more to do."""
-        return any(runtime.refill() for runtime in list(self._models.values()))
+        """Precompute blinding pads and encryptions of zero between requests; true while there is more to do."""
+        runtimes = list(self._models.values())
+        if any(runtime.refill() for runtime in runtimes):
+            return True
+        return any(runtime.graph.reencrypts for runtime in runtimes) and self._zeros.refill()
 
     def _evidence(self, request: Message) -> Message:
         return request.reply({"evidence": self.evidence.to_wire()}, [self.public_context])
@@ -154,14 +159,18 @@ class Enclave:
         if following == len(stages):
             return request.reply({"result": self._release(request, runtime.graph, xs)})
         placement = stages[following].placement
+        offline_ms = 0.0
         if placement is Placement.HE:
-            layout = stages[following].geometry.gather_batch(xs)
-            frames, reply_form = [self.keys.encrypt_symmetric(row) for row in layout], Form.CIPHERTEXTS
+            encrypted = [self._zeros.encrypt(row) for row in stages[following].geometry.gather_batch(xs)]
+            frames, reply_form = [data for data, _ in encrypted], Form.CIPHERTEXTS
+            offline_ms = sum(ms for _, ms in encrypted)
         elif placement is Placement.BLINDED:
-            frames, reply_form = [runtime.blind(following, xs, request_id).astype("<i8").tobytes()], Form.BLINDED
+            blinded, offline_ms = runtime.blind(following, xs, request_id)
+            frames, reply_form = [blinded.astype("<i8").tobytes()], Form.BLINDED
         else:
             frames, reply_form = [np.ascontiguousarray(xs, dtype="<f8").tobytes()], Form.PLAIN
-        return request.reply({"next": following, "form": reply_form.value}, frames)
+        content = {"next": following, "form": reply_form.value, "enclave_offline_ms": offline_ms}
+        return request.reply(content, frames)
 
     def _values(self, request: Message, runtime: ModelRuntime, index: int, form: Form, batch: int) -> np.ndarray:
         """What the server sent for stage ``index``, checked against the stage's placement."""

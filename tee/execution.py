@@ -10,6 +10,7 @@ the pad kept here), or the plaintext activation (``plain``: the server sees it).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
@@ -44,7 +45,7 @@ class ModelRuntime:
     graph: ModelGraph
     weights: dict[int, SparseMatrix]
     pads: OrderedDict = field(default_factory=OrderedDict)
-    pool: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    pool: dict[int, list[tuple[np.ndarray, np.ndarray, float]]] = field(default_factory=dict)
 
     @classmethod
     def from_secrets(cls, graph: ModelGraph, blobs: dict) -> ModelRuntime:
@@ -81,23 +82,29 @@ class ModelRuntime:
             index += 1
         return index, xs
 
-    def blind(self, index: int, xs: np.ndarray, key: str) -> np.ndarray:
-        """``x_q + r mod p`` for each query, keeping the pad's ``W r`` and the scale here."""
+    def blind(self, index: int, xs: np.ndarray, key: str) -> tuple[np.ndarray, float]:
+        """``x_q + r mod p`` for each query, keeping the pad's ``W r`` and the scale here.
+
+        Also returns the offline milliseconds the pads took (0 for pads made on the spot).
+        """
         sums = self.weights[index].abs_row_sums
         augmented = np.concatenate([xs, np.ones((len(xs), 1))], axis=1)
         scales = [activation_scale(sums, row) for row in augmented]
         pads = [self._pad(index) for _ in augmented]
         quantized = np.stack([np.mod(np.round(row * 2.0**s).astype(np.int64), P) for row, s in zip(augmented, scales)])
-        self.pads[(key, index)] = ([wr for _, wr in pads], scales)
+        self.pads[(key, index)] = ([wr for _, wr, _ in pads], scales)
         while len(self.pads) > MAX_PENDING_PADS:
             self.pads.popitem(last=False)
-        return np.mod(quantized + np.stack([r for r, _ in pads]), P)
+        return np.mod(quantized + np.stack([r for r, _, _ in pads]), P), sum(ms for _, _, ms in pads)
 
-    def _pad(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """A one-time pad and its product with the layer's weights, from the pool if one is ready."""
+    def _pad(self, index: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """A one-time pad, its product with the layer's weights and its offline cost, from the pool if ready."""
         ready = self.pool.get(index)
         if ready:
             return ready.pop()
+        return (*self._new_pad(index), 0.0)
+
+    def _new_pad(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         r = np.random.default_rng().integers(0, P, size=self.weights[index].shape[1], dtype=np.int64)
         return r, self.weights[index].apply_mod(r)
 
@@ -107,8 +114,8 @@ class ModelRuntime:
             if self.graph.stages[index].placement is Placement.BLINDED:
                 pool = self.pool.setdefault(index, [])
                 if len(pool) < POOL_SIZE:
-                    r = np.random.default_rng().integers(0, P, size=self.weights[index].shape[1], dtype=np.int64)
-                    pool.append((r, self.weights[index].apply_mod(r)))
+                    started = time.perf_counter()
+                    pool.append((*self._new_pad(index), (time.perf_counter() - started) * 1e3))
                     return True
         return False
 

@@ -127,8 +127,8 @@ def test_pads_precomputed_between_requests_unblind_exactly():
         pass
     assert len(runtime.pool[0]) == POOL_SIZE
     xs = np.random.default_rng().normal(size=(2, 6))
-    blinded = runtime.blind(0, xs, "request")
-    assert len(runtime.pool[0]) == POOL_SIZE - 2
+    blinded, offline_ms = runtime.blind(0, xs, "request")
+    assert len(runtime.pool[0]) == POOL_SIZE - 2 and offline_ms > 0
     server_side = np.stack([runtime.weights[0].apply_mod(row) for row in blinded])  # what the server computes
     hidden = runtime.finish(0, Form.BLINDED, server_side, 2, "request")
     _, logits = runtime.advance(1, hidden)
