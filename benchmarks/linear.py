@@ -3,7 +3,7 @@
 All three see the same ``W``, ``b`` and ``x`` and the same ring (N = 8192, one
 multiplicative level). heclave's time is ``LinearKernel.evaluate`` on input
 ciphertexts in the layer's slot layout, up to the partial sums the enclave
-finishes; TenSEAL's is ``matmul`` plus the bias on its own encrypted vector,
+finishes (it adds them up and adds the bias); TenSEAL's is ``matmul`` plus the bias on its own encrypted vector,
 at its default thread count. TenSEAL has no encrypted-weight product, so the
 encrypted-weight run is compared with TenSEAL's plaintext-weight one.
 
@@ -38,10 +38,10 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
 
 
-def _kernel(context: PublicContext, geometry: LinearGeometry, w_aug: np.ndarray, form: WeightForm) -> LinearKernel:
+def _kernel(context: PublicContext, geometry: LinearGeometry, w: np.ndarray, form: WeightForm) -> LinearKernel:
     if form is WeightForm.PLAIN:
-        return LinearKernel.from_plain(context.toolkit, geometry, w_aug)
-    mask, frames = encrypt_weights(context, geometry, w_aug)
+        return LinearKernel.from_plain(context.toolkit, geometry, w)
+    mask, frames = encrypt_weights(context, geometry, w)
     return LinearKernel.from_encrypted(context.toolkit, geometry, mask, frames)
 
 
@@ -112,17 +112,14 @@ def bench_linear(
     b = 0.1 * rng.standard_normal(n_out)
     x = rng.uniform(-1.0, 1.0, n_in)
     want = w @ x + b
-    w_aug = np.concatenate([w, b[:, None]], axis=1)
 
     keys = SecretKeySet(params)
-    geometry = choose_geometry(n_out, n_in + 1, params.slots, weights is WeightForm.ENCRYPTED)
+    geometry = choose_geometry(n_out, n_in, params.slots, weights is WeightForm.ENCRYPTED)
     steps = geometry.rotation_steps
     unit_step = steps[0] if steps else 1
     context = keys.public.with_galois(keys.galois_keys([*steps, unit_step]), [*steps, unit_step])
-    kernel = _kernel(context, geometry, w_aug, weights)
-    inputs = [
-        context.toolkit.load_ciphertext(keys.encrypt_symmetric(row)) for row in geometry.gather(np.append(x, 1.0))
-    ]
+    kernel = _kernel(context, geometry, w, weights)
+    inputs = [context.toolkit.load_ciphertext(keys.encrypt_symmetric(row)) for row in geometry.gather(x)]
 
     # Kernel runs and unit-operation samples alternate, so both see the same machine load.
     units = UnitOps(keys, context, unit_step, weights)
@@ -134,7 +131,7 @@ def bench_linear(
         times.append((time.perf_counter() - started) * 1e3)
         units.sample()
     ours_ms = median(times)
-    got = geometry.scatter(np.stack([keys.decrypt(ct) for ct in outputs]))
+    got = geometry.scatter(np.stack([keys.decrypt(ct) for ct in outputs])) + b
     unit = units.medians()
     baby = geometry.in_cts * (min(geometry.baby, geometry.k) - 1)
     giant = ops.rotations - baby

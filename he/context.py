@@ -92,10 +92,10 @@ class Toolkit:
 
     def encode(self, values: np.ndarray, scale: float | None = None) -> seal.Plaintext:
         """Encode a real vector (zero-padded to the slot count) at the top level."""
+        if len(values) > self.params.slots:
+            raise ValueError(f"{len(values)} values do not fit in {self.params.slots} slots.")
         plain = seal.Plaintext()
-        padded = np.zeros(self.params.slots)
-        padded[: len(values)] = values
-        self.encoder.encode(padded.tolist(), scale or self.params.scale, plain)
+        self.encoder.encode(np.asarray(values, dtype=np.float64).tolist(), scale or self.params.scale, plain)
         return plain
 
     def load_ciphertext(self, data: bytes, what: str = "ciphertext", top_level: bool = True) -> seal.Ciphertext:
@@ -247,4 +247,4 @@ class SecretKeySet:
     def decrypt(self, ct: seal.Ciphertext) -> np.ndarray:
         plain = seal.Plaintext()
         self._decryptor.decrypt(ct, plain)
-        return np.asarray(self.toolkit.encoder.decode_double(plain))
+        return np.fromiter(self.toolkit.encoder.decode_double(plain), np.float64, self.params.slots)

@@ -130,6 +130,11 @@ class Stage:
     nonlinear steps (in the enclave, except after a ``plain`` layer, whose steps the server runs too).
 
     ``weight_bits`` is the fixed-point scale of a ``blinded`` layer's weights.
+
+    An ``he`` layer's layout covers ``W`` only: the enclave adds the bias after
+    it decrypts, where it is exact and free, instead of spending a column of
+    every layout on it (which pushes a power-of-two width past its period).
+    Every other placement works on ``[W | b]`` and ``x' = [x, 1]``.
     """
 
     geometry: Layout
@@ -137,6 +142,11 @@ class Stage:
     ops: tuple[EnclaveOp, ...] = ()
     placement: Placement = Placement.HE
     weight_bits: int = 0
+
+    @property
+    def in_features(self) -> int:
+        """The width of the activation this layer takes."""
+        return self.geometry.cols if self.placement is Placement.HE else self.geometry.cols - 1
 
     @property
     def result_shape(self) -> tuple[int, ...]:
@@ -195,8 +205,8 @@ class ModelGraph:
             g = stage.geometry
             if g.slots != self.params.slots:
                 raise PlanError(f"Stage {i} is laid out for {g.slots} slots, the parameters give {self.params.slots}.")
-            if g.cols != width + 1:
-                raise PlanError(f"Stage {i} takes {g.cols - 1} inputs but receives {width}.")
+            if stage.in_features != width:
+                raise PlanError(f"Stage {i} takes {stage.in_features} inputs but receives {width}.")
             if g.rows != _size(stage.out_shape):
                 raise PlanError(f"Stage {i} has {g.rows} outputs but declares shape {stage.out_shape}.")
             shape = stage.out_shape

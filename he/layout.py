@@ -1,7 +1,8 @@
 """Slot layouts of one encrypted affine layer, chosen so the server rotates little.
 
-An affine layer ``y = W x + b`` becomes ``y = W' x'`` with ``x' = [x, 1]`` and
-``W' = [W | b]``, so the bias costs nothing and both weight forms share one path.
+A layout computes ``y = W x`` for a ``rows x cols`` matrix; the enclave adds a
+layer's bias after decrypting (see ``he.graph.Stage``). The formulas below call
+the input ``x'`` and the matrix ``W'`` because a layout serves any matrix.
 
 The layer works in *blocks* of ``p`` slots. Input chunk ``i`` of ``x'`` (``c``
 values) is laid out cyclically with period ``p`` across the whole ciphertext:
@@ -107,13 +108,16 @@ class Layout:
             "output_ciphertexts": self.out_cts,
         }
 
-    def gather(self, x_aug: np.ndarray) -> np.ndarray:
-        """Lay out ``x' = [x, 1]`` in this layer's input slots: ``[in_cts, slots]``.
+    def gather(self, x: np.ndarray) -> np.ndarray:
+        """Lay out ``x'`` in this layer's input slots: ``[in_cts, slots]``.
 
-        ``x_aug`` is one query's ``cols`` values, or up to ``queries`` of them as rows.
+        ``x`` is one query's ``cols`` values, or up to ``queries`` of them as rows.
         """
+        values = np.asarray(x, dtype=np.float64).reshape(-1)
+        if values.size > self.queries * self.cols:
+            raise ValueError(f"{values.size} values do not fit a layout of {self.queries} x {self.cols} inputs.")
+        # The last entry stays zero: it is what unused slots (index -1) read.
         flat = np.zeros(self.queries * self.cols + 1)
-        values = np.asarray(x_aug, dtype=np.float64).reshape(-1)
         flat[: values.size] = values
         return flat[self.input_index]
 
@@ -129,11 +133,10 @@ class Layout:
         return math.ceil(batch / self.queries)
 
     def gather_batch(self, xs: np.ndarray) -> np.ndarray:
-        """Input slots ``[groups * in_cts, slots]`` for a batch ``[B, cols - 1]``; the bias's 1 is appended."""
+        """Input slots ``[groups * in_cts, slots]`` for a batch ``[B, cols]``."""
         xs = np.asarray(xs, dtype=np.float64).reshape(len(xs), -1)
-        augmented = np.concatenate([xs, np.ones((len(xs), 1))], axis=1)
         q = self.queries
-        return np.concatenate([self.gather(augmented[g * q : (g + 1) * q]) for g in range(self.groups(len(xs)))])
+        return np.concatenate([self.gather(xs[g * q : (g + 1) * q]) for g in range(self.groups(len(xs)))])
 
     def scatter_batch(self, partials: np.ndarray, batch: int) -> np.ndarray:
         """Outputs ``[B, rows]`` from decrypted partial sums ``[groups * out_cts, slots]``."""
@@ -328,7 +331,7 @@ def _cheapest(candidates: list[Layout | None], encrypted_weights: bool, costs: U
 def choose_geometry(
     rows: int, cols: int, slots: int, encrypted_weights: bool, costs: UnitCosts = UnitCosts(), batch: int = 1
 ) -> LinearGeometry:
-    """The cheapest cyclic layout for a ``rows x cols`` layer (``cols`` counts the bias).
+    """The cheapest cyclic layout for a ``rows x cols`` matrix.
 
     With ``batch > 1`` (throughput mode) a layout may hold several queries per
     ciphertext, each in a region just large enough for its rows.
@@ -370,7 +373,7 @@ def choose_layout(
     """The cheapest layout for a layer whose structural nonzeros are ``support``, for batches of ``batch``."""
     rows, cols = support.shape
     cyclic = choose_geometry(rows, cols, slots, encrypted_weights, costs, batch)
-    if support.all():
+    if support.all() or not support.any():
         return cyclic
     deepest = max(len(g[1]) for g in support_groups(support))
     builders = [lambda q: GroupedLayout.from_support(support, slots, q)] + [
@@ -396,9 +399,15 @@ Group = tuple[np.ndarray, list[int]]
 
 
 def support_groups(support: np.ndarray) -> list[Group]:
-    """Rows that read exactly the same inputs, as ``(input columns, rows)``, in first-row order."""
+    """Rows that read exactly the same inputs, as ``(input columns, rows)``, in first-row order.
+
+    Rows that read nothing (a convolution's outputs that see only padding) are
+    left out: their output is the bias alone, which the enclave adds.
+    """
     groups: dict[bytes, Group] = {}
     for r in range(support.shape[0]):
+        if not support[r].any():
+            continue
         key = np.packbits(support[r]).tobytes()
         groups.setdefault(key, (np.flatnonzero(support[r]), []))[1].append(r)
     return list(groups.values())

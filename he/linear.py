@@ -119,7 +119,7 @@ class LinearKernel:
         empty = [o for o in range(geometry.out_cts) if not mask[o].any()]
         if empty:
             raise PlanError(
-                f"Output ciphertext(s) {empty} of a {geometry.rows}x{geometry.cols - 1} layer have no weight above "
+                f"Output ciphertext(s) {empty} of a {geometry.rows}x{geometry.cols} layer have no weight above "
                 f"CKKS's encoding precision (scale 2^{toolkit.params.scale_bits}); rescale the layer's weights."
             )
         return cls(toolkit, geometry, form, mask, weights)

@@ -67,7 +67,7 @@ class ModelOwner:
         float64 matrix for ``plain``, field integers for ``blinded``, nothing for
         ``enclave``); the enclave receives, sealed in this owner's session, the
         graph's hash and the weights it needs itself (``enclave`` and
-        ``blinded`` stages).
+        ``blinded`` stages, and the bias of every ``he`` stage).
         """
         graph_bytes = plan.graph.to_bytes()
         secrets_for_enclave = {str(i): blob for i, blob in self._enclave_weights(plan)}
@@ -80,9 +80,12 @@ class ModelOwner:
 
     @staticmethod
     def _enclave_weights(plan: Plan) -> list[tuple[int, bytes]]:
+        """What only the enclave receives: ``enclave`` and ``blinded`` weights, and every ``he`` layer's bias."""
         out = []
         for i, (stage, w) in enumerate(zip(plan.graph.stages, plan.weights)):
-            if stage.placement is Placement.ENCLAVE:
+            if stage.placement is Placement.HE:
+                out.append((i, np.ascontiguousarray(w[:, -1], dtype="<f8").tobytes()))
+            elif stage.placement is Placement.ENCLAVE:
                 out.append((i, SparseMatrix.from_dense(w).to_bytes()))
             elif stage.placement is Placement.BLINDED:
                 out.append((i, SparseMatrix.from_dense(quantize(w, stage.weight_bits)).to_bytes()))
@@ -93,6 +96,8 @@ class ModelOwner:
         masks, frames = [], []
         for stage, w, support in zip(graph.stages, plan.weights, plan.supports):
             placement = stage.placement
+            if placement is Placement.HE:
+                w, support = w[:, :-1], support[:, :-1]
             encrypted = placement is Placement.HE and graph.weight_form is WeightForm.ENCRYPTED
             if placement in (Placement.PLAIN, Placement.BLINDED) or (placement is Placement.HE and not encrypted):
                 log.warning(

@@ -11,7 +11,7 @@ def exposure(graph: ModelGraph) -> list[str]:
     stages = graph.stages
     seen: list[str] = []
     for i, stage in enumerate(stages):
-        where = f"layer {i + 1} ({stage.geometry.rows}x{stage.geometry.cols - 1})"
+        where = f"layer {i + 1} ({stage.geometry.rows}x{stage.in_features})"
         if stage.placement is Placement.PLAIN:
             seen.append("the input" if i == 0 else f"the activation entering {where}")
             seen.append(f"the weights of {where}")
@@ -22,5 +22,5 @@ def exposure(graph: ModelGraph) -> list[str]:
         elif stage.placement is Placement.BLINDED:
             seen.append(f"the weights of {where} (quantized)")
         elif stage.placement is Placement.HE and graph.weight_form is WeightForm.PLAIN:
-            seen.append(f"the weights of {where}")
+            seen.append(f"the weights of {where} (not its bias, which only the enclave holds)")
     return seen

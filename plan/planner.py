@@ -20,7 +20,10 @@ from .importer import ImportedModel, from_pytorch
 
 @dataclass
 class Plan:
-    """A deployable graph and, kept apart, the model owner's secret weights for each stage."""
+    """A deployable graph and, kept apart, the model owner's secret weights for each stage.
+
+    ``weights[i]`` is ``[W | b]`` and ``supports[i]`` its structural nonzeros, whatever the placement.
+    """
 
     graph: ModelGraph
     weights: list[np.ndarray]
@@ -35,7 +38,7 @@ class Plan:
             rows.append(
                 {
                     "stage": i,
-                    "shape": f"{g.rows}x{g.cols - 1}",
+                    "shape": f"{g.rows}x{stage.in_features}",
                     "placement": stage.placement.value,
                     "layout": g.describe() if he else "-",
                     **(g.counts() if he else {}),
@@ -76,7 +79,7 @@ def plan_model(
     for (affine, ops), placement in zip(imported.stages, chosen):
         w = affine.augmented
         if placement is Placement.HE:
-            layout = choose_layout(affine.support, params.slots, form is WeightForm.ENCRYPTED, costs, batch)
+            layout = choose_layout(affine.support[:, :-1], params.slots, form is WeightForm.ENCRYPTED, costs, batch)
         else:
             layout = unused_layout(w.shape[0], w.shape[1], params.slots)
         bits = weight_scale(w) if placement is Placement.BLINDED else 0

@@ -40,27 +40,31 @@ class Form(str, Enum):
 
 @dataclass
 class ModelRuntime:
-    """One registered model: its graph, the weights only the enclave holds, and pending pads."""
+    """One registered model: its graph, the weights and biases only the enclave holds, and pending pads."""
 
     graph: ModelGraph
     weights: dict[int, SparseMatrix]
+    biases: dict[int, np.ndarray]
     pads: OrderedDict = field(default_factory=OrderedDict)
     pool: dict[int, list[tuple[np.ndarray, np.ndarray, float]]] = field(default_factory=dict)
 
     @classmethod
     def from_secrets(cls, graph: ModelGraph, blobs: dict) -> ModelRuntime:
         """Check that the owner sent exactly the weights the enclave needs, in the right shapes."""
-        weights = {}
+        weights, biases = {}, {}
         for i, stage in enumerate(graph.stages):
-            if stage.placement not in (Placement.ENCLAVE, Placement.BLINDED):
-                continue
             blob = blobs.get(str(i))
             g = stage.geometry
-            if not isinstance(blob, bytes):
-                raise PlanError(f"Stage {i} ({stage.placement.value}) needs its {g.rows}x{g.cols} weights sealed.")
-            dtype = "f8" if stage.placement is Placement.ENCLAVE else "i8"
-            weights[i] = SparseMatrix.from_bytes(blob, (g.rows, g.cols), dtype)
-        return cls(graph, weights)
+            if stage.placement is Placement.HE:
+                if not isinstance(blob, bytes) or len(blob) != g.rows * 8:
+                    raise PlanError(f"Stage {i} (he) needs its bias of {g.rows} float64 values sealed.")
+                biases[i] = np.frombuffer(blob, dtype="<f8")
+            elif stage.placement is not Placement.PLAIN:
+                if not isinstance(blob, bytes):
+                    raise PlanError(f"Stage {i} ({stage.placement.value}) needs its {g.rows}x{g.cols} weights sealed.")
+                dtype = "f8" if stage.placement is Placement.ENCLAVE else "i8"
+                weights[i] = SparseMatrix.from_bytes(blob, (g.rows, g.cols), dtype)
+        return cls(graph, weights, biases)
 
     def finish(self, index: int, form: Form, values: np.ndarray, batch: int, key: str) -> np.ndarray:
         """Activations ``[B, n]`` after stage ``index``'s nonlinear steps, from what the server sent."""
@@ -70,7 +74,7 @@ class ModelRuntime:
         elif form is Form.PLAIN:
             return values  # the server ran this plain stage and its steps itself
         else:
-            ys = values
+            ys = values + self.biases[index]
         return np.stack([apply_ops(y, stage.ops) for y in ys])
 
     def advance(self, start: int, xs: np.ndarray) -> tuple[int, np.ndarray]:

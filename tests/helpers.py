@@ -13,20 +13,20 @@ from tee.nonlinear import apply_ops
 
 
 def run_encrypted(keys: SecretKeySet, graph: ModelGraph, weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
-    """Run a planned model layer by layer: kernels as the server runs them, steps as the enclave does."""
+    """Run a planned model layer by layer: kernels as the server runs them, bias and steps as the enclave does."""
     context = keys.public.with_galois(keys.galois_keys(graph.rotation_steps), graph.rotation_steps)
     toolkit = context.toolkit
     activation = np.asarray(x, dtype=np.float64).reshape(-1)
-    for stage, w in zip(graph.stages, weights):
-        g = stage.geometry
+    for stage, w_aug in zip(graph.stages, weights):
+        g, w, bias = stage.geometry, w_aug[:, :-1], w_aug[:, -1]
         if graph.weight_form is WeightForm.PLAIN:
             kernel = LinearKernel.from_plain(toolkit, g, w)
         else:
             mask, frames = encrypt_weights(context, g, w)
             kernel = LinearKernel.from_encrypted(toolkit, g, mask, frames)
-        inputs = [toolkit.load_ciphertext(keys.encrypt_symmetric(row)) for row in g.gather(np.append(activation, 1.0))]
+        inputs = [toolkit.load_ciphertext(keys.encrypt_symmetric(row)) for row in g.gather(activation)]
         outputs = kernel.evaluate(inputs, context, OpCounter())
-        activation = apply_ops(g.scatter(np.stack([keys.decrypt(ct) for ct in outputs])), stage.ops)
+        activation = apply_ops(g.scatter(np.stack([keys.decrypt(ct) for ct in outputs])) + bias, stage.ops)
     return activation
 
 

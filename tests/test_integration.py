@@ -117,7 +117,7 @@ def test_forged_release_authorisation_is_refused(deployed, data_owner, trained):
     _, x, _ = trained
     graph = data_owner.graph(deployed)
     ctx = data_owner.connection.public_context
-    frames = [ctx.encrypt(row) for row in graph.stages[0].geometry.gather(np.append(x[0].ravel(), 1.0))]
+    frames = [ctx.encrypt(row) for row in graph.stages[0].geometry.gather(x[0].ravel())]
     content = {
         "model_id": deployed,
         "session_id": data_owner.connection.session.session_id,

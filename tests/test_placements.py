@@ -134,3 +134,30 @@ def test_pads_precomputed_between_requests_unblind_exactly():
     _, logits = runtime.advance(1, hidden)
     want = net.double()(torch.from_numpy(xs)).detach().numpy()
     assert np.abs(logits - want).max() < 1e-3
+
+
+@pytest.mark.parametrize("blob", [None, b"", np.zeros(4).tobytes()], ids=["missing", "empty", "short"])
+def test_enclave_refuses_an_he_stage_without_its_bias(blob):
+    from plan import plan_pytorch
+    from tee.execution import ModelRuntime
+
+    planned = plan_pytorch(nn.Sequential(nn.Linear(6, 5)).eval(), (6,))
+    with pytest.raises(PlanError, match="bias of 5 float64 values"):
+        ModelRuntime.from_secrets(planned.graph, {} if blob is None else {"0": blob})
+
+
+def test_he_layouts_leave_the_bias_to_the_enclave():
+    from plan import plan_pytorch
+    from tee.execution import Form, ModelRuntime
+
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    planned = plan_pytorch(net, (256,))
+    assert [s.geometry.cols for s in planned.graph.stages] == [256, 64]
+    blobs = {str(i): np.ascontiguousarray(w[:, -1]).tobytes() for i, w in enumerate(planned.weights)}
+    runtime = ModelRuntime.from_secrets(planned.graph, blobs)
+    w = planned.weights[0]
+    x = np.random.default_rng().normal(size=(1, 256))
+    # What the enclave gets from the server's partial sums is W x; it adds b and applies the ReLU.
+    got = runtime.finish(0, Form.PARTIALS, x @ w[:, :-1].T, 1, "request")
+    np.testing.assert_allclose(got, np.maximum(x @ w[:, :-1].T + w[:, -1], 0), rtol=0, atol=0)
