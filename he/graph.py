@@ -22,7 +22,8 @@ from .context import CkksParams
 from .layout import Layout, layout_from_wire
 from .linear import WeightForm
 
-GRAPH_FORMAT = 1
+# 2: an ``he`` stage's layout covers W only; its bias travels to the enclave.
+GRAPH_FORMAT = 2
 
 
 class ReleaseMode(str, Enum):

@@ -7,10 +7,11 @@ It answers four requests, all relayed by the untrusted server:
 - ``register_model``: a model graph the model owner vouched for through its
   channel; answered with Galois keys for exactly the rotations the graph uses;
 - ``activate``: the server's partial sums of one layer. The enclave decrypts,
-  adds the partial sums, applies the exact nonlinear steps and either
-  re-encrypts the result in the next layer's input layout (secret-key
-  encryption: faster, half the bytes) or, after the last layer, releases it
-  sealed to the data owner's session.
+  adds the partial sums and the layer's bias, applies the exact nonlinear
+  steps and either re-encrypts the result in the next layer's input layout
+  (onto a secret-key encryption of zero made between requests, see
+  ``tee.precompute``) or, after the last layer, releases it sealed to the data
+  owner's session.
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ class Enclave:
         self._authorised: OrderedDict[tuple[str, str], Session] = OrderedDict()
         if self._state is not None:
             for model_id, (graph, weights) in self._state.models().items():
-                self._models[model_id] = ModelRuntime.from_secrets(ModelGraph.from_bytes(graph), weights)
+                try:
+                    self._models[model_id] = ModelRuntime.from_secrets(ModelGraph.from_bytes(graph), weights)
+                except HeclaveError as exc:
+                    log.error("cannot restore model %s; deploy it again: %s", model_id, exc.message)
         self._handlers = {
             "evidence": self._evidence,
             "open_session": self._open_session,

@@ -51,3 +51,22 @@ def test_hardware_key_is_used_when_gramine_provides_it(tmp_path):
     hardware = sealing_key(state, fake)
     assert not (state / "dev-sealing.key").exists()
     assert hardware != sealing_key(state)
+
+
+def test_enclave_starts_and_serves_when_a_sealed_model_no_longer_loads(tmp_path):
+    import torch
+
+    from plan import plan_pytorch
+    from protocol.messages import OK, Message
+    from tee.enclave import Enclave
+
+    planned = plan_pytorch(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval(), (4,))
+    EnclaveState(tmp_path).keys(CkksParams())
+    state = EnclaveState(tmp_path)
+    state.save_model("stale", b"a graph of an older format", {})
+    state.save_model("unsealed-bias", planned.graph.to_bytes(), {})
+    enclave = Enclave(state_dir=tmp_path)
+    assert enclave.handle(Message("evidence")).type == OK
+    request = {"model_id": "unsealed-bias", "request_id": "r", "stage": 0, "form": "partials"}
+    with pytest.raises(HeclaveError, match="Unknown model"):
+        enclave.handle(Message("activate", request))
