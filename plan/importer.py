@@ -65,6 +65,11 @@ class AffineMap:
         """``[W | b]``: the weights of the layer on ``x' = [x, 1]``."""
         return np.concatenate([self.weight, self.bias[:, None]], axis=1)
 
+    @property
+    def weight_support(self) -> np.ndarray:
+        """The structural nonzeros of ``W`` alone: what an ``he`` layout covers (the enclave adds the bias)."""
+        return self.support[:, :-1]
+
 
 @dataclass
 class ImportedModel:

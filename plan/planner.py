@@ -79,7 +79,7 @@ def plan_model(
     for (affine, ops), placement in zip(imported.stages, chosen):
         w = affine.augmented
         if placement is Placement.HE:
-            layout = choose_layout(affine.support[:, :-1], params.slots, form is WeightForm.ENCRYPTED, costs, batch)
+            layout = choose_layout(affine.weight_support, params.slots, form is WeightForm.ENCRYPTED, costs, batch)
         else:
             layout = unused_layout(w.shape[0], w.shape[1], params.slots)
         bits = weight_scale(w) if placement is Placement.BLINDED else 0

@@ -42,7 +42,7 @@ def stage_costs(
     costs = []
     for affine, _ in imported.stages:
         nnz = int(affine.support.sum())
-        layout = choose_layout(affine.support, slots, form is WeightForm.ENCRYPTED, he, batch)
+        layout = choose_layout(affine.weight_support, slots, form is WeightForm.ENCRYPTED, he, batch)
         mac, field = nnz * plain.sparse_mac_ns / 1e6, nnz * plain.field_mac_ns / 1e6
         costs.append(
             {
