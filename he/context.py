@@ -91,11 +91,13 @@ class Toolkit:
         self.evaluator = seal.Evaluator(self.context)
 
     def encode(self, values: np.ndarray, scale: float | None = None) -> seal.Plaintext:
-        """Encode a real vector (zero-padded to the slot count) at the top level."""
+        """Encode a real or complex vector (zero-padded to the slot count) at the top level."""
+        values = np.asarray(values)
         if len(values) > self.params.slots:
             raise ValueError(f"{len(values)} values do not fit in {self.params.slots} slots.")
+        kind = np.complex128 if np.iscomplexobj(values) else np.float64
         plain = seal.Plaintext()
-        self.encoder.encode(np.asarray(values, dtype=np.float64).tolist(), scale or self.params.scale, plain)
+        self.encoder.encode(values.astype(kind).tolist(), scale or self.params.scale, plain)
         return plain
 
     def load_ciphertext(self, data: bytes, what: str = "ciphertext", top_level: bool = True) -> seal.Ciphertext:
@@ -245,6 +247,13 @@ class SecretKeySet:
         return data
 
     def decrypt(self, ct: seal.Ciphertext) -> np.ndarray:
+        """The real parts of the slots."""
         plain = seal.Plaintext()
         self._decryptor.decrypt(ct, plain)
         return np.fromiter(self.toolkit.encoder.decode_double(plain), np.float64, self.params.slots)
+
+    def decrypt_complex(self, ct: seal.Ciphertext) -> np.ndarray:
+        """The slots as complex numbers: both lanes of a batch (``he.layout.LANES``), at the same cost."""
+        plain = seal.Plaintext()
+        self._decryptor.decrypt(ct, plain)
+        return np.fromiter(self.toolkit.encoder.decode_complex(plain), np.complex128, self.params.slots)

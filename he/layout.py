@@ -130,19 +130,29 @@ class Layout:
 
     def groups(self, batch: int) -> int:
         """Ciphertext groups (of ``in_cts`` inputs, ``out_cts`` outputs) a batch of queries needs."""
-        return math.ceil(batch / self.queries)
+        return math.ceil(batch / (self.queries * LANES))
 
     def gather_batch(self, xs: np.ndarray) -> np.ndarray:
-        """Input slots ``[groups * in_cts, slots]`` for a batch ``[B, cols]``."""
+        """Input slots ``[groups * in_cts, slots]`` for a batch ``[B, cols]``.
+
+        A group's first ``queries`` queries go to the slots' real parts and the
+        next ``queries`` to their imaginary parts (see ``LANES``); the result is
+        real when no group needs its second lane.
+        """
         xs = np.asarray(xs, dtype=np.float64).reshape(len(xs), -1)
-        q = self.queries
-        return np.concatenate([self.gather(xs[g * q : (g + 1) * q]) for g in range(self.groups(len(xs)))])
+        q, laid = self.queries, []
+        for g in range(self.groups(len(xs))):
+            group = xs[g * LANES * q : (g + 1) * LANES * q]
+            real = self.gather(group[:q])
+            laid.append(real + 1j * self.gather(group[q:]) if len(group) > q else real)
+        return np.concatenate(laid)
 
     def scatter_batch(self, partials: np.ndarray, batch: int) -> np.ndarray:
-        """Outputs ``[B, rows]`` from decrypted partial sums ``[groups * out_cts, slots]``."""
-        n = self.out_cts
-        groups = range(self.groups(batch))
-        sums = [self.scatter(partials[g * n : (g + 1) * n]).reshape(self.queries, self.rows) for g in groups]
+        """Outputs ``[B, rows]`` from decrypted (complex) partial sums ``[groups * out_cts, slots]``."""
+        n, sums = self.out_cts, []
+        for g in range(self.groups(batch)):
+            block = np.asarray(partials[g * n : (g + 1) * n])
+            sums += [self.scatter(lane).reshape(self.queries, self.rows) for lane in (block.real, block.imag)]
         return np.concatenate(sums)[:batch]
 
     def diagonals(self, weights: np.ndarray) -> np.ndarray:
@@ -277,6 +287,10 @@ class LinearGeometry(Layout):
 
 
 MAX_FEATURES = 1 << 22
+
+# CKKS slots hold complex numbers and the weights are real, so ``W (x + i y) = W x + i W y``: a
+# ciphertext carries a second batch of queries in its imaginary parts for no extra operation.
+LANES = 2
 MAX_BLOCK_K = 64
 
 
@@ -314,7 +328,7 @@ def estimate_parts(
         + (c["giant_rotations"] * costs.relinearize_rescaled if encrypted_weights else 0.0)
     )
     enclave = costs.enclave_factor * (layout.out_cts * costs.enclave_decrypt + layout.in_cts * costs.enclave_encrypt)
-    groups = math.ceil(batch / layout.queries) / batch
+    groups = layout.groups(batch) / batch
     return server * groups, enclave * groups
 
 
@@ -382,8 +396,8 @@ def choose_layout(
     candidates: list[Layout | None] = [cyclic]
     for build in builders:
         candidates.append(build(1))
-        # The most queries per ciphertext that fit, halving from the batch size.
-        candidates.append(next((c for q in _halvings(batch) if (c := build(q)) is not None), None))
+        # The most queries per ciphertext lane that fit, halving from what the batch can fill.
+        candidates.append(next((c for q in _halvings(math.ceil(batch / LANES)) if (c := build(q)) is not None), None))
     return _cheapest(candidates, encrypted_weights, costs, batch)
 
 

@@ -222,7 +222,7 @@ class Enclave:
             ct = self.keys.toolkit.load_ciphertext(data, "layer output", top_level=False)
             if ct.parms_id() != self._output_parms:
                 raise CiphertextError("A layer output is not at the level a linear layer produces; refusing it.")
-            rows.append(self.keys.decrypt(ct))
+            rows.append(self.keys.decrypt_complex(ct))
         return np.stack(rows)
 
     def _release(self, request: Message, graph: ModelGraph, ys: np.ndarray) -> bytes:

@@ -70,13 +70,16 @@ def _ids(geometry: LinearGeometry) -> np.ndarray:
 
 def simulate(geometry: LinearGeometry, weights: np.ndarray, x_aug: np.ndarray) -> np.ndarray:
     """The server's baby-step giant-step algorithm on plaintext numpy slots (``np.roll(v, -s)`` is a left rotation)."""
-    g = geometry
-    inputs = g.gather(x_aug)
+    return geometry.scatter(simulate_slots(geometry, weights, geometry.gather(x_aug)))
+
+
+def simulate_slots(g: LinearGeometry, weights: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+    """Partial sums ``[out_cts, slots]`` the server computes from laid-out (real or complex) inputs."""
     diags = g.diagonals(weights)
-    partials = np.zeros((g.out_cts, g.slots))
+    partials = np.zeros((g.out_cts, g.slots), dtype=inputs.dtype)
     for o in range(g.out_cts):
         for giant in range(g.giant):
-            part = np.zeros(g.slots)
+            part = np.zeros(g.slots, dtype=inputs.dtype)
             for b in range(g.baby):
                 k = giant * g.baby + b
                 if k >= g.k:
@@ -84,7 +87,33 @@ def simulate(geometry: LinearGeometry, weights: np.ndarray, x_aug: np.ndarray) -
                 for i in range(g.in_cts):
                     part += diags[o, i, k] * np.roll(inputs[i], -b)
             partials[o] += np.roll(part, -giant * g.baby)
-    return g.scatter(partials)
+    return partials
+
+
+def batch_geometries(slots: int):
+    """Geometries of every kind a batch meets: any valid one, and throughput-mode picks with several queries."""
+    picked = st.builds(
+        lambda shape, batch: choose_geometry(*shape, slots, False, batch=batch),
+        st.tuples(st.integers(1, 12), st.integers(1, 12)),
+        st.integers(2, 16),
+    )
+    return st.one_of(geometries(slots), picked)
+
+
+@PURE
+@given(g=st.sampled_from([16, 64, 128]).flatmap(batch_geometries), batch=st.integers(1, 40), seed=st.integers(0, 99))
+def test_a_batch_fills_both_lanes_of_each_group_and_every_query_gets_its_own_w_x(g, batch, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((g.rows, g.cols))
+    xs = rng.standard_normal((batch, g.cols))
+    laid = g.gather_batch(xs)
+    groups = g.groups(batch)
+    assert groups == math.ceil(batch / (2 * g.queries)) and laid.shape == (groups * g.in_cts, g.slots)
+    assert np.iscomplexobj(laid) == (batch > g.queries)
+    n = g.in_cts
+    partials = np.concatenate([simulate_slots(g, w, laid[j * n : (j + 1) * n]) for j in range(groups)])
+    want = xs @ w.T
+    np.testing.assert_allclose(g.scatter_batch(partials, batch), want, rtol=0, atol=1e-9 * max(1, np.abs(want).max()))
 
 
 # ---------------------------------------------------------------- pure properties
@@ -280,6 +309,26 @@ def run_kernel(keys, g: LinearGeometry, form: WeightForm, w: np.ndarray, x_aug: 
     outputs = kernel.evaluate(inputs, context, counter)
     assert len(outputs) == g.out_cts
     return g.scatter(np.stack([keys.decrypt(ct) for ct in outputs])), kernel, counter
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f.value)
+def test_kernel_computes_both_lanes_of_a_complex_packed_batch(keys, form):
+    rng = np.random.default_rng()
+    g = choose_geometry(37, 90, SLOTS, form is WeightForm.ENCRYPTED)
+    w = rng.uniform(-1, 1, (g.rows, g.cols)) / math.sqrt(g.cols)
+    xs = rng.uniform(-1, 1, (2, g.cols))
+    context = keys.public.with_galois(keys.galois_keys(g.rotation_steps), g.rotation_steps)
+    if form is WeightForm.PLAIN:
+        kernel = LinearKernel.from_plain(context.toolkit, g, w)
+    else:
+        kernel = LinearKernel.from_encrypted(context.toolkit, g, *encrypt_weights(context, g, w))
+    laid = g.gather_batch(xs)
+    assert len(laid) == g.in_cts  # two queries, one ciphertext group
+    inputs = [context.toolkit.load_ciphertext(context.encrypt(row)) for row in laid]
+    outputs = kernel.evaluate(inputs, context, OpCounter())
+    got = g.scatter_batch(np.stack([keys.decrypt_complex(ct) for ct in outputs]), 2)
+    want = xs @ w.T
+    assert np.abs(got - want).max() / (np.abs(w) @ np.abs(xs.T)).max() <= TARGET
 
 
 def check_affine(keys, g: LinearGeometry, form: WeightForm, seed: int) -> None:
