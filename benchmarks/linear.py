@@ -26,7 +26,7 @@ import tenseal as ts
 import tenseal.sealapi as seal
 
 from he.context import CkksParams, PublicContext, SecretKeySet
-from he.layout import LinearGeometry, choose_geometry
+from he.layout import Layout, choose_layout
 from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
 from plan.calibration import median_ms
 from protocol.errors import PlanError
@@ -38,7 +38,7 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
 
 
-def _kernel(context: PublicContext, geometry: LinearGeometry, w: np.ndarray, form: WeightForm) -> LinearKernel:
+def _kernel(context: PublicContext, geometry: Layout, w: np.ndarray, form: WeightForm) -> LinearKernel:
     if form is WeightForm.PLAIN:
         return LinearKernel.from_plain(context.toolkit, geometry, w)
     mask, frames = encrypt_weights(context, geometry, w)
@@ -114,7 +114,8 @@ def bench_linear(
     want = w @ x + b
 
     keys = SecretKeySet(params)
-    geometry = choose_geometry(n_out, n_in, params.slots, weights is WeightForm.ENCRYPTED)
+    # The layout the planner would deploy for a dense layer.
+    geometry = choose_layout(np.ones((n_out, n_in), dtype=bool), params.slots, weights is WeightForm.ENCRYPTED)
     steps = geometry.rotation_steps
     unit_step = steps[0] if steps else 1
     context = keys.public.with_galois(keys.galois_keys([*steps, unit_step]), [*steps, unit_step])
@@ -131,7 +132,7 @@ def bench_linear(
         times.append((time.perf_counter() - started) * 1e3)
         units.sample()
     ours_ms = median(times)
-    got = geometry.scatter(np.stack([keys.decrypt(ct) for ct in outputs])) + b
+    got = geometry.scatter(np.stack([keys.decrypt_complex(ct) for ct in outputs])) + b
     unit = units.medians()
     baby = geometry.in_cts * (min(geometry.baby, geometry.k) - 1)
     giant = ops.rotations - baby
@@ -160,8 +161,7 @@ def bench_linear(
         "t_multiply_ms": unit["multiply"],
         "max_rel_err": _relative_error(got, want),
         "tenseal_max_rel_err": _relative_error(tenseal_y[:n_out], want),
-        "layout": f"k={geometry.k} period={geometry.period} baby={geometry.baby} giant={geometry.giant} "
-        f"in_cts={geometry.in_cts} out_cts={geometry.out_cts}",
+        "layout": geometry.describe(),
         "galois_steps": len(steps),
         "runs": runs,
         "tenseal_runs": tenseal_runs,

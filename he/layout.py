@@ -122,10 +122,10 @@ class Layout:
         return flat[self.input_index]
 
     def scatter(self, partials: np.ndarray) -> np.ndarray:
-        """Sum decrypted partial sums ``[out_cts, slots]``: one output vector, or ``[queries, rows]``."""
+        """Sum the real parts of decrypted partial sums ``[out_cts, slots]``: one vector, or ``[queries, rows]``."""
         rows = self.output_row.ravel()
         used = rows >= 0
-        sums = np.bincount(rows[used], weights=partials.ravel()[used], minlength=self.queries * self.rows)
+        sums = np.bincount(rows[used], weights=np.real(partials).ravel()[used], minlength=self.queries * self.rows)
         return sums if self.queries == 1 else sums.reshape(self.queries, self.rows)
 
     def groups(self, batch: int) -> int:
@@ -384,11 +384,25 @@ def unused_layout(rows: int, cols: int, slots: int) -> LinearGeometry:
 def choose_layout(
     support: np.ndarray, slots: int, encrypted_weights: bool, costs: UnitCosts = UnitCosts(), batch: int = 1
 ) -> Layout:
-    """The cheapest layout for a layer whose structural nonzeros are ``support``, for batches of ``batch``."""
+    """The cheapest layout for a layer whose structural nonzeros are ``support``, for batches of ``batch``.
+
+    Candidates hold one row per slot, or (for two rows or more) pair rows in
+    the slots' real and imaginary parts (:class:`PairedRows`).
+    """
+    candidates = _one_row_per_slot(support, slots, encrypted_weights, costs, batch)
+    if support.shape[0] >= 2:
+        bases = _one_row_per_slot(paired_support(support), slots, encrypted_weights, costs, 1)
+        candidates += [PairedRows(base, support.shape[0]) for base in bases if base is not None and base.queries == 1]
+    return _cheapest(candidates, encrypted_weights, costs, batch)
+
+
+def _one_row_per_slot(
+    support: np.ndarray, slots: int, encrypted_weights: bool, costs: UnitCosts, batch: int
+) -> list[Layout | None]:
     rows, cols = support.shape
     cyclic = choose_geometry(rows, cols, slots, encrypted_weights, costs, batch)
     if support.all() or not support.any():
-        return cyclic
+        return [cyclic]
     deepest = max(len(g[1]) for g in support_groups(support))
     builders = [lambda q: GroupedLayout.from_support(support, slots, q)] + [
         lambda q, k=k: GroupedLayout.block_cyclic(support, slots, k, q) for k in range(2, min(deepest, MAX_BLOCK_K) + 1)
@@ -398,7 +412,7 @@ def choose_layout(
         candidates.append(build(1))
         # The most queries per ciphertext lane that fit, halving from what the batch can fill.
         candidates.append(next((c for q in _halvings(math.ceil(batch / LANES)) if (c := build(q)) is not None), None))
-    return _cheapest(candidates, encrypted_weights, costs, batch)
+    return candidates
 
 
 def _halvings(batch: int) -> list[int]:
@@ -591,6 +605,121 @@ class GroupedLayout(Layout):
             raise PlanError(f"Inconsistent grouped layout for a {self.rows}x{self.cols} layer.")
 
 
+@dataclass(frozen=True, eq=False)
+class PairedRows(Layout):
+    """Two rows per slot: row ``r`` in the real part, row ``r + half`` in the imaginary part.
+
+    A single query's input is real, so a complex diagonal ``a + i b`` gives
+    ``a x + i b x``: the base layout's rotations and multiplications serve twice
+    its rows, or the same rows with half the diagonals. The base layout is
+    built for the ``half`` rows' combined support, so both rows of a pair find
+    their inputs in the same slots. This and the query lanes of throughput mode
+    (``LANES``) use the same imaginary parts, so a paired layout takes one query
+    per ciphertext group.
+    """
+
+    kind = "paired"
+
+    base: Layout
+    rows: int
+
+    @property
+    def half(self) -> int:
+        return self.base.rows
+
+    @property
+    def cols(self) -> int:
+        return self.base.cols
+
+    @property
+    def slots(self) -> int:
+        return self.base.slots
+
+    @property
+    def k(self) -> int:
+        return self.base.k
+
+    @property
+    def baby(self) -> int:
+        return self.base.baby
+
+    @property
+    def giant(self) -> int:
+        return self.base.giant
+
+    @property
+    def queries(self) -> int:
+        return 1
+
+    @property
+    def input_index(self) -> np.ndarray:
+        return self.base.input_index
+
+    @property
+    def output_row(self) -> np.ndarray:
+        """Rows whose partial sums the real parts hold (the first ``half``)."""
+        return self.base.output_row
+
+    @cached_property
+    def imaginary_row(self) -> np.ndarray:
+        """``[out_cts, slots]`` rows whose partial sums the imaginary parts hold (``-1``: unused)."""
+        rows = self.base.output_row
+        return np.where((rows >= 0) & (rows + self.half < self.rows), rows + self.half, -1)
+
+    def linked(self, o: int, i: int) -> bool:
+        return self.base.linked(o, i)
+
+    def diagonals(self, weights: np.ndarray) -> np.ndarray:
+        """Complex diagonals: the first ``half`` rows' in the real parts, the others' in the imaginary."""
+        weights = np.asarray(weights)
+        second = np.zeros((self.half, self.cols), dtype=weights.dtype)
+        second[: self.rows - self.half] = weights[self.half :]
+        return self.base.diagonals(weights[: self.half]) + 1j * self.base.diagonals(second)
+
+    def scatter(self, partials: np.ndarray) -> np.ndarray:
+        partials = np.asarray(partials)
+        out = np.zeros(self.rows)
+        out[: self.half] = self.base.scatter(partials.real)
+        rows = self.imaginary_row.ravel()
+        used = rows >= 0
+        return out + np.bincount(rows[used], weights=partials.imag.ravel()[used], minlength=self.rows)
+
+    def groups(self, batch: int) -> int:
+        return batch
+
+    def gather_batch(self, xs: np.ndarray) -> np.ndarray:
+        xs = np.asarray(xs, dtype=np.float64).reshape(len(xs), -1)
+        return np.concatenate([self.gather(x) for x in xs])
+
+    def scatter_batch(self, partials: np.ndarray, batch: int) -> np.ndarray:
+        n = self.out_cts
+        return np.stack([self.scatter(partials[g * n : (g + 1) * n]) for g in range(batch)])
+
+    def describe(self) -> str:
+        return f"{self.base.describe()} rows paired"
+
+    def to_wire(self) -> dict:
+        return {"kind": self.kind, "rows": self.rows, "base": self.base.to_wire()}
+
+    @classmethod
+    def from_wire(cls, data: dict) -> PairedRows:
+        base_wire, rows = data.get("base"), data.get("rows")
+        if not isinstance(base_wire, dict) or base_wire.get("kind") == cls.kind or type(rows) is not int:
+            raise PlanError("A paired-rows layout needs an integer row count and a base layout of another kind.")
+        base = layout_from_wire(base_wire)
+        if base.queries != 1 or not base.rows < rows <= 2 * base.rows:
+            raise PlanError(f"A paired-rows layout of {rows} rows cannot pair a base of {base.rows} rows.")
+        return cls(base, rows)
+
+
+def paired_support(support: np.ndarray) -> np.ndarray:
+    """Row ``r``'s support joined with row ``r + half``'s: what a :class:`PairedRows` base must cover."""
+    half = math.ceil(support.shape[0] / 2)
+    paired = support[:half].copy()
+    paired[: support.shape[0] - half] |= support[half:]
+    return paired
+
+
 def _tile(single: np.ndarray, region: int, queries: int, width: int, slots: int) -> np.ndarray:
     """Repeat one query's maps ``queries`` times, ``region`` slots apart, indexing query ``q``'s values."""
     out = np.full((single.shape[0], slots), -1, dtype=np.int64)
@@ -617,7 +746,7 @@ def _pack(items: list, widths: list[int], slots: int) -> list[list] | None:
 
 def layout_from_wire(data: dict) -> Layout:
     """A layout from the plan, of whichever kind it names."""
-    kinds = {"cyclic": LinearGeometry, "grouped": GroupedLayout}
+    kinds = {"cyclic": LinearGeometry, "grouped": GroupedLayout, "paired": PairedRows}
     kind = data.get("kind", "cyclic") if isinstance(data, dict) else None
     if kind not in kinds:
         raise PlanError(f"Unknown layout kind {kind!r}; expected one of {', '.join(kinds)}.")

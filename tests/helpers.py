@@ -26,7 +26,7 @@ def run_encrypted(keys: SecretKeySet, graph: ModelGraph, weights: list[np.ndarra
             kernel = LinearKernel.from_encrypted(toolkit, g, mask, frames)
         inputs = [toolkit.load_ciphertext(keys.encrypt_symmetric(row)) for row in g.gather(activation)]
         outputs = kernel.evaluate(inputs, context, OpCounter())
-        activation = apply_ops(g.scatter(np.stack([keys.decrypt(ct) for ct in outputs])) + bias, stage.ops)
+        activation = apply_ops(g.scatter(np.stack([keys.decrypt_complex(ct) for ct in outputs])) + bias, stage.ops)
     return activation
 
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from he.layout import LinearGeometry, choose_geometry
+from he.layout import GroupedLayout, Layout, LinearGeometry, PairedRows, choose_geometry, layout_from_wire
 from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
 from protocol.errors import HeclaveError, PlanError
 
@@ -73,19 +73,20 @@ def simulate(geometry: LinearGeometry, weights: np.ndarray, x_aug: np.ndarray) -
     return geometry.scatter(simulate_slots(geometry, weights, geometry.gather(x_aug)))
 
 
-def simulate_slots(g: LinearGeometry, weights: np.ndarray, inputs: np.ndarray) -> np.ndarray:
-    """Partial sums ``[out_cts, slots]`` the server computes from laid-out (real or complex) inputs."""
+def simulate_slots(g: Layout, weights: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+    """Partial sums ``[out_cts, slots]`` the server computes from laid-out inputs, in complex slots as CKKS has."""
     diags = g.diagonals(weights)
-    partials = np.zeros((g.out_cts, g.slots), dtype=inputs.dtype)
+    partials = np.zeros((g.out_cts, g.slots), dtype=complex)
     for o in range(g.out_cts):
         for giant in range(g.giant):
-            part = np.zeros(g.slots, dtype=inputs.dtype)
+            part = np.zeros(g.slots, dtype=complex)
             for b in range(g.baby):
                 k = giant * g.baby + b
                 if k >= g.k:
                     break
                 for i in range(g.in_cts):
-                    part += diags[o, i, k] * np.roll(inputs[i], -b)
+                    if g.linked(o, i):
+                        part += diags[o, i, k] * np.roll(inputs[i], -b)
             partials[o] += np.roll(part, -giant * g.baby)
     return partials
 
@@ -114,6 +115,54 @@ def test_a_batch_fills_both_lanes_of_each_group_and_every_query_gets_its_own_w_x
     partials = np.concatenate([simulate_slots(g, w, laid[j * n : (j + 1) * n]) for j in range(groups)])
     want = xs @ w.T
     np.testing.assert_allclose(g.scatter_batch(partials, batch), want, rtol=0, atol=1e-9 * max(1, np.abs(want).max()))
+
+
+def _random_support(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    support = rng.random((rows, cols)) < rng.uniform(0.05, 1.0)
+    support[rng.integers(0, rows), rng.integers(0, cols)] = True
+    return support
+
+
+def paired_layouts(support: np.ndarray, slots: int) -> list[PairedRows]:
+    """Every base family over the pairs' joint support, wrapped to pair rows."""
+    from he.layout import paired_support
+
+    joint = paired_support(support)
+    half, cols = joint.shape
+    bases = [choose_geometry(half, cols, slots, False), GroupedLayout.from_support(joint, slots)]
+    bases += [GroupedLayout.block_cyclic(joint, slots, k) for k in (2, 3)]
+    return [PairedRows(base, support.shape[0]) for base in bases if base is not None]
+
+
+@PURE
+@given(rows=st.integers(2, 40), cols=st.integers(1, 40), slots=st.sampled_from([64, 256]), seed=st.integers(0, 999))
+def test_paired_rows_compute_w_x_for_every_base_layout(rows, cols, slots, seed):
+    rng = np.random.default_rng(seed)
+    support = _random_support(rng, rows, cols)
+    w = rng.standard_normal((rows, cols)) * support
+    x = rng.standard_normal(cols)
+    for g in paired_layouts(support, slots):
+        assert g.rows == rows and g.half == math.ceil(rows / 2) and g.groups(3) == 3
+        got = g.scatter_batch(simulate_slots(g, w, g.gather_batch(x[None])), 1)[0]
+        np.testing.assert_allclose(got, w @ x, rtol=0, atol=1e-9 * max(1.0, np.abs(w @ x).max()))
+        assert layout_from_wire(msgpack.unpackb(msgpack.packb(g.to_wire()), raw=False)).describe() == g.describe()
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        {"kind": "paired", "rows": 5},
+        {"kind": "paired", "rows": "5", "base": LinearGeometry(3, 4, 16, 1, 4, 4, 1, 1).to_wire()},
+        {"kind": "paired", "rows": 7, "base": LinearGeometry(3, 4, 16, 1, 4, 4, 1, 1).to_wire()},
+        {"kind": "paired", "rows": 3, "base": LinearGeometry(3, 4, 16, 1, 4, 4, 1, 1).to_wire()},
+        {"kind": "paired", "rows": 4, "base": {"kind": "paired", "rows": 3, "base": {}}},
+        {"kind": "paired", "rows": 4, "base": LinearGeometry(3, 4, 16, 1, 5, 4, 1, 1, 2).to_wire()},
+    ],
+    ids=["no base", "rows not int", "too many rows", "nothing paired", "nested", "several queries"],
+)
+def test_malformed_paired_layout_is_refused(wire):
+    with pytest.raises(PlanError):
+        layout_from_wire(wire)
 
 
 # ---------------------------------------------------------------- pure properties
@@ -308,7 +357,20 @@ def run_kernel(keys, g: LinearGeometry, form: WeightForm, w: np.ndarray, x_aug: 
     counter = OpCounter()
     outputs = kernel.evaluate(inputs, context, counter)
     assert len(outputs) == g.out_cts
-    return g.scatter(np.stack([keys.decrypt(ct) for ct in outputs])), kernel, counter
+    return g.scatter(np.stack([keys.decrypt_complex(ct) for ct in outputs])), kernel, counter
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f.value)
+@pytest.mark.parametrize("rows", [2, 61, 300])
+def test_kernel_on_paired_rows_matches_numpy(keys, form, rows):
+    rng = np.random.default_rng()
+    support = _random_support(rng, rows, 70)
+    for g in paired_layouts(support, SLOTS)[:2]:
+        w = rng.uniform(-1, 1, (rows, 70)) * support
+        x = rng.uniform(-1, 1, 70)
+        got, kernel, counter = run_kernel(keys, g, form, w, x)
+        assert np.abs(got - w @ x).max() / max((np.abs(w) @ np.abs(x)).max(), 1e-12) <= TARGET
+        assert counter.multiplications == int(kernel.mask.sum())
 
 
 @pytest.mark.parametrize("form", FORMS, ids=lambda f: f.value)
