@@ -21,6 +21,11 @@ which adds them up for free after the decryption it does anyway. A layer with
 more rows than one ciphertext holds uses several output ciphertexts that share
 the baby-step rotations; a layer with more inputs than slots uses several
 input chunks whose products are added before the giant rotations.
+
+CKKS slots are complex and the weights real, so every layout has two lanes:
+a batch puts a second set of queries in the imaginary parts (``LANES``), and a
+single query, whose input is real, can use complex diagonals to put a second
+row in each slot instead (:class:`PairedRows`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from functools import cached_property
 import numpy as np
 
 from protocol.errors import PlanError
+
+# CKKS slots hold complex numbers and the weights are real, so ``W (x + i y) = W x + i W y``: a
+# ciphertext carries a second batch of queries in its imaginary parts for no extra operation.
+LANES = 2
 
 
 @dataclass(frozen=True)
@@ -287,10 +296,6 @@ class LinearGeometry(Layout):
 
 
 MAX_FEATURES = 1 << 22
-
-# CKKS slots hold complex numbers and the weights are real, so ``W (x + i y) = W x + i W y``: a
-# ciphertext carries a second batch of queries in its imaginary parts for no extra operation.
-LANES = 2
 MAX_BLOCK_K = 64
 
 
