@@ -610,6 +610,11 @@ class GroupedLayout(Layout):
             raise PlanError(f"Inconsistent grouped layout for a {self.rows}x{self.cols} layer.")
 
 
+def _from_base(name: str) -> property:
+    """A read-only attribute of a wrapping layout that is its ``base`` layout's attribute."""
+    return property(lambda self: getattr(self.base, name))
+
+
 @dataclass(frozen=True, eq=False)
 class PairedRows(Layout):
     """Two rows per slot: row ``r`` in the real part, row ``r + half`` in the imaginary part.
@@ -628,42 +633,18 @@ class PairedRows(Layout):
     base: Layout
     rows: int
 
+    # Everything but the rows comes from the base layout; ``queries`` stays Layout's 1.
+    cols = _from_base("cols")
+    slots = _from_base("slots")
+    k = _from_base("k")
+    baby = _from_base("baby")
+    giant = _from_base("giant")
+    input_index = _from_base("input_index")
+    output_row = _from_base("output_row")  # the real parts' rows: the first ``half``
+
     @property
     def half(self) -> int:
         return self.base.rows
-
-    @property
-    def cols(self) -> int:
-        return self.base.cols
-
-    @property
-    def slots(self) -> int:
-        return self.base.slots
-
-    @property
-    def k(self) -> int:
-        return self.base.k
-
-    @property
-    def baby(self) -> int:
-        return self.base.baby
-
-    @property
-    def giant(self) -> int:
-        return self.base.giant
-
-    @property
-    def queries(self) -> int:
-        return 1
-
-    @property
-    def input_index(self) -> np.ndarray:
-        return self.base.input_index
-
-    @property
-    def output_row(self) -> np.ndarray:
-        """Rows whose partial sums the real parts hold (the first ``half``)."""
-        return self.base.output_row
 
     @cached_property
     def imaginary_row(self) -> np.ndarray:
