@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# he/_rns.c is compiled by the editable install, so a change to it reinstalls.
+$(STAMP): pyproject.toml he/_rns.c | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test,dcap,ray]'
 	touch $(STAMP)
@@ -29,4 +30,4 @@ fuzz: $(STAMP)
 	HECLAVE_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis he/_rns.*.so

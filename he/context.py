@@ -18,6 +18,9 @@ import tenseal.sealapi as seal
 
 from protocol.errors import CiphertextError, ErrorCode, ProtocolError
 
+from .rns import Limb, limb, shoup
+from .sampling import centered_binomial, uniform_residues
+from .sealformat import Level, RawCiphertext, parse_ciphertext, parse_plaintext
 from .serialize import (
     ciphertext_from_bytes,
     galois_keys_from_bytes,
@@ -26,8 +29,12 @@ from .serialize import (
     secret_key_from_bytes,
     to_bytes,
 )
+from .slots import SlotCodec
 
 CONTEXT_FORMAT = 1
+
+# One prime's tables with a power of the secret key in NTT form and its Shoup companion.
+_KeyLimb = tuple[Limb, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -203,6 +210,10 @@ class SecretKeySet:
         self._secret = self._keygen.secret_key()
         self._encryptor = seal.Encryptor(context, self._secret)
         self._decryptor = seal.Decryptor(context, self._secret)
+        self._top = Level.of(context, context.first_parms_id())
+        self.output_level = Level.of(context, context.first_context_data().next_context_data().parms_id())
+        self._codec = SlotCodec(params.poly_modulus_degree)
+        self._top_key, self._output_key = self._key_residues(context)
 
     def export(self) -> dict:
         """The whole key set, for sealing to the enclave's own storage only."""
@@ -222,29 +233,75 @@ class SecretKeySet:
         """Secret-key encryption, serialised seeded: faster and half the bytes of public-key encryption."""
         return to_bytes(self._encryptor.encrypt_symmetric(self.toolkit.encode(values)))
 
-    def encrypt_zero(self) -> seal.Ciphertext:
+    def _key_residues(self, context: seal.SEALContext) -> tuple[list[_KeyLimb], list[_KeyLimb]]:
+        """``s`` on each top-level prime (for encrypting), and ``s``, ``s^2`` on the output level's prime
+        (for decrypting two- and three-polynomial ciphertexts), each with its Shoup companion."""
+        key = parse_plaintext(to_bytes(self._secret), Level.of(context, context.key_parms_id()), "secret key")
+        n = self.params.poly_modulus_degree
+        top = [(limb(q, n), key[i], shoup(key[i], q)) for i, q in enumerate(self._top.moduli)]
+        tables, s, s_shoup = top[0]
+        square = np.zeros_like(s)
+        tables.multiply_accumulate(square, s, s, s_shoup)
+        return top, [top[0], (tables, square, shoup(square, tables.q))]
+
+    def encrypt_zero(self) -> RawCiphertext:
         """A fresh secret-key encryption of zero at the top level and the standard scale.
 
-        Its randomness and noise are all of an encryption's cost that does not
-        depend on the message, so the enclave can make these between requests.
+        ``(-(a s + e), a)`` in NTT form, as SEAL's ``encrypt_zero_symmetric``
+        makes it, with ``a`` and ``e`` from ``he.sampling``. Its randomness and
+        noise are all of an encryption's cost that does not depend on the
+        message, so the enclave makes these between requests.
         """
-        zero = seal.Ciphertext()
-        self._encryptor.encrypt_zero_symmetric(zero)
-        zero.scale = self.params.scale
-        return zero
+        n = self.params.poly_modulus_degree
+        noise = centered_binomial(n)
+        data = np.empty((2, len(self._top_key), n), dtype=np.uint64)
+        for i, (tables, s, s_shoup) in enumerate(self._top_key):
+            mask = uniform_residues(tables.q, n)
+            masked = tables.reduce(noise)
+            tables.forward(masked)
+            tables.multiply_accumulate(masked, mask, s, s_shoup)
+            data[0, i], data[1, i] = tables.negate(masked), mask
+        return RawCiphertext(self._top, self.params.scale, data)
 
-    def encrypt_onto(self, zero: seal.Ciphertext, values: np.ndarray) -> bytes:
+    def encrypt_onto(self, zero: RawCiphertext, values: np.ndarray) -> bytes:
         """``values`` encrypted by adding their encoding to ``zero``, serialised; ``zero`` is consumed.
 
         This is how SEAL itself encrypts (an encryption of zero plus the
-        plaintext), so the result is distributed exactly as a fresh encryption,
-        provided ``zero`` is never used twice: two messages on one zero differ
-        by a noiseless plaintext.
+        plaintext, in NTT form), so the result is distributed exactly as a
+        fresh encryption, provided ``zero`` is never used twice: two messages
+        on one zero differ by a noiseless plaintext.
         """
-        self.toolkit.evaluator.add_plain_inplace(zero, self.toolkit.encode(values))
-        data = to_bytes(zero)
-        zero.release()
-        return data
+        if zero.data.size == 0:
+            raise ValueError("This encryption of zero was already used; each one encrypts exactly one message.")
+        try:
+            coefficients = self._codec.encode(values, zero.scale)
+        except OverflowError as exc:
+            raise CiphertextError(
+                f"{exc} The layer's ciphertexts decrypted to noise (were they made under other keys?) "
+                "or the model's activations overflow the deployment's CKKS parameters."
+            ) from None
+        data = np.array(zero.data)
+        for i, q in enumerate(zero.level.moduli):
+            tables = limb(q, zero.level.n)
+            plain = tables.reduce(coefficients)
+            tables.forward(plain)
+            data[0, i] = tables.add(data[0, i], plain)
+        zero.data = zero.data[:0]
+        return RawCiphertext(zero.level, zero.scale, data).to_bytes()
+
+    def decrypt_output(self, frame: bytes, what: str = "layer output") -> np.ndarray:
+        """The complex slots of a serialised ciphertext at the level a linear layer's output is at.
+
+        The frame is validated as SEAL's ``load`` would (``he.sealformat``) and
+        may hold the third polynomial of an unrelinearized product.
+        """
+        ct = parse_ciphertext(frame, self.output_level, what)
+        tables = self._output_key[0][0]
+        plain = np.array(ct.data[0, 0])
+        for (_, power, power_shoup), mask in zip(self._output_key, ct.data[1:, 0]):
+            tables.multiply_accumulate(plain, mask, power, power_shoup)
+        tables.inverse(plain)
+        return self._codec.decode(tables.centered(plain), ct.scale)
 
     def decrypt(self, ct: seal.Ciphertext) -> np.ndarray:
         """The real parts of the slots."""

@@ -63,8 +63,6 @@ class Enclave:
         self.evidence = collect_evidence(raw_public(self.identity.public_key()), self.public_context, self.runtime)
         self._evidence_hash = self.evidence.digest()
         self._zeros = ZeroPool(self.keys)
-        toolkit = self.keys.toolkit
-        self._output_parms = toolkit.context.first_context_data().next_context_data().parms_id()
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
         self._models: OrderedDict[str, ModelRuntime] = OrderedDict()
         self._authorised: OrderedDict[tuple[str, str], Session] = OrderedDict()
@@ -217,13 +215,7 @@ class Enclave:
     def _decrypt_partials(self, request: Message, expected: int) -> np.ndarray:
         if len(request.buffers) != expected:
             raise CiphertextError(f"The layer produces {expected} ciphertexts, {len(request.buffers)} arrived.")
-        rows = []
-        for data in request.buffers:
-            ct = self.keys.toolkit.load_ciphertext(data, "layer output", top_level=False)
-            if ct.parms_id() != self._output_parms:
-                raise CiphertextError("A layer output is not at the level a linear layer produces; refusing it.")
-            rows.append(self.keys.decrypt_complex(ct))
-        return np.stack(rows)
+        return np.stack([self.keys.decrypt_output(data) for data in request.buffers])
 
     def _release(self, request: Message, graph: ModelGraph, ys: np.ndarray) -> bytes:
         request_id = field_of(request.content, "request_id", str)
