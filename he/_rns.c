@@ -167,6 +167,25 @@ static PyObject *multiply_accumulate(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *add(PyObject *self, PyObject *args)
+{
+    Py_buffer b[2];
+    unsigned long long q;
+    if (!PyArg_ParseTuple(args, "w*y*K", &b[0], &b[1], &q))
+        return NULL;
+    if (!same_length(b, 2, "add")) {
+        release(b, 2);
+        return NULL;
+    }
+    uint64_t *acc = b[0].buf;
+    const uint64_t *x = b[1].buf;
+    size_t n = (size_t)b[0].len / sizeof(uint64_t);
+    for (size_t j = 0; j < n; j++)
+        acc[j] = below(acc[j] + x[j], q);
+    release(b, 2);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"ntt_forward", ntt_forward, METH_VARARGS,
      "ntt_forward(a, roots, roots_shoup, q): a's negacyclic NTT in place (SEAL's order)."},
@@ -174,6 +193,7 @@ static PyMethodDef methods[] = {
      "ntt_inverse(a, inv_roots, inv_roots_shoup, q, n_inv, n_inv_shoup): the inverse NTT in place."},
     {"multiply_accumulate", multiply_accumulate, METH_VARARGS,
      "multiply_accumulate(acc, x, w, w_shoup, q): acc = acc + x * w mod q, pointwise, in place."},
+    {"add", add, METH_VARARGS, "add(acc, x, q): acc = acc + x mod q, pointwise, in place."},
     {NULL, NULL, 0, NULL},
 };
 

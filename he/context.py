@@ -285,7 +285,7 @@ class SecretKeySet:
             tables = limb(q, zero.level.n)
             plain = tables.reduce(coefficients)
             tables.forward(plain)
-            data[0, i] = tables.add(data[0, i], plain)
+            tables.add(data[0, i], plain)
         zero.data = zero.data[:0]
         return RawCiphertext(zero.level, zero.scale, data).to_bytes()
 

@@ -59,10 +59,9 @@ class Limb:
         """``acc += x * w (mod q)`` pointwise, in place; ``w_shoup`` is ``shoup(w, q)``."""
         _rns.multiply_accumulate(acc, x, w, w_shoup, self.q)
 
-    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """``a + b (mod q)`` for residues in ``[0, q)``."""
-        s = a + b
-        return np.where(s >= self.q, s - np.uint64(self.q), s)
+    def add(self, acc: np.ndarray, x: np.ndarray) -> None:
+        """``acc += x (mod q)`` for residues in ``[0, q)``, in place."""
+        _rns.add(acc, x, self.q)
 
     def negate(self, residues: np.ndarray) -> np.ndarray:
         """``-x (mod q)`` for residues in ``[0, q)``."""
