@@ -105,7 +105,8 @@ class EnclaveSupervisor:
 
     def _spawn(self, bind: str) -> Child:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        return Child("enclave", ["tee", "--bind", bind, "--state-dir", str(self.state_dir)], self.workdir)
+        args = ["tee", "--bind", bind, "--state-dir", str(self.state_dir), "--exit-with-parent"]
+        return Child("enclave", args, self.workdir)
 
     def _watch(self) -> None:
         while not self._stopping.wait(self.interval):

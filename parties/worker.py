@@ -27,7 +27,7 @@ from he.serialize import to_bytes
 from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from protocol.messages import Message, batch_size, field_of
 from protocol.storage import write_atomic
-from protocol.transport import dispatch, router, serve
+from protocol.transport import dispatch, orphaned, router, serve
 
 from .bundles import Bundle
 
@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parties.worker", description="A heclave HE worker process.")
     parser.add_argument("--bind", default="tcp://127.0.0.1:*")
     parser.add_argument("--ready-file", type=Path)
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="Stop when the process that started this one exits (a server that crashed cannot stop its workers).",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)
     sock, endpoint = router(args.bind)
@@ -177,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     if args.ready_file:
         write_atomic(args.ready_file, json.dumps({"endpoint": endpoint}).encode())
-    serve(sock, WorkerService().handle, lambda: bool(stopping))
+    parent_gone = orphaned() if args.exit_with_parent else (lambda: False)
+    serve(sock, WorkerService().handle, lambda: bool(stopping) or parent_gone())
     return 0
 
 

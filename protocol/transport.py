@@ -8,6 +8,7 @@ a bad message end the process.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,6 +153,17 @@ def handle_frames(frames: list[bytes], handler: Handler) -> list[bytes]:
             request.id if request else try_parse_id(frames),
         )
     return encode(reply)
+
+
+def orphaned() -> Callable[[], bool]:
+    """A check that turns true once the process that started this one has exited.
+
+    A child started in its own session never sees its parent's signals, so a
+    server killed outright would leave its workers and enclave serving with
+    nobody to stop them; the ``--exit-with-parent`` flag of each polls this.
+    """
+    parent = os.getppid()
+    return lambda: os.getppid() != parent
 
 
 def serve(

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from protocol.evidence import Runtime
-from protocol.transport import router, serve
+from protocol.transport import orphaned, router, serve
 
 from .enclave import Enclave
 from .runtime import detect
@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the key set, identity key and registered models sealed here, so a restart keeps them "
         "(without it the keys live only as long as the process)",
     )
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when the process that started this one exits (a supervising server that was killed)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s enclave %(levelname)s %(message)s", stream=sys.stderr)
 
@@ -51,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps({"endpoint": endpoint, "runtime": detected.value}))
         tmp.replace(args.ready_file)
     log.info("serving on %s (runtime %s)", endpoint, detected.value)
-    serve(sock, enclave.handle, lambda: bool(stopping), enclave.idle)
+    parent_gone = orphaned() if args.exit_with_parent else (lambda: False)
+    serve(sock, enclave.handle, lambda: bool(stopping) or parent_gone(), enclave.idle)
     log.info("stopped")
     return 0
 

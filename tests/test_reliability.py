@@ -133,3 +133,27 @@ def test_loadtest_command_answers_every_request_correctly():
         "enclave_peak_rss_mb",
     ):
         assert key in report
+
+
+def _stopped(pid: int, timeout_s: float) -> bool:
+    """True once ``pid`` has exited: gone, or a zombie that its new parent has not reaped yet."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_killed_server_takes_its_workers_and_supervised_enclave_with_it(tmp_path):
+    with Cluster(tmp_path, server_args=("--spawn-enclave", "--workers", "2")) as cluster:
+        status = cluster.children[1].wait_ready()
+        children = [status["enclave_pid"], *status["worker_pids"]]
+        assert len(children) == 3
+        cluster.children[1].process.kill()
+        cluster.children[1].process.wait()
+        assert all(_stopped(pid, 10) for pid in children), "a killed server's children kept running"
