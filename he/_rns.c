@@ -84,26 +84,33 @@ static void inverse(uint64_t *a, size_t n, const uint64_t *w, const uint64_t *ws
         a[j] = mul_shoup(a[j], n_inv, n_inv_shoup, q);
 }
 
-static int same_length(Py_buffer *bufs, int count, const char *what)
-{
-    for (int i = 0; i < count; i++) {
-        if (bufs[i].len != bufs[0].len || bufs[i].len % sizeof(uint64_t) != 0) {
-            PyErr_Format(PyExc_ValueError, "%s: every buffer must hold the same number of uint64 values.", what);
-            return 0;
-        }
-    }
-    return 1;
-}
-
 static void release(Py_buffer *bufs, int count)
 {
     for (int i = 0; i < count; i++)
         PyBuffer_Release(&bufs[i]);
 }
 
-static int power_of_two(Py_ssize_t n)
+/*
+ * The number of uint64 values in each of `count` buffers, or 0 with a ValueError set and the
+ * buffers released: they must be equally long (a power of two for a transform) and q below 2^62,
+ * the headroom Harvey's butterflies need.
+ */
+static size_t checked(Py_buffer *bufs, int count, unsigned long long q, int transform, const char *what)
 {
-    return n >= 2 && (n & (n - 1)) == 0;
+    size_t n = (size_t)bufs[0].len / sizeof(uint64_t);
+    const char *problem = NULL;
+    for (int i = 0; i < count; i++)
+        if (bufs[i].len != bufs[0].len || bufs[i].len % sizeof(uint64_t) != 0)
+            problem = "every buffer must hold the same number of uint64 values";
+    if (transform && (n < 2 || (n & (n - 1)) != 0))
+        problem = "the length must be a power of two";
+    if (q < 2 || q >> 62)
+        problem = "the modulus must lie in [2, 2^62)";
+    if (problem == NULL)
+        return n;
+    PyErr_Format(PyExc_ValueError, "%s: %s.", what, problem);
+    release(bufs, count);
+    return 0;
 }
 
 static PyObject *ntt_forward(PyObject *self, PyObject *args)
@@ -112,13 +119,9 @@ static PyObject *ntt_forward(PyObject *self, PyObject *args)
     unsigned long long q;
     if (!PyArg_ParseTuple(args, "w*y*y*K", &b[0], &b[1], &b[2], &q))
         return NULL;
-    size_t n = (size_t)b[0].len / sizeof(uint64_t);
-    if (!same_length(b, 3, "ntt_forward") || !power_of_two((Py_ssize_t)n)) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "ntt_forward: the length must be a power of two.");
-        release(b, 3);
+    size_t n = checked(b, 3, q, 1, "ntt_forward");
+    if (n == 0)
         return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     forward(b[0].buf, n, b[1].buf, b[2].buf, q);
     Py_END_ALLOW_THREADS
@@ -132,13 +135,9 @@ static PyObject *ntt_inverse(PyObject *self, PyObject *args)
     unsigned long long q, n_inv, n_inv_shoup;
     if (!PyArg_ParseTuple(args, "w*y*y*KKK", &b[0], &b[1], &b[2], &q, &n_inv, &n_inv_shoup))
         return NULL;
-    size_t n = (size_t)b[0].len / sizeof(uint64_t);
-    if (!same_length(b, 3, "ntt_inverse") || !power_of_two((Py_ssize_t)n)) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "ntt_inverse: the length must be a power of two.");
-        release(b, 3);
+    size_t n = checked(b, 3, q, 1, "ntt_inverse");
+    if (n == 0)
         return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     inverse(b[0].buf, n, b[1].buf, b[2].buf, q, n_inv, n_inv_shoup);
     Py_END_ALLOW_THREADS
@@ -152,13 +151,11 @@ static PyObject *multiply_accumulate(PyObject *self, PyObject *args)
     unsigned long long q;
     if (!PyArg_ParseTuple(args, "w*y*y*y*K", &b[0], &b[1], &b[2], &b[3], &q))
         return NULL;
-    if (!same_length(b, 4, "multiply_accumulate")) {
-        release(b, 4);
+    size_t n = checked(b, 4, q, 0, "multiply_accumulate");
+    if (n == 0)
         return NULL;
-    }
     uint64_t *acc = b[0].buf;
     const uint64_t *x = b[1].buf, *w = b[2].buf, *ws = b[3].buf;
-    size_t n = (size_t)b[0].len / sizeof(uint64_t);
     Py_BEGIN_ALLOW_THREADS
     for (size_t j = 0; j < n; j++)
         acc[j] = below(acc[j] + mul_shoup(x[j], w[j], ws[j], q), q);
@@ -173,13 +170,11 @@ static PyObject *add(PyObject *self, PyObject *args)
     unsigned long long q;
     if (!PyArg_ParseTuple(args, "w*y*K", &b[0], &b[1], &q))
         return NULL;
-    if (!same_length(b, 2, "add")) {
-        release(b, 2);
+    size_t n = checked(b, 2, q, 0, "add");
+    if (n == 0)
         return NULL;
-    }
     uint64_t *acc = b[0].buf;
     const uint64_t *x = b[1].buf;
-    size_t n = (size_t)b[0].len / sizeof(uint64_t);
     for (size_t j = 0; j < n; j++)
         acc[j] = below(acc[j] + x[j], q);
     release(b, 2);

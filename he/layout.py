@@ -54,8 +54,8 @@ class UnitCosts:
     multiply_cipher: float = 0.25
     relinearize_rescaled: float = 0.67
     add: float = 0.04
-    enclave_decrypt: float = 0.7
-    enclave_encrypt: float = 1.5
+    enclave_decrypt: float = 0.28
+    enclave_encrypt: float = 0.82
     enclave_factor: float = 2.0
 
 

@@ -37,6 +37,8 @@ class Child:
     def __init__(self, name: str, args: list[str], workdir: Path) -> None:
         self.name = name
         self.ready_file = workdir / f"{name}.ready.json"
+        # A file left by an earlier run of this child would point at its (dead) predecessor.
+        self.ready_file.unlink(missing_ok=True)
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
@@ -115,7 +117,6 @@ class EnclaveSupervisor:
                 continue
             log.error("the enclave exited with code %s; restarting it on %s", code, self.endpoint)
             self.child.stop()
-            self.child.ready_file.unlink(missing_ok=True)
             self.child = self._spawn(self.endpoint)
             try:
                 self.child.wait_ready(60)
@@ -191,7 +192,6 @@ class Cluster:
         old = self.children[index]
         old.process.kill()
         old.stop()
-        old.ready_file.unlink(missing_ok=True)
         self.children[index] = Child(old.name, args, self.workdir)
         self.children[index].wait_ready()
 

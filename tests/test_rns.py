@@ -14,6 +14,7 @@ import tenseal.sealapi as seal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from he import _rns
 from he.context import CkksParams
 from he.rns import limb, minimal_root
 from he.sealformat import HEADER, Level, RawCiphertext, parse_ciphertext, parse_plaintext
@@ -72,6 +73,8 @@ def test_kernels_refuse_mismatched_buffers():
         tables.forward(np.zeros(7, dtype=np.uint64))
     with pytest.raises(ValueError):
         tables.multiply_accumulate(np.zeros(8, dtype=np.uint64), np.zeros(4, dtype=np.uint64), *[np.zeros(8)] * 2)
+    with pytest.raises(ValueError, match="2\\^62"):
+        _rns.add(np.zeros(8, dtype=np.uint64), np.zeros(8, dtype=np.uint64), 1 << 62)
 
 
 @pytest.mark.parametrize("complex_values", [False, True])
