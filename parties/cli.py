@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from he.graph import ReleaseMode, ReleasePolicy
+from he.layout import ENCLAVE_FACTOR
 from he.linear import WeightForm
 from parties.bench import bench
 from protocol.errors import HeclaveError
@@ -451,9 +452,10 @@ def assess(
 @main.command()
 @click.option(
     "--enclave-factor",
-    default=2.0,
+    default=ENCLAVE_FACTOR,
     show_default=True,
-    help="Slowdown applied to enclave work (SGX overheads cannot be measured without SGX).",
+    help="What a millisecond of enclave work costs in server milliseconds: SGX's slowdown (which cannot be "
+    "measured without SGX) times the server lanes one enclave serves.",
 )
 @click.option(
     "--out",

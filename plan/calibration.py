@@ -22,7 +22,7 @@ import tenseal.sealapi as seal
 
 from he.blinding import P
 from he.context import CkksParams, SecretKeySet
-from he.layout import UnitCosts
+from he.layout import ENCLAVE_FACTOR, UnitCosts
 from he.serialize import to_bytes
 from he.sparse import SparseMatrix
 from protocol.errors import PlanError
@@ -78,7 +78,7 @@ def median_ms(action: Callable[[], object], repeats: int = 15, warmup: bool = Tr
     return median(times)
 
 
-def calibrate(enclave_factor: float = 2.0) -> Calibration:
+def calibrate(enclave_factor: float = ENCLAVE_FACTOR) -> Calibration:
     """Measure every unit cost on this machine (a few seconds)."""
     keys = SecretKeySet(CkksParams())
     toolkit, ev = keys.toolkit, keys.toolkit.evaluator

@@ -7,6 +7,7 @@ integers), on fresh random inputs.
 
 from __future__ import annotations
 
+# SEAL's NTT tables live in its util namespace, which tenseal.sealapi does not re-export.
 import _sealapi_cpp as sealcpp
 import numpy as np
 import pytest
