@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import tenseal.sealapi as seal
 import zmq
 
 from he.context import SecretKeySet
@@ -28,6 +29,22 @@ def run_encrypted(keys: SecretKeySet, graph: ModelGraph, weights: list[np.ndarra
         outputs = kernel.evaluate(inputs, context, OpCounter())
         activation = apply_ops(g.scatter(np.stack([keys.decrypt_complex(ct) for ct in outputs])) + bias, stage.ops)
     return activation
+
+
+def layer_output(keys: SecretKeySet, values: np.ndarray, weights: np.ndarray, relinearize: bool | None):
+    """``values * weights`` as a server's layer leaves it: rescaled, with plaintext weights (``None``)
+    or encrypted ones, relinearized or left with three polynomials."""
+    toolkit = keys.toolkit
+    ct = toolkit.load_ciphertext(keys.encrypt_symmetric(values))
+    out = seal.Ciphertext()
+    if relinearize is None:
+        toolkit.evaluator.multiply_plain(ct, toolkit.encode(weights), out)
+    else:
+        toolkit.evaluator.multiply(ct, toolkit.load_ciphertext(keys.encrypt_symmetric(weights)), out)
+        if relinearize:
+            toolkit.evaluator.relinearize_inplace(out, keys.public.relin_keys)
+    toolkit.evaluator.rescale_to_next_inplace(out)
+    return out
 
 
 def raw_socket(cluster) -> zmq.Socket:

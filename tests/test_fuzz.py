@@ -15,14 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from he.context import CkksParams, SecretKeySet
+from he.serialize import to_bytes
 from parties.data_owner import DataOwner
 from parties.model_owner import ModelOwner
-from protocol.errors import ErrorCode
+from protocol.errors import CiphertextError, ErrorCode
 from protocol.evidence import VerifierPolicy
 from protocol.messages import PROTOCOL_VERSION, Message, decode, encode
 from protocol.transport import Client, handle_frames, read_public_key
 from tee.enclave import Enclave
-from tests.helpers import raw_socket
+from tests.helpers import layer_output, raw_socket
 
 EXAMPLES = int(os.environ.get("HECLAVE_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -129,3 +130,24 @@ def test_server_still_serves_after_the_fuzzing(cluster, deployed):
 def test_enclave_keeps_serving_after_the_fuzzing(enclave):
     reply = decode(handle_frames(encode(Message("evidence")), enclave.handle))
     assert reply.type == "ok" and len(reply.buffers) == 1
+
+
+@pytest.fixture(scope="module")
+def output_frame(keys) -> bytes:
+    return to_bytes(layer_output(keys, np.linspace(-1, 1, 64), np.ones(64), None))
+
+
+@FUZZ
+@given(st.integers(0, 2**40), st.integers(1, 255), st.integers(0, 400), st.binary(max_size=64))
+def test_damaged_layer_outputs_are_decrypted_or_refused_never_anything_else(
+    keys, output_frame, position, flip, cut, junk
+):
+    """The enclave's own parser (he.sealformat) on damaged frames: a CiphertextError or some slots."""
+    flipped = bytearray(output_frame)
+    flipped[position % len(flipped)] ^= flip
+    for frame in (bytes(flipped), output_frame[:cut] + junk, output_frame[: len(output_frame) - cut] + junk, junk):
+        try:
+            slots = keys.decrypt_output(frame)
+        except CiphertextError:
+            continue
+        assert slots.shape == (keys.params.slots,)
