@@ -38,7 +38,13 @@ def test_demo_json_report_has_the_documented_keys_and_full_agreement():
 
 def test_ctrl_c_stops_the_demo_and_its_children():
     demo = subprocess.Popen(
-        [HECLAVE, "demo", "--samples", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [HECLAVE, "demo", "--samples", "400"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A test run started in the background inherits an ignored SIGINT, which Python keeps; a user's Ctrl-C
+        # reaches a terminal's foreground process, which never has it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while len(_children_of(demo.pid)) < 2 and time.monotonic() < deadline:
