@@ -1,4 +1,5 @@
-"""CKKS under heclave: parameters, contexts, slot layouts and encrypted linear kernels."""
+"""CKKS under heclave: parameters, contexts, slot layouts, encrypted linear kernels, and the enclave's own
+decryption and encryption (``sealformat``, ``rns``, ``slots``, ``sampling``)."""
 
 from .context import CkksParams, PublicContext, SecretKeySet, Toolkit
 from .graph import EnclaveOp, ModelGraph, OpKind, Placement, ReleaseMode, ReleasePolicy, Stage

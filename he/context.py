@@ -236,6 +236,13 @@ class SecretKeySet:
     def _key_residues(self, context: seal.SEALContext) -> tuple[list[_KeyLimb], list[_KeyLimb]]:
         """``s`` on each top-level prime (for encrypting), and ``s``, ``s^2`` on the output level's prime
         (for decrypting two- and three-polynomial ciphertexts), each with its Shoup companion."""
+        if len(self.output_level.moduli) != 1:
+            raise ProtocolError(
+                f"CKKS parameters {self.params} leave {len(self.output_level.moduli)} primes after a layer's "
+                "rescale; heclave's layers have depth one, so use one data prime, one rescale prime and the "
+                "special prime (for example q = (60, 40, 60)).",
+                ErrorCode.BAD_FIELD,
+            )
         key = parse_plaintext(to_bytes(self._secret), Level.of(context, context.key_parms_id()), "secret key")
         n = self.params.poly_modulus_degree
         top = [(limb(q, n), key[i], shoup(key[i], q)) for i, q in enumerate(self._top.moduli)]

@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from he import _rns
-from he.context import CkksParams
+from he.context import CkksParams, SecretKeySet
 from he.rns import limb, minimal_root
 from he.sealformat import HEADER, Level, RawCiphertext, parse_ciphertext, parse_plaintext
 from he.serialize import to_bytes
 from he.slots import SlotCodec
-from protocol.errors import CiphertextError
+from protocol.errors import CiphertextError, ProtocolError
 from tests.helpers import layer_output
 
 PRIMES = [m.value() for m in CkksParams().seal_context().key_context_data().parms().coeff_modulus()]
@@ -183,3 +183,8 @@ def _tamper(keys, change) -> bytes:
 def test_malformed_layer_outputs_are_refused(keys, frame):
     with pytest.raises(CiphertextError):
         keys.decrypt_output(frame(keys))
+
+
+def test_parameters_with_more_than_one_prime_left_after_a_layer_are_refused():
+    with pytest.raises(ProtocolError, match="depth one"):
+        SecretKeySet(CkksParams(8192, (60, 40, 40, 60), 40))
