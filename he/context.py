@@ -37,6 +37,20 @@ CONTEXT_FORMAT = 1
 _KeyLimb = tuple[Limb, np.ndarray, np.ndarray]
 
 
+@dataclass
+class KeyMask:
+    """A uniform ``a`` and ``-(a s)`` in NTT form at the top level (``[primes, n]`` each).
+
+    As secret as the key itself, since the two together give ``s``: it exists
+    only inside the enclave, has no serialisation, and is used for exactly one
+    encryption (:meth:`SecretKeySet.encrypt_masked`), which adds fresh noise.
+    """
+
+    a: np.ndarray = field(repr=False)
+    minus_as: np.ndarray = field(repr=False)
+    used: bool = False
+
+
 @dataclass(frozen=True)
 class CkksParams:
     """CKKS encryption parameters: ring degree, coefficient-modulus bit sizes, scale."""
@@ -234,7 +248,7 @@ class SecretKeySet:
         return to_bytes(self._encryptor.encrypt_symmetric(self.toolkit.encode(values)))
 
     def _key_residues(self, context: seal.SEALContext) -> tuple[list[_KeyLimb], list[_KeyLimb]]:
-        """``s`` on each top-level prime (for encrypting), and ``s``, ``s^2`` on the output level's prime
+        """``s`` on each top-level prime (for masks), and ``s``, ``s^2`` on the output level's prime
         (for decrypting two- and three-polynomial ciphertexts), each with its Shoup companion."""
         if len(self.output_level.moduli) != 1:
             raise ProtocolError(
@@ -251,50 +265,42 @@ class SecretKeySet:
         tables.multiply_accumulate(square, s, s, s_shoup)
         return top, [top[0], (tables, square, shoup(square, tables.q))]
 
-    def encrypt_zero(self) -> RawCiphertext:
-        """A fresh secret-key encryption of zero at the top level and the standard scale.
-
-        ``(-(a s + e), a)`` in NTT form, as SEAL's ``encrypt_zero_symmetric``
-        makes it, with ``a`` and ``e`` from ``he.sampling``. Its randomness and
-        noise are all of an encryption's cost that does not depend on the
-        message, so the enclave makes these between requests.
-        """
+    def key_mask(self) -> KeyMask:
+        """A fresh uniform mask ``a`` and ``-(a s)`` at the top level: the half of an encryption that
+        depends on neither the message nor the noise, which the enclave makes between requests."""
         n = self.params.poly_modulus_degree
-        noise = centered_binomial(n)
-        data = np.empty((2, len(self._top_key), n), dtype=np.uint64)
+        a = np.stack([uniform_residues(tables.q, n) for tables, _, _ in self._top_key])
+        minus_as = np.zeros_like(a)
         for i, (tables, s, s_shoup) in enumerate(self._top_key):
-            mask = uniform_residues(tables.q, n)
-            masked = tables.reduce(noise)
-            tables.forward(masked)
-            tables.multiply_accumulate(masked, mask, s, s_shoup)
-            data[0, i], data[1, i] = tables.negate(masked), mask
-        return RawCiphertext(self._top, self.params.scale, data)
+            tables.multiply_accumulate(minus_as[i], a[i], s, s_shoup)
+            minus_as[i] = tables.negate(minus_as[i])
+        return KeyMask(a, minus_as)
 
-    def encrypt_onto(self, zero: RawCiphertext, values: np.ndarray) -> bytes:
-        """``values`` encrypted by adding their encoding to ``zero``, serialised; ``zero`` is consumed.
+    def encrypt_masked(self, mask: KeyMask, values: np.ndarray) -> bytes:
+        """``values`` encrypted under the secret key as ``(m + e - a s, a)``, serialised; ``mask`` is used up.
 
-        This is how SEAL itself encrypts (an encryption of zero plus the
-        plaintext, in NTT form), so the result is distributed exactly as a
-        fresh encryption, provided ``zero`` is never used twice: two messages
-        on one zero differ by a noiseless plaintext.
+        This is SEAL's symmetric encryption, ``(-(a s + e), a)`` plus the
+        plaintext, with the noise drawn here (``he.sampling``; its distribution
+        is symmetric, so ``+e`` and ``-e`` are the same) and added to the
+        encoded message before the one transform per prime both need.
         """
-        if zero.data.size == 0:
-            raise ValueError("This encryption of zero was already used; each one encrypts exactly one message.")
+        if mask.used:
+            raise ValueError("This key mask was already used; each one encrypts exactly one message.")
         try:
-            coefficients = self._codec.encode(values, zero.scale)
+            coefficients = self._codec.encode(values, self.params.scale)
         except OverflowError as exc:
             raise CiphertextError(
                 f"{exc} The layer's ciphertexts decrypted to noise (were they made under other keys?) "
                 "or the model's activations overflow the deployment's CKKS parameters."
             ) from None
-        data = np.array(zero.data)
-        for i, q in enumerate(zero.level.moduli):
-            tables = limb(q, zero.level.n)
-            plain = tables.reduce(coefficients)
-            tables.forward(plain)
-            tables.add(data[0, i], plain)
-        zero.data = zero.data[:0]
-        return RawCiphertext(zero.level, zero.scale, data).to_bytes()
+        coefficients += centered_binomial(len(coefficients))
+        c0 = np.empty_like(mask.a)
+        for i, (tables, _, _) in enumerate(self._top_key):
+            c0[i] = tables.reduce(coefficients)
+            tables.forward(c0[i])
+            tables.add(c0[i], mask.minus_as[i])
+        mask.used = True
+        return RawCiphertext(self._top, self.params.scale, np.stack([c0, mask.a])).to_bytes()
 
     def decrypt_output(self, frame: bytes, what: str = "layer output") -> np.ndarray:
         """The complex slots of a serialised ciphertext at the level a linear layer's output is at.

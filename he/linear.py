@@ -56,12 +56,17 @@ def encrypt_weights(
 
 @dataclass
 class OpCounter:
-    """Homomorphic operations performed, for reports and for checking the cost model."""
+    """Homomorphic operations performed, for reports and for checking the cost model.
+
+    ``ms`` is what they took where they ran, loading and serialising the
+    ciphertexts included (a worker sets it; a kernel leaves it at zero).
+    """
 
     rotations: int = 0
     multiplications: int = 0
     relinearizations: int = 0
     rescales: int = 0
+    ms: float = 0.0
 
     def add(self, other: OpCounter) -> None:
         """Accumulate another counter's operations into this one."""
@@ -69,6 +74,7 @@ class OpCounter:
         self.multiplications += other.multiplications
         self.relinearizations += other.relinearizations
         self.rescales += other.rescales
+        self.ms += other.ms
 
 
 @dataclass

@@ -3,9 +3,9 @@
 SEAL's symmetric encryption of zero is ``(-(a s + e), a)`` with ``a`` uniform
 modulo each prime and ``e`` from a centered binomial distribution over 21 coin
 pairs (standard deviation about 3.24, SEAL's default noise sampler). The enclave
-draws the same two distributions here to make its encryptions of zero without a
-serialization round trip through sealapi; ``tests/test_sampling.py`` checks the
-distributions and that SEAL decrypts the result.
+draws the same two distributions here for its own encryptions
+(``SecretKeySet.key_mask`` and ``encrypt_masked``); ``tests/test_sampling.py``
+checks the distributions and that SEAL decrypts the result.
 
 Randomness is AES-256 in counter mode under a fresh key from ``os.urandom``
 (``getrandom``; Gramine serves it from RDRAND inside an SGX enclave) for every

@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,11 +133,14 @@ class HeWorker:
             raise CiphertextError(
                 f"A batch of {batch} needs {g.groups(batch) * g.in_cts} input ciphertexts, got {len(inputs)}."
             )
+        started = time.perf_counter()
         toolkit, ops, outputs = installed.context.toolkit, OpCounter(), []
         cts = [toolkit.load_ciphertext(b, "input" if stage == 0 else "re-encrypted activation") for b in inputs]
         for start in range(0, len(cts), g.in_cts):
             outputs += kernel.evaluate(cts[start : start + g.in_cts], installed.context, ops)
-        return [to_bytes(ct) for ct in outputs], ops
+        frames = [to_bytes(ct) for ct in outputs]
+        ops.ms = (time.perf_counter() - started) * 1e3
+        return frames, ops
 
 
 class WorkerService:

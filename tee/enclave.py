@@ -9,9 +9,8 @@ It answers four requests, all relayed by the untrusted server:
 - ``activate``: the server's partial sums of one layer. The enclave decrypts,
   adds the partial sums and the layer's bias, applies the exact nonlinear
   steps and either re-encrypts the result in the next layer's input layout
-  (onto a secret-key encryption of zero made between requests, see
-  ``tee.precompute``) or, after the last layer, releases it sealed to the data
-  owner's session.
+  (with a key mask made between requests, see ``tee.precompute``) or, after
+  the last layer, releases it sealed to the data owner's session.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from protocol.messages import Message, batch_size, field_of
 from protocol.transport import dispatch
 
 from .execution import Form, ModelRuntime, parse_values
-from .precompute import ZeroPool
+from .precompute import MaskPool
 from .release import seal_result
 from .runtime import collect_evidence, detect
 from .state import EnclaveState
@@ -62,7 +61,7 @@ class Enclave:
         self.public_context = self.keys.public.to_bytes()
         self.evidence = collect_evidence(raw_public(self.identity.public_key()), self.public_context, self.runtime)
         self._evidence_hash = self.evidence.digest()
-        self._zeros = ZeroPool(self.keys)
+        self._masks = MaskPool(self.keys)
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
         self._models: OrderedDict[str, ModelRuntime] = OrderedDict()
         self._authorised: OrderedDict[tuple[str, str], Session] = OrderedDict()
@@ -87,11 +86,11 @@ class Enclave:
         return reply
 
     def idle(self) -> bool:
-        """Precompute blinding pads and encryptions of zero between requests; true while there is more to do."""
+        """Precompute blinding pads and key masks between requests; true while there is more to do."""
         runtimes = list(self._models.values())
         if any(runtime.refill() for runtime in runtimes):
             return True
-        return any(runtime.graph.reencrypts for runtime in runtimes) and self._zeros.refill()
+        return any(runtime.graph.reencrypts for runtime in runtimes) and self._masks.refill()
 
     def _evidence(self, request: Message) -> Message:
         return request.reply({"evidence": self.evidence.to_wire()}, [self.public_context])
@@ -163,7 +162,7 @@ class Enclave:
         placement = stages[following].placement
         offline_ms = 0.0
         if placement is Placement.HE:
-            encrypted = [self._zeros.encrypt(row) for row in stages[following].geometry.gather_batch(xs)]
+            encrypted = [self._masks.encrypt(row) for row in stages[following].geometry.gather_batch(xs)]
             frames, reply_form = [data for data, _ in encrypted], Form.CIPHERTEXTS
             offline_ms = sum(ms for _, ms in encrypted)
         elif placement is Placement.BLINDED:

@@ -1,14 +1,15 @@
-"""Encryptions of zero made between requests: the enclave's offline phase for ``he`` stages.
+"""Key masks made between requests: the enclave's offline phase for ``he`` stages.
 
-Half of a symmetric CKKS encryption (sampling the mask and the noise and
-multiplying by the secret key) does not depend on the message. The enclave
-makes those encryptions of zero while it has nothing else to do and, on the
-request path, only encodes the activation and adds it, as Slalom precomputes
-its blinding pads. Under sustained load the pool runs dry and the same work
-happens online again, so every reply reports what its precomputed zeros cost:
-the enclave's total work stays visible.
+A symmetric CKKS encryption is ``(m + e - a s, a)``. The uniform mask ``a`` and
+its product with the secret key depend on neither the message nor the noise, so
+the enclave makes them while it has nothing else to do and, on the request
+path, only samples the noise, encodes the activation, transforms the two once
+per prime and adds, as Slalom precomputes its blinding pads. Under sustained
+load the pool runs dry and the same work happens online again, so every reply
+reports what its precomputed masks cost: the enclave's total work stays visible.
 
-Each zero is used once and then released; nothing here is ever written to disk.
+A mask is as secret as the key (with ``a``, ``-(a s)`` gives ``s``): each is
+used once, never leaves the enclave's memory and is never written to disk.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from he.context import SecretKeySet
 POOL_SIZE = 16
 
 
-class ZeroPool:
-    """Fresh encryptions of zero, each with the milliseconds it took to make."""
+class MaskPool:
+    """Fresh key masks, each with the milliseconds it took to make."""
 
     def __init__(self, keys: SecretKeySet, size: int = POOL_SIZE) -> None:
         self._keys = keys
@@ -35,18 +36,18 @@ class ZeroPool:
         return len(self._ready)
 
     def refill(self) -> bool:
-        """Make one encryption of zero if the pool is short; False when it is full."""
+        """Make one mask if the pool is short; False when it is full."""
         if len(self._ready) >= self._size:
             return False
         started = time.perf_counter()
-        zero = self._keys.encrypt_zero()
-        self._ready.append((zero, (time.perf_counter() - started) * 1e3))
+        mask = self._keys.key_mask()
+        self._ready.append((mask, (time.perf_counter() - started) * 1e3))
         return True
 
     def encrypt(self, values: np.ndarray) -> tuple[bytes, float]:
         """``values`` encrypted, and the offline milliseconds spent on it (0 when made on the spot)."""
         if self._ready:
-            zero, offline_ms = self._ready.popleft()
+            mask, offline_ms = self._ready.popleft()
         else:
-            zero, offline_ms = self._keys.encrypt_zero(), 0.0
-        return self._keys.encrypt_onto(zero, values), offline_ms
+            mask, offline_ms = self._keys.key_mask(), 0.0
+        return self._keys.encrypt_masked(mask, values), offline_ms

@@ -51,10 +51,10 @@ def _check_agreement(owner, model_id, x, reference):
     return inferences
 
 
-def test_the_enclave_encrypts_onto_zeros_it_made_between_requests(deployed, data_owner, trained):
+def test_the_enclave_encrypts_with_key_masks_it_made_between_requests(deployed, data_owner, trained):
     _, x, reference = trained
     inferences = _check_agreement(data_owner, deployed, x[:5], reference[:5])
-    # The first request may find the pool still filling; later ones use zeros made in the gaps.
+    # The first request may find the pool still filling; later ones use masks made in the gaps.
     assert all(inf.server["enclave_offline_ms"] > 0 for inf in inferences[1:])
 
 

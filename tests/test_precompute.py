@@ -1,11 +1,11 @@
-"""Encryptions of zero made between requests: correct, fresh, used once, and their cost reported."""
+"""Key masks made between requests: correct, fresh, used once, and their cost reported."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tee.precompute import ZeroPool
+from tee.precompute import MaskPool
 
 
 def _decrypt(keys, data: bytes, n: int) -> np.ndarray:
@@ -13,29 +13,29 @@ def _decrypt(keys, data: bytes, n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n", [1, 257, 4096])
-def test_encryption_onto_a_zero_decrypts_to_the_values(keys, n):
+def test_a_masked_encryption_decrypts_to_the_values(keys, n):
     values = np.random.default_rng().uniform(-50, 50, n)
-    got = _decrypt(keys, keys.encrypt_onto(keys.encrypt_zero(), values), n)
+    got = _decrypt(keys, keys.encrypt_masked(keys.key_mask(), values), n)
     assert np.abs(got - values).max() < 1e-6
 
 
-def test_a_zero_cannot_be_used_twice(keys):
-    zero = keys.encrypt_zero()
-    keys.encrypt_onto(zero, np.ones(3))
+def test_a_mask_cannot_be_used_twice(keys):
+    mask = keys.key_mask()
+    keys.encrypt_masked(mask, np.ones(3))
     with pytest.raises(ValueError):
-        keys.encrypt_onto(zero, np.ones(3))
+        keys.encrypt_masked(mask, np.ones(3))
 
 
 def test_the_server_accepts_pooled_encryptions_as_fresh_top_level_ciphertexts(keys):
-    pool = ZeroPool(keys, size=1)
+    pool = MaskPool(keys, size=1)
     pool.refill()
     data, _ = pool.encrypt(np.arange(5.0))
     ct = keys.public.toolkit.load_ciphertext(data, "pooled ciphertext")
     assert ct.parms_id() == keys.toolkit.context.first_parms_id() and ct.size() == 2
 
 
-def test_pool_fills_to_its_size_and_reports_what_each_zero_cost(keys):
-    pool = ZeroPool(keys, size=3)
+def test_pool_fills_to_its_size_and_reports_what_each_mask_cost(keys):
+    pool = MaskPool(keys, size=3)
     while pool.refill():
         pass
     assert len(pool) == 3
@@ -50,7 +50,7 @@ def test_pool_fills_to_its_size_and_reports_what_each_zero_cost(keys):
 
 
 def test_an_empty_pool_encrypts_on_the_spot_and_reports_no_offline_work(keys):
-    pool = ZeroPool(keys, size=0)
+    pool = MaskPool(keys, size=0)
     assert not pool.refill()
     values = np.random.default_rng().normal(size=10)
     data, offline_ms = pool.encrypt(values)

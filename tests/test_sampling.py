@@ -1,4 +1,4 @@
-"""The enclave's encryptions of zero: SEAL's distributions, fresh every time, and SEAL decrypts them."""
+"""The enclave's own encryptions: SEAL's distributions, fresh every time, and SEAL decrypts them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 
 from he.rns import limb
 from he.sampling import NOISE_PAIRS, centered_binomial, random_words, uniform_residues
+from he.sealformat import Level, parse_ciphertext
 
 
 def test_noise_is_the_centered_binomial_over_21_pairs():
@@ -40,17 +41,17 @@ def test_every_call_draws_fresh_randomness():
 
 
 def test_an_encryption_of_zero_holds_only_small_noise_and_seal_decrypts_it(keys):
-    zero = keys.encrypt_zero()
-    other = keys.encrypt_zero()
-    assert not np.array_equal(zero.data[1], other.data[1])
-    got = keys.decrypt(keys.toolkit.load_ciphertext(zero.to_bytes(), "encryption of zero"))
-    assert np.abs(got).max() < 1e-6
-    # c0 + c1 s is -e exactly: undo the transform and the noise is back, small and not zero.
+    mask, other = keys.key_mask(), keys.key_mask()
+    assert not np.array_equal(mask.a, other.a)
+    frame = keys.encrypt_masked(mask, np.zeros(0))
+    assert np.abs(keys.decrypt(keys.toolkit.load_ciphertext(frame, "encryption of zero"))).max() < 1e-6
+    # c0 + c1 s is e exactly: undo the transform and the noise is back, small and not zero.
+    context = keys.toolkit.context
+    zero = parse_ciphertext(frame, Level.of(context, context.first_parms_id()))
     for i, q in enumerate(zero.level.moduli):
-        tables = limb(q, zero.level.n)
-        s = keys._top_key[i][1]
+        tables, s, s_shoup = limb(q, zero.level.n), keys._top_key[i][1], keys._top_key[i][2]
         phase = np.array(zero.data[0, i])
-        tables.multiply_accumulate(phase, zero.data[1, i], s, keys._top_key[i][2])
+        tables.multiply_accumulate(phase, zero.data[1, i], s, s_shoup)
         tables.inverse(phase)
         noise = tables.centered(phase)
         assert np.abs(noise).max() <= NOISE_PAIRS and noise.any()
