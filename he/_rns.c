@@ -67,7 +67,7 @@ static void inverse(uint64_t *a, size_t n, const uint64_t *w, const uint64_t *ws
 {
     uint64_t two_q = 2 * q;
     size_t t = 1;
-    for (size_t m = n; m > 1; m >>= 1) {
+    for (size_t m = n; m > 2; m >>= 1) {
         size_t h = m >> 1;
         for (size_t i = 0; i < h; i++) {
             uint64_t *x = a + 2 * i * t, *y = x + t;
@@ -80,8 +80,15 @@ static void inverse(uint64_t *a, size_t n, const uint64_t *w, const uint64_t *ws
         }
         t <<= 1;
     }
-    for (size_t j = 0; j < n; j++)
-        a[j] = mul_shoup(a[j], n_inv, n_inv_shoup, q);
+    /* The last stage folds in the scaling by 1/n, which saves a pass over the polynomial. */
+    uint64_t root = (uint64_t)(((u128)w[1] * n_inv) % q);
+    uint64_t root_shoup = (uint64_t)(((u128)root << 64) / q);
+    uint64_t *x = a, *y = a + t;
+    for (size_t j = 0; j < t; j++) {
+        uint64_t u = x[j], v = y[j];
+        x[j] = mul_shoup(u + v, n_inv, n_inv_shoup, q);
+        y[j] = mul_shoup(u + two_q - v, root, root_shoup, q);
+    }
 }
 
 static void release(Py_buffer *bufs, int count)
@@ -181,6 +188,46 @@ static PyObject *add(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Signed integers (int64) to residues in [0, q). */
+static PyObject *reduce(PyObject *self, PyObject *args)
+{
+    Py_buffer b[2];
+    unsigned long long q;
+    if (!PyArg_ParseTuple(args, "w*y*K", &b[0], &b[1], &q))
+        return NULL;
+    size_t n = checked(b, 2, q, 0, "reduce");
+    if (n == 0)
+        return NULL;
+    uint64_t *out = b[0].buf;
+    const int64_t *x = b[1].buf;
+    for (size_t j = 0; j < n; j++) {
+        uint64_t magnitude = x[j] < 0 ? -(uint64_t)x[j] : (uint64_t)x[j];
+        uint64_t r = magnitude % q;
+        out[j] = x[j] < 0 && r ? q - r : r;
+    }
+    release(b, 2);
+    Py_RETURN_NONE;
+}
+
+/* Residues in [0, q) as the integers of least absolute value they stand for, as doubles. */
+static PyObject *centered(PyObject *self, PyObject *args)
+{
+    Py_buffer b[2];
+    unsigned long long q;
+    if (!PyArg_ParseTuple(args, "w*y*K", &b[0], &b[1], &q))
+        return NULL;
+    size_t n = checked(b, 2, q, 0, "centered");
+    if (n == 0)
+        return NULL;
+    double *out = b[0].buf;
+    const uint64_t *x = b[1].buf;
+    uint64_t half = q >> 1;
+    for (size_t j = 0; j < n; j++)
+        out[j] = x[j] > half ? -(double)(q - x[j]) : (double)x[j];
+    release(b, 2);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"ntt_forward", ntt_forward, METH_VARARGS,
      "ntt_forward(a, roots, roots_shoup, q): a's negacyclic NTT in place (SEAL's order)."},
@@ -189,6 +236,8 @@ static PyMethodDef methods[] = {
     {"multiply_accumulate", multiply_accumulate, METH_VARARGS,
      "multiply_accumulate(acc, x, w, w_shoup, q): acc = acc + x * w mod q, pointwise, in place."},
     {"add", add, METH_VARARGS, "add(acc, x, q): acc = acc + x mod q, pointwise, in place."},
+    {"reduce", reduce, METH_VARARGS, "reduce(out, x, q): out = x mod q in [0, q) for int64 x."},
+    {"centered", centered, METH_VARARGS, "centered(out, x, q): out = x or x - q, whichever is smaller, as doubles."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -294,13 +294,14 @@ class SecretKeySet:
                 "or the model's activations overflow the deployment's CKKS parameters."
             ) from None
         coefficients += centered_binomial(len(coefficients))
-        c0 = np.empty_like(mask.a)
+        data = np.empty((2, *mask.a.shape), dtype=np.uint64)
         for i, (tables, _, _) in enumerate(self._top_key):
-            c0[i] = tables.reduce(coefficients)
-            tables.forward(c0[i])
-            tables.add(c0[i], mask.minus_as[i])
+            tables.reduce(coefficients, out=data[0, i])
+            tables.forward(data[0, i])
+            tables.add(data[0, i], mask.minus_as[i])
+        data[1] = mask.a
         mask.used = True
-        return RawCiphertext(self._top, self.params.scale, np.stack([c0, mask.a])).to_bytes()
+        return RawCiphertext(self._top, self.params.scale, data).to_bytes()
 
     def decrypt_output(self, frame: bytes, what: str = "layer output") -> np.ndarray:
         """The complex slots of a serialised ciphertext at the level a linear layer's output is at.

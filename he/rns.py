@@ -67,14 +67,17 @@ class Limb:
         """``-x (mod q)`` for residues in ``[0, q)``."""
         return np.where(residues == 0, residues, np.uint64(self.q) - residues)
 
-    def reduce(self, values: np.ndarray) -> np.ndarray:
-        """Signed integers (``int64``) as residues in ``[0, q)``."""
-        return np.mod(values, np.int64(self.q)).astype(np.uint64)
+    def reduce(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Signed integers (``int64``) as residues in ``[0, q)``, into ``out`` if given."""
+        out = np.empty(values.shape, dtype=np.uint64) if out is None else out
+        _rns.reduce(out, np.ascontiguousarray(values, dtype=np.int64), self.q)
+        return out
 
     def centered(self, residues: np.ndarray) -> np.ndarray:
         """Residues as the integers of least absolute value they stand for, as float64."""
-        signed = residues.astype(np.int64)
-        return np.where(residues > self.q >> 1, signed - np.int64(self.q), signed).astype(np.float64)
+        out = np.empty(residues.shape, dtype=np.float64)
+        _rns.centered(out, np.ascontiguousarray(residues), self.q)
+        return out
 
 
 def minimal_root(q: int, n: int) -> int:

@@ -59,10 +59,13 @@ class Level:
         moduli = tuple(m.value() for m in parms.coeff_modulus())
         return cls(tuple(parms_id), moduli, parms.poly_modulus_degree())
 
-    def check_residues(self, data: np.ndarray, what: str) -> None:
-        """Refuse coefficients at or above their prime (``data`` is ``[..., primes, n]``), as SEAL's load does."""
-        if np.any(data >= np.array(self.moduli, dtype=np.uint64)[:, None]):
+    def largest_residues(self, data: np.ndarray, what: str) -> np.ndarray:
+        """Each polynomial's largest coefficient per prime (``data`` is ``[..., primes, n]``), after refusing
+        any at or above its prime, as SEAL's load does; one pass over the data serves both."""
+        largest = data.max(axis=-1)
+        if np.any(largest >= np.array(self.moduli, dtype=np.uint64)):
             raise CiphertextError(f"The {what} has coefficients outside its moduli; it is corrupt.")
+        return largest
 
 
 @dataclass
@@ -77,9 +80,10 @@ class RawCiphertext:
         """SEAL's serialization, uncompressed: the coefficients are uniform, so zstd only costs time."""
         size, primes, n = self.data.shape
         members = CIPHERTEXT.pack(*self.level.parms_id, True, size, n, primes, self.scale, 1)
-        coeffs = np.ascontiguousarray(self.data, dtype="<u8").tobytes()
-        array = _header(COUNT.size + len(coeffs)) + COUNT.pack(self.data.size) + coeffs
-        return _header(len(members) + len(array)) + members + array
+        coeffs = memoryview(np.ascontiguousarray(self.data, dtype="<u8")).cast("B")
+        array_header = _header(COUNT.size + len(coeffs)) + COUNT.pack(self.data.size)
+        head = _header(len(members) + len(array_header) + len(coeffs)) + members + array_header
+        return b"".join((head, coeffs))
 
 
 def _header(body: int) -> bytes:
@@ -144,8 +148,7 @@ def parse_ciphertext(data: bytes, level: Level, what: str = "ciphertext", max_si
     if not (math.isfinite(scale) and 1.0 <= scale < 2.0 ** sum(math.log2(q) for q in level.moduli)):
         raise CiphertextError(f"The {what} has scale {scale!r}, which its level cannot hold.")
     coeffs = _array(body, CIPHERTEXT.size, size * primes * n, what).reshape(size, primes, n)
-    level.check_residues(coeffs, what)
-    if not coeffs[1:].any():
+    if not level.largest_residues(coeffs, what)[1:].any():
         raise CiphertextError(f"The {what} is transparent (its mask is zero); refusing it.")
     return RawCiphertext(level, scale, coeffs)
 
@@ -160,5 +163,5 @@ def parse_plaintext(data: bytes, level: Level, what: str = "plaintext") -> np.nd
     if tuple(parms_id) != level.parms_id or count != primes * n:
         raise CiphertextError(f"The {what} is not a plaintext in NTT form at the expected level.")
     coeffs = _array(body, PLAINTEXT.size, count, what).reshape(primes, n)
-    level.check_residues(coeffs, what)
+    level.largest_residues(coeffs, what)
     return coeffs
