@@ -39,15 +39,17 @@ _KeyLimb = tuple[Limb, np.ndarray, np.ndarray]
 
 @dataclass
 class KeyMask:
-    """A uniform ``a`` and ``-(a s)`` in NTT form at the top level (``[primes, n]`` each).
+    """A uniform ``a`` and ``-(a s)`` in NTT form at the top level (``[primes, n]`` each), and the noise
+    ``e`` (``[n]``, small integers) the encryption will add to the message before transforming it.
 
-    As secret as the key itself, since the two together give ``s``: it exists
+    As secret as the key itself, since ``a`` and ``-(a s)`` together give ``s``: it exists
     only inside the enclave, has no serialisation, and is used for exactly one
     encryption (:meth:`SecretKeySet.encrypt_masked`), which adds fresh noise.
     """
 
     a: np.ndarray = field(repr=False)
     minus_as: np.ndarray = field(repr=False)
+    noise: np.ndarray = field(repr=False)
     used: bool = False
 
 
@@ -266,23 +268,23 @@ class SecretKeySet:
         return top, [top[0], (tables, square, shoup(square, tables.q))]
 
     def key_mask(self) -> KeyMask:
-        """A fresh uniform mask ``a`` and ``-(a s)`` at the top level: the half of an encryption that
-        depends on neither the message nor the noise, which the enclave makes between requests."""
+        """A fresh uniform mask ``a``, ``-(a s)`` and noise at the top level: everything of an encryption
+        that does not depend on the message, which the enclave makes between requests."""
         n = self.params.poly_modulus_degree
         a = np.stack([uniform_residues(tables.q, n) for tables, _, _ in self._top_key])
         minus_as = np.zeros_like(a)
         for i, (tables, s, s_shoup) in enumerate(self._top_key):
             tables.multiply_accumulate(minus_as[i], a[i], s, s_shoup)
             minus_as[i] = tables.negate(minus_as[i])
-        return KeyMask(a, minus_as)
+        return KeyMask(a, minus_as, centered_binomial(n))
 
     def encrypt_masked(self, mask: KeyMask, values: np.ndarray) -> bytes:
         """``values`` encrypted under the secret key as ``(m + e - a s, a)``, serialised; ``mask`` is used up.
 
         This is SEAL's symmetric encryption, ``(-(a s + e), a)`` plus the
-        plaintext, with the noise drawn here (``he.sampling``; its distribution
-        is symmetric, so ``+e`` and ``-e`` are the same) and added to the
-        encoded message before the one transform per prime both need.
+        plaintext, with the mask's noise (``he.sampling``; its distribution is
+        symmetric, so ``+e`` and ``-e`` are the same) added to the encoded
+        message before the one transform per prime both need.
         """
         if mask.used:
             raise ValueError("This key mask was already used; each one encrypts exactly one message.")
@@ -293,7 +295,7 @@ class SecretKeySet:
                 f"{exc} The layer's ciphertexts decrypted to noise (were they made under other keys?) "
                 "or the model's activations overflow the deployment's CKKS parameters."
             ) from None
-        coefficients += centered_binomial(len(coefficients))
+        coefficients += mask.noise
         data = np.empty((2, *mask.a.shape), dtype=np.uint64)
         for i, (tables, _, _) in enumerate(self._top_key):
             tables.reduce(coefficients, out=data[0, i])

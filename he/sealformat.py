@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from dataclasses import dataclass
 from functools import cache
 
@@ -86,6 +87,16 @@ class RawCiphertext:
         return b"".join((head, coeffs))
 
 
+_LOCAL = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompressor: making a context costs more than decompressing a layer output."""
+    if not hasattr(_LOCAL, "zstd"):
+        _LOCAL.zstd = zstandard.ZstdDecompressor()
+    return _LOCAL.zstd
+
+
 def _header(body: int) -> bytes:
     major, minor = seal_version()
     return HEADER.pack(MAGIC, HEADER.size, major, minor, COMPRESS_NONE, 0, HEADER.size + body)
@@ -109,7 +120,7 @@ def _body(data: bytes, limit: int, what: str) -> bytes | memoryview:
     if mode != COMPRESS_ZSTD:
         raise CiphertextError(f"The {what} frame uses compression mode {mode}; only none and zstd are read.")
     try:
-        return zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
+        return _decompressor().decompress(body, max_output_size=limit)
     except zstandard.ZstdError:
         raise CiphertextError(f"The {what} frame's zstd stream is corrupt or larger than a ciphertext.") from None
 
