@@ -171,61 +171,64 @@ static PyObject *multiply_accumulate(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *add(PyObject *self, PyObject *args)
+/* One output and one input buffer, element by element: the shape of add, reduce and centered. */
+typedef void (*pointwise_fn)(void *out, const void *in, size_t n, uint64_t q);
+
+static PyObject *pointwise(PyObject *args, const char *what, pointwise_fn fn)
 {
     Py_buffer b[2];
     unsigned long long q;
     if (!PyArg_ParseTuple(args, "w*y*K", &b[0], &b[1], &q))
         return NULL;
-    size_t n = checked(b, 2, q, 0, "add");
+    size_t n = checked(b, 2, q, 0, what);
     if (n == 0)
         return NULL;
-    uint64_t *acc = b[0].buf;
-    const uint64_t *x = b[1].buf;
-    for (size_t j = 0; j < n; j++)
-        acc[j] = below(acc[j] + x[j], q);
+    fn(b[0].buf, b[1].buf, n, q);
     release(b, 2);
     Py_RETURN_NONE;
+}
+
+static void add_into(void *out, const void *in, size_t n, uint64_t q)
+{
+    uint64_t *acc = out;
+    const uint64_t *x = in;
+    for (size_t j = 0; j < n; j++)
+        acc[j] = below(acc[j] + x[j], q);
 }
 
 /* Signed integers (int64) to residues in [0, q). */
-static PyObject *reduce(PyObject *self, PyObject *args)
+static void reduce_signed(void *out, const void *in, size_t n, uint64_t q)
 {
-    Py_buffer b[2];
-    unsigned long long q;
-    if (!PyArg_ParseTuple(args, "w*y*K", &b[0], &b[1], &q))
-        return NULL;
-    size_t n = checked(b, 2, q, 0, "reduce");
-    if (n == 0)
-        return NULL;
-    uint64_t *out = b[0].buf;
-    const int64_t *x = b[1].buf;
+    uint64_t *r = out;
+    const int64_t *x = in;
     for (size_t j = 0; j < n; j++) {
-        uint64_t magnitude = x[j] < 0 ? -(uint64_t)x[j] : (uint64_t)x[j];
-        uint64_t r = magnitude % q;
-        out[j] = x[j] < 0 && r ? q - r : r;
+        uint64_t rest = (x[j] < 0 ? -(uint64_t)x[j] : (uint64_t)x[j]) % q;
+        r[j] = x[j] < 0 && rest ? q - rest : rest;
     }
-    release(b, 2);
-    Py_RETURN_NONE;
 }
 
 /* Residues in [0, q) as the integers of least absolute value they stand for, as doubles. */
+static void center(void *out, const void *in, size_t n, uint64_t q)
+{
+    double *d = out;
+    const uint64_t *x = in;
+    for (size_t j = 0; j < n; j++)
+        d[j] = x[j] > q / 2 ? -(double)(q - x[j]) : (double)x[j];
+}
+
+static PyObject *add(PyObject *self, PyObject *args)
+{
+    return pointwise(args, "add", add_into);
+}
+
+static PyObject *reduce(PyObject *self, PyObject *args)
+{
+    return pointwise(args, "reduce", reduce_signed);
+}
+
 static PyObject *centered(PyObject *self, PyObject *args)
 {
-    Py_buffer b[2];
-    unsigned long long q;
-    if (!PyArg_ParseTuple(args, "w*y*K", &b[0], &b[1], &q))
-        return NULL;
-    size_t n = checked(b, 2, q, 0, "centered");
-    if (n == 0)
-        return NULL;
-    double *out = b[0].buf;
-    const uint64_t *x = b[1].buf;
-    uint64_t half = q >> 1;
-    for (size_t j = 0; j < n; j++)
-        out[j] = x[j] > half ? -(double)(q - x[j]) : (double)x[j];
-    release(b, 2);
-    Py_RETURN_NONE;
+    return pointwise(args, "centered", center);
 }
 
 static PyMethodDef methods[] = {
