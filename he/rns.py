@@ -46,6 +46,7 @@ class Limb:
     inv_roots: np.ndarray = field(repr=False)
     inv_roots_shoup: np.ndarray = field(repr=False)
     n_inv: int = field(repr=False)
+    n_inv_shoup: int = field(repr=False)
 
     def forward(self, poly: np.ndarray) -> None:
         """Coefficients to NTT form, in place."""
@@ -53,7 +54,7 @@ class Limb:
 
     def inverse(self, poly: np.ndarray) -> None:
         """NTT form to coefficients, in place."""
-        _rns.ntt_inverse(poly, self.inv_roots, self.inv_roots_shoup, self.q, self.n_inv, (self.n_inv << 64) // self.q)
+        _rns.ntt_inverse(poly, self.inv_roots, self.inv_roots_shoup, self.q, self.n_inv, self.n_inv_shoup)
 
     def multiply_accumulate(self, acc: np.ndarray, x: np.ndarray, w: np.ndarray, w_shoup: np.ndarray) -> None:
         """``acc += x * w (mod q)`` pointwise, in place; ``w_shoup`` is ``shoup(w, q)``."""
@@ -102,4 +103,5 @@ def limb(q: int, n: int) -> Limb:
     rev = _bit_reversed(n)
     powers, inv_powers = _powers(psi, n, q), _powers(pow(psi, -1, q), n, q)
     roots, inv_roots = powers[rev], inv_powers[rev]
-    return Limb(q, n, roots, shoup(roots, q), inv_roots, shoup(inv_roots, q), pow(n, -1, q))
+    n_inv = pow(n, -1, q)
+    return Limb(q, n, roots, shoup(roots, q), inv_roots, shoup(inv_roots, q), n_inv, (n_inv << 64) // q)

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from he.linear import WeightForm
 from parties.bench import bench
 from protocol.errors import HeclaveError
 from protocol.evidence import Runtime, VerifierPolicy
+from protocol.transport import stop_requested
 
 
 def _logging(verbose: bool) -> None:
@@ -162,9 +162,7 @@ def server(
     from parties.serving import ServerConfig, run_server
 
     _logging(True if ready_file else verbose)
-    stopping: list[bool] = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    should_stop = stop_requested()
     config = ServerConfig(
         bind,
         enclave_endpoint,
@@ -179,7 +177,7 @@ def server(
         ray_address,
     )
     click.echo(f"server starting on {bind}; its CURVE public key goes to {key_file}", err=True)
-    run_server(config, lambda: bool(stopping))
+    run_server(config, should_stop)
 
 
 def _load_model(spec: str, state_dict: Path | None):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from he.serialize import to_bytes
 from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from protocol.messages import Message, batch_size, field_of
 from protocol.storage import write_atomic
-from protocol.transport import dispatch, orphaned, router, serve
+from protocol.transport import dispatch, router, serve, stop_requested
 
 from .bundles import Bundle
 
@@ -181,13 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)
     sock, endpoint = router(args.bind)
-    stopping: list[bool] = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    should_stop = stop_requested(args.exit_with_parent)
     if args.ready_file:
         write_atomic(args.ready_file, json.dumps({"endpoint": endpoint}).encode())
-    parent_gone = orphaned() if args.exit_with_parent else (lambda: False)
-    serve(sock, WorkerService().handle, lambda: bool(stopping) or parent_gone())
+    serve(sock, WorkerService().handle, should_stop)
     return 0
 
 

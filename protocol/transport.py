@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,15 +156,19 @@ def handle_frames(frames: list[bytes], handler: Handler) -> list[bytes]:
     return encode(reply)
 
 
-def orphaned() -> Callable[[], bool]:
-    """A check that turns true once the process that started this one has exited.
+def stop_requested(exit_with_parent: bool = False) -> Callable[[], bool]:
+    """Install SIGTERM and SIGINT handlers; the check returned turns true once either arrives.
 
-    A child started in its own session never sees its parent's signals, so a
-    server killed outright would leave its workers and enclave serving with
-    nobody to stop them; the ``--exit-with-parent`` flag of each polls this.
+    With ``exit_with_parent`` it also turns true once the process that started
+    this one has exited: a child started in its own session never sees its
+    parent's signals, so a server killed outright would otherwise leave its
+    workers and supervised enclave serving with nobody to stop them.
     """
+    stopping: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     parent = os.getppid()
-    return lambda: os.getppid() != parent
+    return lambda: bool(stopping) or (exit_with_parent and os.getppid() != parent)
 
 
 def serve(

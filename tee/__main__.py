@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 
 from protocol.evidence import Runtime
-from protocol.transport import orphaned, router, serve
+from protocol.transport import router, serve, stop_requested
 
 from .enclave import Enclave
 from .runtime import detect
@@ -48,16 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     enclave = Enclave(runtime=detected, state_dir=args.state_dir)
     sock, endpoint = router(args.bind)
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    should_stop = stop_requested(args.exit_with_parent)
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"endpoint": endpoint, "runtime": detected.value}))
         tmp.replace(args.ready_file)
     log.info("serving on %s (runtime %s)", endpoint, detected.value)
-    parent_gone = orphaned() if args.exit_with_parent else (lambda: False)
-    serve(sock, enclave.handle, lambda: bool(stopping) or parent_gone(), enclave.idle)
+    serve(sock, enclave.handle, should_stop, enclave.idle)
     log.info("stopped")
     return 0
 

@@ -23,17 +23,22 @@ from tests.helpers import raw_socket
 DEV = VerifierPolicy(allow_unattested=True)
 
 
+def _deploy_digits(cluster: Cluster, seed: int, weights: str, count: int) -> tuple[str, np.ndarray, np.ndarray]:
+    """Train the digits CNN, deploy it, and return its id, ``count`` inputs and their plaintext logits."""
+    model, x, _ = train_digits_cnn(epochs=2, seed=seed)
+    with torch.no_grad():
+        reference = model.double()(torch.from_numpy(x[:count]).double()).numpy()
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, weights))
+    owner.close()
+    return model_id, x[:count], reference
+
+
 @pytest.fixture(scope="module")
 def small_cluster(tmp_path_factory):
     args = ("--max-queue", "1", "--enclave-timeout", "3")
     with Cluster(tmp_path_factory.mktemp("reliability"), server_args=args) as running:
-        model, x, _ = train_digits_cnn(epochs=2, seed=3)
-        with torch.no_grad():
-            reference = model.double()(torch.from_numpy(x[:4]).double()).numpy()
-        owner = ModelOwner(running.endpoint, running.server_key_file, DEV)
-        model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, "plain"))
-        owner.close()
-        yield running, model_id, x[:4], reference
+        yield running, *_deploy_digits(running, seed=3, weights="plain", count=4)
 
 
 def _sockets(cluster, n):
@@ -87,12 +92,7 @@ def test_a_dead_enclave_fails_the_request_in_bounded_time_and_service_resumes(sm
 
 def test_a_supervising_server_restarts_its_enclave_and_keeps_serving_without_redeploying(tmp_path):
     with Cluster(tmp_path, server_args=("--spawn-enclave", "--enclave-timeout", "5")) as cluster:
-        model, x, _ = train_digits_cnn(epochs=2, seed=4)
-        with torch.no_grad():
-            reference = model.double()(torch.from_numpy(x[:3]).double()).numpy()
-        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
-        model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, "encrypted"))
-        owner.close()
+        model_id, x, reference = _deploy_digits(cluster, seed=4, weights="encrypted", count=3)
         os.kill(cluster.children[1].wait_ready()["enclave_pid"], signal.SIGKILL)
         deadline = time.monotonic() + 60
         while True:
