@@ -94,6 +94,33 @@ class CkksParams:
         return cls(n, q, s)
 
 
+PARAMETERS_FORMAT = 1
+
+
+def public_parameters(params: CkksParams) -> bytes:
+    """What the enclave's evidence binds besides its identity key: the CKKS parameters every model uses.
+
+    Each model's keys are made at its registration and reach its owners through
+    their secure sessions, so the evidence binds the parameters, not any key.
+    """
+    return msgpack.packb({"format": PARAMETERS_FORMAT, "params": params.to_wire()}, use_bin_type=True)
+
+
+def parameters_from_bytes(data: bytes) -> CkksParams:
+    """The parameters :func:`public_parameters` wrote, or a :class:`ProtocolError`."""
+    try:
+        d = msgpack.unpackb(data, raw=False)
+        if d.get("format") != PARAMETERS_FORMAT:
+            raise ProtocolError(
+                f"Public parameters of format {d.get('format')!r}; this side reads {PARAMETERS_FORMAT}. "
+                "Upgrade the older side.",
+                ErrorCode.UNSUPPORTED_VERSION,
+            )
+        return CkksParams.from_wire(d["params"])
+    except (KeyError, TypeError, AttributeError, ValueError, msgpack.UnpackException):
+        raise ProtocolError("The enclave's public parameters are malformed.", ErrorCode.BAD_FIELD) from None
+
+
 def galois_element(step: int, params: CkksParams) -> int:
     """SEAL's Galois element for a left rotation by ``step`` slots."""
     return pow(3, step % params.slots, 2 * params.poly_modulus_degree)
@@ -305,13 +332,25 @@ class SecretKeySet:
         mask.used = True
         return RawCiphertext(self._top, self.params.scale, data).to_bytes()
 
-    def decrypt_output(self, frame: bytes, what: str = "layer output") -> np.ndarray:
-        """The complex slots of a serialised ciphertext at the level a linear layer's output is at.
+    @property
+    def output_scale(self) -> float:
+        """The scale of every linear layer's output: a top-level product, rescaled by the last data prime."""
+        return self.params.scale * self.params.scale / self._top.moduli[-1]
 
-        The frame is validated as SEAL's ``load`` would (``he.sealformat``) and
-        may hold the third polynomial of an unrelinearized product.
+    def decrypt_output(self, frame: bytes, what: str = "layer output", polynomials: int | None = None) -> np.ndarray:
+        """The complex slots of a serialised ciphertext exactly as a linear layer leaves it.
+
+        The frame is validated as SEAL's ``load`` would (``he.sealformat``), and
+        refused unless it is at the layer's output level, at its output scale
+        (:attr:`output_scale`), and of ``polynomials`` polynomials when given (a
+        layer with encrypted weights may leave three): the enclave trusts none
+        of the metadata the server writes into a ciphertext.
         """
         ct = parse_ciphertext(frame, self.output_level, what)
+        if ct.scale != self.output_scale:
+            raise CiphertextError(f"The {what} is not at the scale a linear layer leaves; refusing it.")
+        if polynomials is not None and len(ct.data) != polynomials:
+            raise CiphertextError(f"The {what} has {len(ct.data)} polynomials, the layer leaves {polynomials}.")
         tables = self._output_key[0][0]
         plain = np.array(ct.data[0, 0])
         for (_, power, power_shoup), mask in zip(self._output_key, ct.data[1:, 0]):

@@ -38,19 +38,25 @@ class WeightForm(str, Enum):
             raise PlanError(f"Unknown weight form {value!r}; use one of: {', '.join(f.value for f in cls)}.") from None
 
 
+def diagonal_mask(geometry: Layout, weights: np.ndarray, support: np.ndarray | None = None) -> np.ndarray:
+    """Which diagonals of an encrypted layer exist: ``[out_cts, in_cts, k]``, public.
+
+    With ``support`` (the architecture's structural nonzeros) the mask depends
+    on the architecture only, and a diagonal whose trained weights happen to be
+    all zero is encrypted like any other; without it, the mask follows the
+    weights themselves and reveals such diagonals.
+    """
+    pattern = geometry.diagonals(weights if support is None else support.astype(np.float64))
+    return np.any(pattern != 0, axis=-1)
+
+
 def encrypt_weights(
     context: PublicContext, geometry: Layout, weights: np.ndarray, support: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[bytes]]:
-    """The model owner's side: the diagonal mask, and those diagonals encrypted in mask order.
-
-    The mask is public. With ``support`` (the architecture's structural nonzeros)
-    it depends on the architecture only, and a diagonal whose trained weights
-    happen to be all zero is encrypted like any other; without it, the mask
-    follows the weights themselves and reveals such diagonals.
-    """
+    """The model owner's side: the diagonal mask (:func:`diagonal_mask`), and those diagonals encrypted in
+    mask order under the model's public context."""
     diags = geometry.diagonals(weights)
-    pattern = diags if support is None else geometry.diagonals(support.astype(np.float64))
-    mask = np.any(pattern != 0, axis=-1)
+    mask = diagonal_mask(geometry, weights, support)
     return mask, [context.encrypt(diags[idx]) for idx in zip(*np.nonzero(mask))]
 
 

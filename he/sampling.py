@@ -22,6 +22,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 NOISE_PAIRS = 21
+NOISE_VARIANCE = NOISE_PAIRS / 2
 
 
 def random_words(count: int) -> np.ndarray:
@@ -47,3 +48,11 @@ def centered_binomial(n: int) -> np.ndarray:
     ones = np.bitwise_count(words & low).astype(np.int64)
     others = np.bitwise_count((words >> np.uint64(NOISE_PAIRS)) & low).astype(np.int64)
     return ones - others
+
+
+def gaussian(count: int) -> np.ndarray:
+    """``count`` standard normal values by Box-Muller over the CSPRNG's uniform 53-bit fractions."""
+    words = random_words(2 * count) >> np.uint64(11)
+    uniform = (words.astype(np.float64) + 0.5) / float(1 << 53)
+    radius = np.sqrt(-2.0 * np.log(uniform[:count]))
+    return radius * np.cos(2.0 * np.pi * uniform[count:])

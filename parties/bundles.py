@@ -1,8 +1,9 @@
 """Deployed model bundles on the server's disk: versioned, written atomically, reloaded at start.
 
 A bundle holds only what the server already holds in memory: the public graph,
-the Galois keys the enclave issued for it, and the weights in the form the model
-owner chose (ciphertexts unless the deployment is ``--weights plain``).
+the model's own public context (public key, relinearization keys and the Galois
+keys the enclave issued for it), and the weights in the form the model owner
+chose (ciphertexts under that context unless the deployment is ``--weights plain``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from protocol.storage import write_atomic
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = 1
+# 2: each model's own public context, not Galois keys beside one shared context.
+BUNDLE_FORMAT = 2
 SUFFIX = ".bundle"
 
 
@@ -28,8 +30,7 @@ class Bundle:
 
     model_id: str
     graph: bytes
-    galois_keys: bytes
-    galois_steps: list[int]
+    context: bytes
     masks: list[bytes]
     weights: list[bytes]
 
@@ -39,8 +40,7 @@ class Bundle:
                 "format": BUNDLE_FORMAT,
                 "model_id": self.model_id,
                 "graph": self.graph,
-                "galois_keys": self.galois_keys,
-                "galois_steps": self.galois_steps,
+                "context": self.context,
                 "masks": self.masks,
                 "weights": self.weights,
             },
@@ -60,7 +60,7 @@ class Bundle:
                 "Redeploy the model with this version.",
                 ErrorCode.INTERNAL,
             )
-        return cls(d["model_id"], d["graph"], d["galois_keys"], list(d["galois_steps"]), d["masks"], d["weights"])
+        return cls(d["model_id"], d["graph"], d["context"], d["masks"], d["weights"])
 
 
 class BundleStore:

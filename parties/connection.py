@@ -1,8 +1,9 @@
 """An owner's attested connection: pinned transport to the server, verified evidence, a session.
 
-Both owners start the same way: fetch the enclave's evidence and public context
-through the server, check them against the owner's policy *before* anything
-secret is sent, then open a secure channel to the attested identity key.
+Both owners start the same way: fetch the enclave's evidence and the CKKS
+parameters it binds through the server, check them against the owner's policy
+*before* anything secret is sent, then open a secure channel to the attested
+identity key. Each model's public context arrives later, through that channel.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from he.context import PublicContext
+from he.context import parameters_from_bytes
 from protocol.channel import Session, check_confirmation, open_owner_session
 from protocol.errors import ChannelError
 from protocol.evidence import Evidence, VerifierPolicy
@@ -35,9 +36,9 @@ class AttestedConnection:
         reply = self.client.request(Message("evidence"))
         self.evidence = Evidence.from_wire(reply.content.get("evidence"))
         if len(reply.buffers) != 1:
-            raise ChannelError("The server relayed evidence without the public context it binds.")
+            raise ChannelError("The server relayed evidence without the public parameters it binds.")
         policy.verify(self.evidence, reply.buffers[0])
-        self.public_context = PublicContext.from_bytes(reply.buffers[0])
+        self.params = parameters_from_bytes(reply.buffers[0])
         self.session = self._open_session()
 
     def _open_session(self) -> Session:

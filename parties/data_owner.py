@@ -1,7 +1,14 @@
-"""The data owner: encrypts its input in the model's input layout and opens the sealed result."""
+"""The data owner: encrypts its input in the model's input layout and opens the sealed result.
+
+It trusts only the enclave: a model's graph and public context come from the
+enclave through this owner's session, bound to the model id, never from the
+server's word; its input also travels sealed in the authorisation, so the
+enclave can check the first layer the server computes on it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -11,8 +18,9 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from he.context import PublicContext
 from he.graph import ModelGraph, Placement
-from protocol.errors import ErrorCode, HeclaveError, ProtocolError
+from protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from protocol.evidence import VerifierPolicy
 from protocol.messages import MAX_BATCH, Message, field_of
 
@@ -50,6 +58,16 @@ class Inference:
         return np.asarray(self.result["logits"])
 
     @property
+    def noise_sd(self) -> float:
+        """The standard deviation of the noise the enclave added to these logits before rounding them.
+
+        It hides what a server could have slipped under the enclave's checks
+        (see the README's threat model); it is zero when no layer ran outside
+        the enclave.
+        """
+        return max(float(r.get("noise_sd", 0.0)) for r in self.results)
+
+    @property
     def label(self) -> int:
         return _label(self.result)
 
@@ -72,17 +90,42 @@ class DataOwner:
         server_key: bytes | Path,
         policy: VerifierPolicy = VerifierPolicy(),
         timeout_s: float = 120.0,
+        allow_plain_input: bool = False,
     ) -> None:
+        """``allow_plain_input`` lets a model whose first layer is ``plain`` receive this owner's inputs,
+        which the server then sees in the clear; without it such a model is refused before anything is sent."""
         self.connection = AttestedConnection(endpoint, server_key, policy, timeout_s)
-        self._graphs: dict[str, ModelGraph] = {}
+        self.allow_plain_input = allow_plain_input
+        self._models: dict[str, tuple[ModelGraph, PublicContext]] = {}
         self._stale_session = False
 
     def graph(self, model_id: str) -> ModelGraph:
-        """The deployed model's public graph: input shape and layout."""
-        if model_id not in self._graphs:
-            reply = self.connection.request(Message("model_info", {"model_id": model_id}))
-            self._graphs[model_id] = ModelGraph.from_bytes(field_of(reply.content, "graph", bytes))
-        return self._graphs[model_id]
+        """The deployed model's graph (input shape, layouts, placements), as the enclave holds it."""
+        return self._model(model_id)[0]
+
+    def context(self, model_id: str) -> PublicContext:
+        """The model's own public CKKS context, as the enclave made it: inputs are encrypted under it."""
+        return self._model(model_id)[1]
+
+    def _model(self, model_id: str) -> tuple[ModelGraph, PublicContext]:
+        """Graph and public context from the enclave, accepted only if bound to ``model_id`` in this session."""
+        if model_id not in self._models:
+            session = self.connection.session
+            envelope = session.seal(msgpack.packb({"model_id": model_id}), b"model_info")
+            content = {"model_id": model_id, "session_id": session.session_id, "envelope": envelope}
+            reply = self.connection.request(Message("model_info", content))
+            graph_bytes = field_of(reply.content, "graph", bytes)
+            binding = session.open(field_of(reply.content, "binding", bytes), b"model:" + model_id.encode())
+            bound = msgpack.unpackb(binding, raw=False)
+            if (
+                len(reply.buffers) != 1
+                or bound.get("model_id") != model_id
+                or bound.get("graph") != hashlib.sha256(graph_bytes).digest()
+                or bound.get("context") != hashlib.sha256(reply.buffers[0]).digest()
+            ):
+                raise ChannelError("The model's graph or keys are not the ones the enclave holds; send nothing.")
+            self._models[model_id] = (ModelGraph.from_bytes(graph_bytes), PublicContext.from_bytes(reply.buffers[0]))
+        return self._models[model_id]
 
     def infer(self, model_id: str, x: np.ndarray) -> Inference:
         """Classify one input; returns what the deployment releases."""
@@ -123,7 +166,7 @@ class DataOwner:
         Each call consumes one envelope of the session, so a prepared request is
         good for exactly one send.
         """
-        graph = self.graph(model_id)
+        graph, context = self._model(model_id)
         xs = np.asarray(xs, dtype=np.float64)
         size = int(np.prod(graph.input_shape))
         if xs.ndim == 0 or xs.size != len(xs) * size or not 1 <= len(xs) <= MAX_BATCH:
@@ -133,17 +176,21 @@ class DataOwner:
                 ErrorCode.BAD_FIELD,
             )
         flat = np.ascontiguousarray(xs.reshape(len(xs), size), dtype="<f8")
-        authorisation: dict = {"model_id": model_id}
         first = graph.stages[0].placement
+        if first is Placement.PLAIN and not self.allow_plain_input:
+            raise PlanError(
+                f"Model {model_id}'s first layer is 'plain': the server would see this input in the clear. "
+                "Nothing was sent; pass allow_plain_input=True to accept that."
+            )
+        authorisation = {
+            "model_id": model_id,
+            "batch": len(xs),
+            "input": flat.tobytes(),
+            "allow_plain_input": self.allow_plain_input,
+        }
+        frames = []
         if first is Placement.HE:
-            frames = [
-                self.connection.public_context.encrypt(row) for row in graph.stages[0].geometry.gather_batch(flat)
-            ]
-        elif first is Placement.PLAIN:
-            log.warning("model %s starts with a plain layer: the server sees this input", model_id)
-            frames = [flat.tobytes()]
-        else:  # the enclave takes the input first: it travels sealed in the authorisation
-            frames, authorisation["input"] = [], flat.tobytes()
+            frames = [context.encrypt(row) for row in graph.stages[0].geometry.gather_batch(flat)]
         session = self.connection.session
         request_id = secrets.token_hex(12)
         envelope = session.seal(msgpack.packb(authorisation), b"infer:" + request_id.encode())

@@ -4,7 +4,7 @@ The server runs one request pipeline per *lane*; each lane evaluates its layers
 on a worker of its own, so independent requests proceed in parallel while the
 enclave (one process) serves them all. A model is shipped to a lane's worker
 the first time that lane needs it, and only once: its bundle holds public
-material only (public context, Galois keys, weights in the owner's form).
+material only (the model's public context, weights in the owner's form).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from .worker import HeWorker
 
 log = logging.getLogger(__name__)
 
-BundleSource = Callable[[], tuple[Bundle, bytes]]
-"""Returns a model's bundle and the public context, when a worker must install it."""
+BundleSource = Callable[[], Bundle]
+"""Returns a model's bundle, when a worker must install it."""
 
 
 class Executor(ABC):
@@ -56,7 +56,7 @@ class InlineExecutor(Executor):
         self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int, source: BundleSource
     ) -> tuple[list[bytes], OpCounter]:
         if not self._worker.has(model_id):
-            self._worker.install(*source())
+            self._worker.install(source())
         return self._worker.evaluate(model_id, stage, inputs, batch)
 
 
@@ -83,8 +83,7 @@ class ProcessExecutor(Executor):
     ) -> tuple[list[bytes], OpCounter]:
         client, installed = self._lane(lane)
         if model_id not in installed:
-            bundle, public = source()
-            client.request(Message("install", {"model_id": model_id}, [bundle.to_bytes(), public]))
+            client.request(Message("install", {"model_id": model_id}, [source().to_bytes()]))
             installed.add(model_id)
         content = {"model_id": model_id, "stage": stage, "batch": batch}
         reply = client.request(Message("evaluate", content, inputs))

@@ -12,12 +12,14 @@ import numpy as np
 import torch.nn as nn
 
 from he.blinding import quantize
+from he.context import PublicContext
 from he.graph import Placement, ReleasePolicy
-from he.linear import WeightForm, encrypt_weights
+from he.linear import WeightForm, diagonal_mask, encrypt_weights
 from he.sparse import SparseMatrix
 from plan import Plan, plan_pytorch
+from protocol.errors import ChannelError
 from protocol.evidence import VerifierPolicy
-from protocol.messages import Message
+from protocol.messages import Message, field_of
 
 from .connection import AttestedConnection
 
@@ -47,7 +49,7 @@ class ModelOwner:
         placements: Sequence[Placement | str] | None = None,
     ) -> Plan:
         """Import and plan ``model`` for the enclave's CKKS parameters (``batch``: see :func:`plan.plan_model`)."""
-        params = self.connection.public_context.params
+        params = self.connection.params
         return plan_pytorch(
             model,
             input_shape,
@@ -60,40 +62,70 @@ class ModelOwner:
         )
 
     def deploy(self, plan: Plan) -> str:
-        """Upload the plan and its weights; returns the model id.
+        """Register the plan with the enclave, then upload its weights to the server; returns the model id.
 
-        The server receives each stage's weights in the form its placement
-        allows (ciphertexts for ``he`` unless the plan says plain weights, a
-        float64 matrix for ``plain``, field integers for ``blinded``, nothing for
-        ``enclave``); the enclave receives, sealed in this owner's session, the
-        graph's hash and the weights it needs itself (``enclave`` and
-        ``blinded`` stages, and the bias of every ``he`` stage).
+        First the enclave receives, sealed in this owner's session, the graph's
+        hash and what it needs itself: ``enclave`` and ``blinded`` weights, each
+        ``he`` stage's ``W`` (to check the server's results) and bias, and the
+        public diagonal masks. It makes the model's own CKKS key set and returns
+        its public context, bound to the model id under this session. Then the
+        server receives each stage's weights in the form its placement allows
+        (ciphertexts under that context for ``he`` unless the plan says plain
+        weights, a float64 matrix for ``plain``, field integers for ``blinded``,
+        nothing for ``enclave``).
         """
         graph_bytes = plan.graph.to_bytes()
-        secrets_for_enclave = {str(i): blob for i, blob in self._enclave_weights(plan)}
-        payload = msgpack.packb({"graph": hashlib.sha256(graph_bytes).digest(), "weights": secrets_for_enclave})
-        envelope = self.connection.session.seal(payload, b"register")
-        masks, frames = self._server_weights(plan)
-        content = {"graph": graph_bytes, "session_id": self.connection.session.session_id, "masks": masks}
-        reply = self.connection.request(Message("deploy", content, [envelope, *frames]))
-        return str(reply.content["model_id"])
+        masks = self._masks(plan)
+        weights, biases = self._enclave_secrets(plan)
+        payload = {"graph": hashlib.sha256(graph_bytes).digest(), "weights": weights, "biases": biases, "masks": masks}
+        session = self.connection.session
+        envelope = session.seal(msgpack.packb(payload), b"register")
+        content = {"graph": graph_bytes, "session_id": session.session_id}
+        reply = self.connection.request(Message("register", content, [envelope]))
+        model_id = field_of(reply.content, "model_id", str)
+        context = self._bound_context(model_id, field_of(reply.content, "binding", bytes), reply.buffers)
+        frames = self._server_weights(plan, context)
+        self.connection.request(Message("deploy", {"model_id": model_id, "masks": masks}, frames))
+        return model_id
+
+    def _bound_context(self, model_id: str, binding: bytes, buffers) -> PublicContext:
+        """The model's public context, only if the enclave bound exactly these bytes to this model id."""
+        opened = msgpack.unpackb(self.connection.session.open(binding, b"registered:" + model_id.encode()))
+        if len(buffers) != 1 or opened.get("model_id") != model_id:
+            raise ChannelError("The enclave's registration reply does not match; do not deploy through this server.")
+        if opened.get("context") != hashlib.sha256(buffers[0]).digest():
+            raise ChannelError("The server substituted the model's public context; do not deploy through it.")
+        return PublicContext.from_bytes(buffers[0])
 
     @staticmethod
-    def _enclave_weights(plan: Plan) -> list[tuple[int, bytes]]:
-        """What only the enclave receives: ``enclave`` and ``blinded`` weights, and every ``he`` layer's bias."""
-        out = []
+    def _masks(plan: Plan) -> list[bytes]:
+        """The public diagonal mask of every encrypted ``he`` stage (empty elsewhere), packed."""
+        encrypted = plan.graph.weight_form is WeightForm.ENCRYPTED
+        masks = []
+        for stage, w, support in zip(plan.graph.stages, plan.weights, plan.supports):
+            if stage.placement is Placement.HE and encrypted:
+                mask = diagonal_mask(stage.geometry, w[:, :-1], support[:, :-1])
+                masks.append(np.packbits(mask.ravel()).tobytes())
+            else:
+                masks.append(b"")
+        return masks
+
+    @staticmethod
+    def _enclave_secrets(plan: Plan) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        """What only the enclave receives: weights by stage (``W`` of ``he`` stages, for their checks) and biases."""
+        weights, biases = {}, {}
         for i, (stage, w) in enumerate(zip(plan.graph.stages, plan.weights)):
             if stage.placement is Placement.HE:
-                out.append((i, np.ascontiguousarray(w[:, -1], dtype="<f8").tobytes()))
+                weights[str(i)] = SparseMatrix.from_dense(w[:, :-1]).to_bytes()
+                biases[str(i)] = np.ascontiguousarray(w[:, -1], dtype="<f8").tobytes()
             elif stage.placement is Placement.ENCLAVE:
-                out.append((i, SparseMatrix.from_dense(w).to_bytes()))
+                weights[str(i)] = SparseMatrix.from_dense(w).to_bytes()
             elif stage.placement is Placement.BLINDED:
-                out.append((i, SparseMatrix.from_dense(quantize(w, stage.weight_bits)).to_bytes()))
-        return out
+                weights[str(i)] = SparseMatrix.from_dense(quantize(w, stage.weight_bits)).to_bytes()
+        return weights, biases
 
-    def _server_weights(self, plan: Plan) -> tuple[list[bytes], list[bytes]]:
-        graph, context = plan.graph, self.connection.public_context
-        masks, frames = [], []
+    def _server_weights(self, plan: Plan, context: PublicContext) -> list[bytes]:
+        graph, frames = plan.graph, []
         for stage, w, support in zip(graph.stages, plan.weights, plan.supports):
             placement = stage.placement
             if placement is Placement.HE:
@@ -106,18 +138,14 @@ class ModelOwner:
                     placement.value if placement is not Placement.HE else "plain weights",
                 )
             if encrypted:
-                mask, cts = encrypt_weights(context, stage.geometry, w, support)
-                masks.append(np.packbits(mask.ravel()).tobytes())
-                frames.extend(cts)
-                continue
-            masks.append(b"")
-            if placement is Placement.BLINDED:
+                frames.extend(encrypt_weights(context, stage.geometry, w, support)[1])
+            elif placement is Placement.BLINDED:
                 frames.append(SparseMatrix.from_dense(quantize(w, stage.weight_bits)).to_bytes())
             elif placement is Placement.PLAIN:
                 frames.append(SparseMatrix.from_dense(w).to_bytes())
             elif placement is Placement.HE:
                 frames.append(np.ascontiguousarray(w, dtype="<f8").tobytes())
-        return masks, frames
+        return frames
 
     def close(self) -> None:
         self.connection.close()

@@ -1,7 +1,7 @@
 """The server's HE work on a Ray cluster: one actor per lane, models shipped once through the object store.
 
-Actors receive only public material. A model's bundle (public graph, Galois
-keys, weights in the owner's form) is put into Ray's object store once and each
+Actors receive only public material. A model's bundle (public graph, the
+model's public context, weights in the owner's form) is put into Ray's object store once and each
 actor installs it from there the first time its lane needs it; ciphertexts
 travel as bytes with each task. The enclave stays one process on the server's
 host: only the server talks to it.
@@ -33,8 +33,8 @@ class _Actor:
     def __init__(self) -> None:
         self.worker = HeWorker()
 
-    def install(self, bundle: bytes, public_context: bytes) -> None:
-        self.worker.install(Bundle.from_bytes(bundle, Path("<ray object store>")), public_context)
+    def install(self, bundle: bytes) -> None:
+        self.worker.install(Bundle.from_bytes(bundle, Path("<ray object store>")))
 
     def evaluate(self, model_id: str, stage: int, inputs: list[bytes], batch: int) -> tuple[list[bytes], dict]:
         outputs, ops = self.worker.evaluate(model_id, stage, inputs, batch)
@@ -58,11 +58,10 @@ class RayExecutor(Executor):
         self._installed: list[set[str]] = [set() for _ in range(lanes)]
         self._lock = threading.Lock()
 
-    def _bundle_ref(self, model_id: str, source: BundleSource) -> tuple[object, object]:
+    def _bundle_ref(self, model_id: str, source: BundleSource) -> object:
         with self._lock:
             if model_id not in self._bundles:
-                bundle, public = source()
-                self._bundles[model_id] = (self._ray.put(bundle.to_bytes()), self._ray.put(public))
+                self._bundles[model_id] = self._ray.put(source().to_bytes())
             return self._bundles[model_id]
 
     def evaluate(
@@ -70,8 +69,7 @@ class RayExecutor(Executor):
     ) -> tuple[list[bytes], OpCounter]:
         actor = self._actors[lane]
         if model_id not in self._installed[lane]:
-            bundle_ref, public_ref = self._bundle_ref(model_id, source)
-            self._ray.get(actor.install.remote(bundle_ref, public_ref))
+            self._ray.get(actor.install.remote(self._bundle_ref(model_id, source)))
             self._installed[lane].add(model_id)
         outputs, ops = self._ray.get(actor.evaluate.remote(model_id, stage, inputs, batch))
         return outputs, OpCounter(**ops)

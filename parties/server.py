@@ -1,9 +1,11 @@
 """The untrusted server: evaluates every affine layer under CKKS and relays to the enclave.
 
-It holds the public context, the Galois keys the enclave issued for each
-deployed model, and each model's weights: ciphertexts by default, plaintexts
-only when the model owner deployed with ``--weights plain``. It sees layer
-shapes, sizes and timings, and nothing else.
+It holds each deployed model's public context (made by the enclave for that
+model alone, with Galois keys for exactly its rotations) and its weights:
+ciphertexts by default, plaintexts only when the model owner deployed with
+``--weights plain``. It sees layer shapes, sizes and timings, and nothing else.
+Everything it hands the enclave is checked there: a server that lies about a
+stage, a ciphertext or a result ends the request (``tee.enclave``).
 """
 
 from __future__ import annotations
@@ -91,15 +93,16 @@ class Server:
     ) -> None:
         self.enclave_endpoint, self.enclave_timeout_s = enclave_endpoint, enclave_timeout_s
         self.executor = executor
-        self._base: bytes | None = None
+        self._registered: dict[str, tuple[ModelGraph, bytes]] = {}
         self._deployments: dict[str, Deployment] = {}
         self._store = store
         self._local = threading.local()
         self._handlers = {
             "evidence": self._relay,
             "open_session": self._relay,
+            "model_info": self._relay,
+            "register": self._register,
             "deploy": self._deploy,
-            "model_info": self._model_info,
             "infer": self._infer,
         }
 
@@ -136,12 +139,6 @@ class Server:
         reply = self._ask_enclave(Message(request.type, dict(request.content), request.buffers))
         return request.reply(reply.content, reply.buffers)
 
-    def _public(self) -> bytes:
-        """The enclave's public context (fetched once), which workers need with every model."""
-        if self._base is None:
-            self._base = self._ask_enclave(Message("evidence")).buffers[0]
-        return self._base
-
     def restore(self) -> int:
         """Serve again every bundle the store holds (after a restart); returns how many."""
         if self._store is None:
@@ -153,26 +150,34 @@ class Server:
                 log.error("cannot restore model %s: %s", bundle.model_id, exc.message)
         return len(self._deployments)
 
-    def _deploy(self, request: Message, lane: int) -> Message:
+    def _register(self, request: Message, lane: int) -> Message:
+        """Relay a model owner's registration; keep the graph and the model's public context for its upload."""
         graph_bytes = field_of(request.content, "graph", bytes)
         graph = ModelGraph.from_bytes(graph_bytes)
-        masks = field_of(request.content, "masks", list)
-        if not request.buffers:
-            raise ProtocolError(
-                "'deploy' carries the owner's sealed envelope as its first buffer.", ErrorCode.BAD_FIELD
-            )
-        envelope, weights = request.buffers[0], list(request.buffers[1:])
-        # The weights are checked before the enclave registers anything.
-        build_kernels(graph, PublicContext.from_bytes(self._public()).toolkit, masks, weights)
         content = {"graph": graph_bytes, "session_id": field_of(request.content, "session_id", bytes)}
-        reply = self._ask_enclave(Message("register_model", content, [envelope]))
-        model_id = str(reply.content["model_id"])
-        bundle = Bundle(model_id, graph_bytes, reply.buffers[0], list(reply.content["galois_steps"]), masks, weights)
+        reply = self._ask_enclave(Message("register_model", content, request.buffers))
+        model_id = field_of(reply.content, "model_id", str)
+        if len(reply.buffers) != 1:
+            raise ProtocolError("The enclave registered a model without its public context.", ErrorCode.INTERNAL)
+        self._registered[model_id] = (graph, reply.buffers[0])
+        return request.reply(reply.content, reply.buffers)
+
+    def _deploy(self, request: Message, lane: int) -> Message:
+        """A registered model's weights, encrypted under its own public context: checked, stored, served."""
+        model_id = field_of(request.content, "model_id", str)
+        registered = self._registered.get(model_id)
+        if registered is None:
+            raise HeclaveError(f"Model {model_id!r} is not registered; register it first.", ErrorCode.UNKNOWN_MODEL)
+        graph, context = registered
+        masks, weights = field_of(request.content, "masks", list), list(request.buffers)
+        build_kernels(graph, PublicContext.from_bytes(context).toolkit, masks, weights)
+        bundle = Bundle(model_id, graph.to_bytes(), context, masks, weights)
         if self._store is not None:
             self._store.save(bundle)
         self._deployments[model_id] = Deployment.of(graph, bundle)
+        del self._registered[model_id]
         log.info("deployed model %s with %s weights", model_id, graph.weight_form.value)
-        return request.reply({"model_id": model_id, "galois_mb": len(reply.buffers[0]) / 1e6})
+        return request.reply({"model_id": model_id, "context_mb": len(context) / 1e6})
 
     def _deployment(self, content: dict) -> tuple[str, Deployment]:
         model_id = field_of(content, "model_id", str)
@@ -181,36 +186,26 @@ class Server:
             raise HeclaveError(f"Unknown model {model_id!r}; deploy it first.", ErrorCode.UNKNOWN_MODEL)
         return model_id, deployment
 
-    def _model_info(self, request: Message, lane: int) -> Message:
-        _, deployment = self._deployment(request.content)
-        return request.reply({"graph": deployment.graph.to_bytes()})
-
     def _infer(self, request: Message, lane: int) -> Message:
         model_id, deployment = self._deployment(request.content)
         stages = deployment.graph.stages
         batch = batch_size(request.content)
         stats = RequestStats()
-        authority = {
-            "model_id": model_id,
-            "batch": batch,
+        ids = {
             "session_id": field_of(request.content, "session_id", bytes),
             "request_id": field_of(request.content, "request_id", str),
-            "envelope": field_of(request.content, "envelope", bytes),
         }
-        if stages[0].placement in (Placement.HE, Placement.PLAIN):
-            index, frames = 0, list(request.buffers)
-        else:  # the enclave opens the sealed input and runs what it can
-            reply = self._ask_enclave(Message("activate", {**authority, "stage": -1, "form": "input"}), stats)
-            if "result" in reply.content:
-                return request.reply({"result": reply.content["result"], "stats": stats.to_wire()})
-            index, frames = int(reply.content["next"]), list(reply.buffers)
-        while True:
-            index, form, frames = self._server_stage(lane, model_id, deployment, index, frames, batch, stats)
-            content = {**authority, "stage": index, "form": form}
-            reply = self._ask_enclave(Message("activate", content, frames), stats)
-            if "result" in reply.content:
-                return request.reply({"result": reply.content["result"], "stats": stats.to_wire()})
-            index, frames = int(reply.content["next"]), list(reply.buffers)
+        begin = {**ids, "model_id": model_id, "batch": batch, "envelope": field_of(request.content, "envelope", bytes)}
+        reply = self._ask_enclave(Message("begin", begin), stats)
+        while "result" not in reply.content:
+            index = field_of(reply.content, "next", int)
+            if not 0 <= index < len(stages):
+                raise ProtocolError(f"The enclave handed out stage {index}, which the model lacks.", ErrorCode.INTERNAL)
+            # The first he stage's ciphertexts are the data owner's; the enclave hands out no others for it.
+            frames = list(request.buffers) if index == 0 and stages[0].placement is Placement.HE else reply.buffers
+            form, outputs = self._server_stage(lane, model_id, deployment, index, list(frames), batch, stats)
+            reply = self._ask_enclave(Message("activate", {**ids, "stage": index, "form": form}, outputs), stats)
+        return request.reply({"result": reply.content["result"], "stats": stats.to_wire()})
 
     def _server_stage(
         self,
@@ -221,17 +216,16 @@ class Server:
         frames: list[bytes],
         batch: int,
         stats: RequestStats,
-    ) -> tuple[int, str, list[bytes]]:
-        """Run the server's part from stage ``index``: what to hand the enclave, and for which stage."""
+    ) -> tuple[str, list[bytes]]:
+        """Run the server's part from stage ``index``: what to hand the enclave, in which form."""
         stages = deployment.graph.stages
         stage = stages[index]
         if stage.placement is Placement.HE:
-            source = lambda: (deployment.bundle, self._public())  # noqa: E731
-            outputs, ops = self.executor.evaluate(lane, model_id, index, frames, batch, source)
+            outputs, ops = self.executor.evaluate(lane, model_id, index, frames, batch, lambda: deployment.bundle)
             stats.ops.add(ops)
             # The worker's own time: the hop to it is transport, as the enclave's hop is.
             stats.he_ms += ops.ms
-            return index, "partials", outputs
+            return "partials", outputs
         started = time.perf_counter()
         result = self._clear_stages(deployment, index, frames, batch)
         stats.he_ms += (time.perf_counter() - started) * 1e3
@@ -239,7 +233,7 @@ class Server:
 
     def _clear_stages(
         self, deployment: Deployment, index: int, frames: list[bytes], batch: int
-    ) -> tuple[int, str, list[bytes]]:
+    ) -> tuple[str, list[bytes]]:
         """A ``blinded`` stage, or a run of ``plain`` stages, computed here in the server process."""
         stages = deployment.graph.stages
         g = stages[index].geometry
@@ -247,11 +241,11 @@ class Server:
             blinded = parse_values(frames, "<i8", (batch, g.cols), "blinded input")
             w_q = deployment.matrices[index]
             out = np.stack([w_q.apply_mod(row) for row in blinded])
-            return index, "blinded", [out.astype("<i8").tobytes()]
+            return "blinded", [out.astype("<i8").tobytes()]
         xs = parse_values(frames, "<f8", (batch, g.cols - 1), "plain activation")
         while True:  # a run of plain stages, their nonlinear steps included, all on the server
             ys = deployment.matrices[index].apply(np.concatenate([xs, np.ones((batch, 1))], axis=1))
             xs = np.stack([apply_ops(y, stages[index].ops) for y in ys])
             if index + 1 == len(stages) or stages[index + 1].placement is not Placement.PLAIN:
-                return index, "plain", [np.ascontiguousarray(xs, dtype="<f8").tobytes()]
+                return "plain", [np.ascontiguousarray(xs, dtype="<f8").tobytes()]
             index += 1

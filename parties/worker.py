@@ -1,7 +1,7 @@
 """HE workers: hold deployed models' kernels and evaluate one layer at a time.
 
-A worker receives only public material: the public CKKS context, the Galois
-keys the enclave issued for a model, and the model's weights in the form the
+A worker receives only public material: a model's public CKKS context (with
+the Galois keys the enclave issued for it) and its weights in the form the
 owner chose. The same :class:`HeWorker` runs inside the server process, as a
 worker process of its own (``python -m parties.worker``, speaking heclave's
 protocol over loopback) or inside a Ray actor; the server's request pipeline
@@ -103,21 +103,17 @@ class HeWorker:
     """Deployed models' kernels, and the evaluation of one stage for a batch of ciphertext groups."""
 
     def __init__(self) -> None:
-        self._base: PublicContext | None = None
         self._models: dict[str, _Installed] = {}
 
     def has(self, model_id: str) -> bool:
         return model_id in self._models
 
-    def install(self, bundle: Bundle, public_context: bytes) -> None:
+    def install(self, bundle: Bundle) -> None:
         """Prepare a model's kernels (plaintext diagonals encoded, ciphertexts loaded) once."""
-        if self._base is None:
-            self._base = PublicContext.from_bytes(public_context)
+        context = PublicContext.from_bytes(bundle.context)
         graph = ModelGraph.from_bytes(bundle.graph)
-        kernels = build_kernels(graph, self._base.toolkit, bundle.masks, list(bundle.weights))
-        self._models[bundle.model_id] = _Installed(
-            self._base.with_galois(bundle.galois_keys, bundle.galois_steps), kernels
-        )
+        kernels = build_kernels(graph, context.toolkit, bundle.masks, list(bundle.weights))
+        self._models[bundle.model_id] = _Installed(context, kernels)
 
     def evaluate(self, model_id: str, stage: int, inputs: list[bytes], batch: int) -> tuple[list[bytes], OpCounter]:
         """One layer over every ciphertext group of a batch: serialised outputs and the operations done."""
@@ -153,9 +149,9 @@ class WorkerService:
         return dispatch(self._handlers, request, "worker")
 
     def _install(self, request: Message) -> Message:
-        if len(request.buffers) != 2:
-            raise ProtocolError("'install' carries the bundle and the public context.", ErrorCode.BAD_FIELD)
-        self.worker.install(Bundle.from_bytes(request.buffers[0], Path("<install>")), request.buffers[1])
+        if len(request.buffers) != 1:
+            raise ProtocolError("'install' carries the model's bundle.", ErrorCode.BAD_FIELD)
+        self.worker.install(Bundle.from_bytes(request.buffers[0], Path("<install>")))
         return request.reply()
 
     def _evaluate(self, request: Message) -> Message:

@@ -22,6 +22,9 @@ class ErrorCode(str, Enum):
     BAD_CIPHERTEXT = "bad_ciphertext"
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_SESSION = "unknown_session"
+    UNKNOWN_REQUEST = "unknown_request"
+    OUT_OF_ORDER = "out_of_order"
+    INTEGRITY = "integrity"
     CHANNEL = "channel"
     ATTESTATION = "attestation"
     PLAN = "plan"
@@ -79,6 +82,16 @@ class CiphertextError(HeclaveError):
     code = ErrorCode.BAD_CIPHERTEXT
 
 
+class IntegrityError(HeclaveError):
+    """The server's result for a layer is not that layer applied to the request's activation.
+
+    The enclave ended the request and released nothing; the message never
+    says which check failed or by how much.
+    """
+
+    code = ErrorCode.INTEGRITY
+
+
 class RemoteError(HeclaveError):
     """An error reply received from another process, re-raised locally."""
 
@@ -98,6 +111,7 @@ _BY_CODE: dict[ErrorCode, type[HeclaveError]] = {
     ErrorCode.ATTESTATION: AttestationError,
     ErrorCode.PLAN: PlanError,
     ErrorCode.BAD_CIPHERTEXT: CiphertextError,
+    ErrorCode.INTEGRITY: IntegrityError,
     ErrorCode.TIMEOUT: UnavailableError,
     ErrorCode.ENCLAVE_UNAVAILABLE: UnavailableError,
 }

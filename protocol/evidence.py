@@ -1,7 +1,7 @@
 """Attestation evidence: what the enclave presents, and the owners' policy for accepting it.
 
 The enclave binds its X25519 identity key and its public CKKS context into the
-64-byte report data: ``sha256(identity_public || sha256(public_context))``
+64-byte report data: ``sha256(identity_public || sha256(public_parameters))``
 followed by 32 zero bytes. An owner that accepts the evidence therefore knows
 which keys it is about to trust. Three runtimes exist: ``gramine-sgx`` (a DCAP
 quote), ``gramine-direct`` and ``native`` (no quote: nothing is attested).
@@ -31,9 +31,9 @@ class Runtime(str, Enum):
     GRAMINE_SGX = "gramine-sgx"
 
 
-def report_data(identity_public: bytes, public_context: bytes) -> bytes:
+def report_data(identity_public: bytes, public_parameters: bytes) -> bytes:
     """The 64 bytes the enclave writes into its SGX report."""
-    inner = hashlib.sha256(public_context).digest()
+    inner = hashlib.sha256(public_parameters).digest()
     return hashlib.sha256(identity_public + inner).digest() + bytes(32)
 
 
@@ -161,11 +161,11 @@ class VerifierPolicy:
         except (TypeError, ValueError) as exc:
             raise AttestationError(f"Invalid verifier policy value: {exc}.") from None
 
-    def verify(self, evidence: Evidence, public_context: bytes) -> None:
-        """Accept the evidence for these public keys, or raise :class:`AttestationError` naming the check."""
-        if evidence.report_data != report_data(evidence.identity_public, public_context):
+    def verify(self, evidence: Evidence, public_parameters: bytes) -> None:
+        """Accept the evidence for these public parameters, or raise :class:`AttestationError` naming the check."""
+        if evidence.report_data != report_data(evidence.identity_public, public_parameters):
             raise AttestationError(
-                "report_data does not bind the identity key and public context the server relayed; "
+                "report_data does not bind the identity key and public parameters the server relayed; "
                 "the server or enclave substituted keys. Do not send anything to this enclave."
             )
         if evidence.runtime is not Runtime.GRAMINE_SGX:

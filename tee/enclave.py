@@ -1,16 +1,25 @@
-"""The enclave program: the only holder of the CKKS secret key.
+"""The enclave program: the only holder of each model's CKKS secret key.
 
-It answers four requests, all relayed by the untrusted server:
+It answers six requests, all relayed by the untrusted server, and believes
+nothing the server says that it cannot check:
 
-- ``evidence``: its attestation evidence and the public CKKS context it binds;
+- ``evidence``: its attestation evidence and the CKKS parameters it binds;
 - ``open_session``: an owner's secure channel (see ``protocol.channel``);
-- ``register_model``: a model graph the model owner vouched for through its
-  channel; answered with Galois keys for exactly the rotations the graph uses;
-- ``activate``: the server's partial sums of one layer. The enclave decrypts,
-  adds the partial sums and the layer's bias, applies the exact nonlinear
-  steps and either re-encrypts the result in the next layer's input layout
-  (with a key mask made between requests, see ``tee.precompute``) or, after
-  the last layer, releases it sealed to the data owner's session.
+- ``register_model``: a model graph and the secrets its owner sealed to the
+  enclave (the graph's hash, the weights it needs for its own stages and for
+  checking the server's, the biases); the enclave makes the model's own CKKS
+  key set and answers with its public context (Galois keys for exactly the
+  rotations the graph uses) and a binding sealed to the owner;
+- ``model_info``: the graph and public context of a model, bound in a sealed
+  reply to a data owner who asked through its session;
+- ``begin``: a data owner's authorisation (model, batch and the input itself,
+  sealed in its session), which opens a request (``tee.requests``);
+- ``activate``: the server's result for the request's next stage, in graph
+  order and once; the enclave refuses anything that stage would not produce,
+  verifies the result (``tee.verify``), applies the exact nonlinear steps, and
+  either hands out the next stage's input or, after the last stage, releases the
+  output sealed to the data owner's session (``tee.release``). Anything refused
+  ends the request.
 """
 
 from __future__ import annotations
@@ -20,23 +29,25 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from he.context import CkksParams, SecretKeySet
+from he.context import CkksParams, SecretKeySet, public_parameters
 from he.graph import ModelGraph, Placement
 from protocol.channel import Session, accept_owner_session, raw_public
-from protocol.errors import ChannelError, CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
+from protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from protocol.evidence import Runtime
 from protocol.messages import Message, batch_size, field_of
 from protocol.transport import dispatch
 
-from .execution import Form, ModelRuntime, parse_values
-from .precompute import MaskPool
+from .execution import Form, ModelRuntime
 from .release import seal_result
+from .requests import Request, RequestTable
 from .runtime import collect_evidence, detect
 from .state import EnclaveState
 
@@ -47,36 +58,57 @@ MAX_MODELS = 256
 
 
 class Enclave:
-    """Key holder and exact-nonlinearity service; one instance per enclave process."""
+    """Key holder, verifier and exact-nonlinearity service; one instance per enclave process.
+
+    ``insecure_skip_verification`` turns the checks of server-computed layers
+    off, for measuring what they cost (``heclave bench cnn``) and nothing else:
+    without them the server can read any model's secrets through the releases.
+    """
 
     def __init__(
-        self, params: CkksParams = CkksParams(), runtime: Runtime | None = None, state_dir: Path | None = None
+        self,
+        params: CkksParams = CkksParams(),
+        runtime: Runtime | None = None,
+        state_dir: Path | None = None,
+        insecure_skip_verification: bool = False,
     ) -> None:
+        self.params = params
         self._state = EnclaveState(state_dir) if state_dir is not None else None
-        if self._state is not None:
-            self.keys, self.identity = self._state.keys(params)
-        else:
-            self.keys, self.identity = SecretKeySet(params), X25519PrivateKey.generate()
+        self.identity = self._state.identity() if self._state is not None else X25519PrivateKey.generate()
         self.runtime = runtime or detect()
-        self.public_context = self.keys.public.to_bytes()
-        self.evidence = collect_evidence(raw_public(self.identity.public_key()), self.public_context, self.runtime)
+        self.public_parameters = public_parameters(params)
+        self.evidence = collect_evidence(raw_public(self.identity.public_key()), self.public_parameters, self.runtime)
         self._evidence_hash = self.evidence.digest()
-        self._masks = MaskPool(self.keys)
+        self._verify = not insecure_skip_verification
+        if not self._verify:
+            log.warning("INSECURE: layer results are not verified; use this only to measure what verifying costs")
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
         self._models: OrderedDict[str, ModelRuntime] = OrderedDict()
-        self._authorised: OrderedDict[tuple[str, str], Session] = OrderedDict()
-        if self._state is not None:
-            for model_id, (graph, weights) in self._state.models().items():
-                try:
-                    self._models[model_id] = ModelRuntime.from_secrets(ModelGraph.from_bytes(graph), weights)
-                except HeclaveError as exc:
-                    log.error("cannot restore model %s; deploy it again: %s", model_id, exc.message)
+        self._requests = RequestTable()
+        self._restore()
         self._handlers = {
             "evidence": self._evidence,
             "open_session": self._open_session,
             "register_model": self._register_model,
+            "model_info": self._model_info,
+            "begin": self._begin,
             "activate": self._activate,
         }
+
+    def _restore(self) -> None:
+        if self._state is None:
+            return
+        for model_id, (graph, vouched, keys) in self._state.models().items():
+            try:
+                key_set = SecretKeySet(CkksParams.from_wire(keys["params"]), keys)
+                self._models[model_id] = self._runtime(ModelGraph.from_bytes(graph), key_set, vouched)
+            except (HeclaveError, KeyError, TypeError) as exc:
+                log.error("cannot restore model %s; deploy it again: %s", model_id, getattr(exc, "message", exc))
+
+    def _runtime(self, graph: ModelGraph, keys: SecretKeySet, vouched: dict) -> ModelRuntime:
+        runtime = ModelRuntime.from_secrets(graph, keys, vouched)
+        runtime.verify = self._verify
+        return runtime
 
     def handle(self, request: Message) -> Message:
         """Answer one request; raises :class:`HeclaveError` for anything refused."""
@@ -87,13 +119,10 @@ class Enclave:
 
     def idle(self) -> bool:
         """Precompute blinding pads and key masks between requests; true while there is more to do."""
-        runtimes = list(self._models.values())
-        if any(runtime.refill() for runtime in runtimes):
-            return True
-        return any(runtime.graph.reencrypts for runtime in runtimes) and self._masks.refill()
+        return any(runtime.refill() for runtime in list(self._models.values()))
 
     def _evidence(self, request: Message) -> Message:
-        return request.reply({"evidence": self.evidence.to_wire()}, [self.public_context])
+        return request.reply({"evidence": self.evidence.to_wire()}, [self.public_parameters])
 
     def _open_session(self, request: Message) -> Message:
         owner_public = field_of(request.content, "owner_public", bytes)
@@ -110,6 +139,13 @@ class Enclave:
             raise HeclaveError("Unknown or expired session; open a new session.", ErrorCode.UNKNOWN_SESSION)
         return session
 
+    def _model(self, content: dict) -> tuple[str, ModelRuntime]:
+        model_id = field_of(content, "model_id", str)
+        runtime = self._models.get(model_id)
+        if runtime is None:
+            raise HeclaveError(f"Unknown model {model_id!r}; deploy it again.", ErrorCode.UNKNOWN_MODEL)
+        return model_id, runtime
+
     def _register_model(self, request: Message) -> Message:
         graph_bytes = field_of(request.content, "graph", bytes)
         session = self._session(request.content)
@@ -121,107 +157,100 @@ class Enclave:
         if vouched.get("graph") != hashlib.sha256(graph_bytes).digest():
             raise ChannelError("The model graph is not the one the model owner sealed; refusing it.")
         graph = ModelGraph.from_bytes(graph_bytes)
-        if graph.params != self.keys.params:
-            raise PlanError(
-                f"The graph is planned for CKKS parameters {graph.params}, the enclave uses {self.keys.params}."
-            )
+        if graph.params != self.params:
+            raise PlanError(f"The graph is planned for CKKS parameters {graph.params}, the enclave uses {self.params}.")
         if len(self._models) >= MAX_MODELS:
             raise HeclaveError(f"The enclave holds its limit of {MAX_MODELS} models.", ErrorCode.BUSY)
-        secret_weights = vouched.get("weights") if isinstance(vouched.get("weights"), dict) else {}
-        runtime = ModelRuntime.from_secrets(graph, secret_weights)
+        keys = SecretKeySet(self.params)
+        runtime = self._runtime(graph, keys, vouched)
         model_id = secrets.token_hex(16)
         self._models[model_id] = runtime
         if self._state is not None:
-            self._state.save_model(model_id, graph_bytes, secret_weights)
-        galois = self.keys.galois_keys(graph.rotation_steps)
-        log.info(
-            "registered model %s (%d stages, %d rotation steps)", model_id, len(graph.stages), len(graph.rotation_steps)
-        )
-        return request.reply({"model_id": model_id, "galois_steps": graph.rotation_steps}, [galois])
+            self._state.save_model(model_id, graph_bytes, vouched, keys.export())
+        steps = graph.rotation_steps
+        context = keys.public.with_galois(keys.galois_keys(steps), steps).to_bytes()
+        binding = {"model_id": model_id, "context": hashlib.sha256(context).digest()}
+        sealed = session.seal(msgpack.packb(binding), b"registered:" + model_id.encode())
+        log.info("registered model %s (%d stages, %d rotation steps)", model_id, len(graph.stages), len(steps))
+        return request.reply({"model_id": model_id, "binding": sealed}, [context])
 
-    def _activate(self, request: Message) -> Message:
-        model_id = field_of(request.content, "model_id", str)
-        runtime = self._models.get(model_id)
-        if runtime is None:
-            raise HeclaveError(f"Unknown model {model_id!r}; deploy it again.", ErrorCode.UNKNOWN_MODEL)
-        stages = runtime.graph.stages
-        batch = batch_size(request.content)
-        request_id = field_of(request.content, "request_id", str)
-        form = _form(request.content)
-        index = field_of(request.content, "stage", int)
-        if form is Form.INPUT:
-            xs, start = self._open_input(request, runtime, batch), 0
-        else:
-            if not 0 <= index < len(stages):
-                raise ProtocolError(f"Stage {index} is outside 0..{len(stages) - 1}.", ErrorCode.BAD_FIELD)
-            values = self._values(request, runtime, index, form, batch)
-            xs, start = runtime.finish(index, form, values, batch, request_id), index + 1
-        following, xs = runtime.advance(start, xs)
-        if following == len(stages):
-            return request.reply({"result": self._release(request, runtime.graph, xs)})
-        placement = stages[following].placement
-        offline_ms = 0.0
-        if placement is Placement.HE:
-            encrypted = [self._masks.encrypt(row) for row in stages[following].geometry.gather_batch(xs)]
-            frames, reply_form = [data for data, _ in encrypted], Form.CIPHERTEXTS
-            offline_ms = sum(ms for _, ms in encrypted)
-        elif placement is Placement.BLINDED:
-            blinded, offline_ms = runtime.blind(following, xs, request_id)
-            frames, reply_form = [blinded.astype("<i8").tobytes()], Form.BLINDED
-        else:
-            frames, reply_form = [np.ascontiguousarray(xs, dtype="<f8").tobytes()], Form.PLAIN
-        content = {"next": following, "form": reply_form.value, "enclave_offline_ms": offline_ms}
-        return request.reply(content, frames)
+    def _model_info(self, request: Message) -> Message:
+        session = self._session(request.content)
+        asked = _unpack_map(session.open(field_of(request.content, "envelope", bytes), b"model_info"))
+        model_id, runtime = self._model(request.content)
+        if asked.get("model_id") != model_id:
+            raise ChannelError("The data owner did not ask about this model.")
+        graph, context = runtime.graph.to_bytes(), runtime.keys.public.to_bytes()
+        binding = {
+            "model_id": model_id,
+            "graph": hashlib.sha256(graph).digest(),
+            "context": hashlib.sha256(context).digest(),
+        }
+        sealed = session.seal(msgpack.packb(binding), b"model:" + model_id.encode())
+        return request.reply({"graph": graph, "binding": sealed}, [context])
 
-    def _values(self, request: Message, runtime: ModelRuntime, index: int, form: Form, batch: int) -> np.ndarray:
-        """What the server sent for stage ``index``, checked against the stage's placement."""
-        stage = runtime.graph.stages[index]
-        expected = {Form.PARTIALS: Placement.HE, Form.BLINDED: Placement.BLINDED, Form.PLAIN: Placement.PLAIN}
-        if expected.get(form) is not stage.placement:
-            raise ProtocolError(
-                f"Stage {index} is placed {stage.placement.value!r}; {form.value!r} does not fit it.",
-                ErrorCode.BAD_FIELD,
-            )
-        g = stage.geometry
-        if form is Form.PARTIALS:
-            return g.scatter_batch(self._decrypt_partials(request, g.groups(batch) * g.out_cts), batch)
-        if form is Form.BLINDED:
-            return parse_values(request.buffers, "<i8", (batch, g.rows), "blinded layer output")
-        return parse_values(request.buffers, "<f8", (batch, _size(stage.result_shape)), "plain activation")
-
-    def _open_input(self, request: Message, runtime: ModelRuntime, batch: int) -> np.ndarray:
-        """The data owner's input sealed in its authorisation, for a model whose first stage is not ``he``."""
-        session, authorisation = self._authorisation(request)
-        self._authorised[(request.content["model_id"], request.content["request_id"])] = session
-        while len(self._authorised) > MAX_SESSIONS:
-            self._authorised.popitem(last=False)
-        blob = authorisation.get("input")
-        size = _size(runtime.graph.input_shape)
-        if not isinstance(blob, bytes) or len(blob) != batch * size * 8:
-            raise ProtocolError(f"The sealed input must hold {batch}x{size} float64 values.", ErrorCode.BAD_FIELD)
-        return np.frombuffer(blob, dtype="<f8").reshape(batch, size)
-
-    def _authorisation(self, request: Message) -> tuple[Session, dict]:
+    def _begin(self, request: Message) -> Message:
+        """Open a request from the data owner's authorisation, and hand out its first server stage."""
         session = self._session(request.content)
         request_id = field_of(request.content, "request_id", str)
-        authorisation = _unpack_map(
-            session.open(field_of(request.content, "envelope", bytes), b"infer:" + request_id.encode())
-        )
-        if authorisation.get("model_id") != request.content["model_id"]:
-            raise ChannelError("The data owner did not authorise a release of this model's output.")
-        return session, authorisation
+        envelope = field_of(request.content, "envelope", bytes)
+        authorisation = _unpack_map(session.open(envelope, b"infer:" + request_id.encode()))
+        model_id, runtime = self._model(request.content)
+        batch = batch_size(request.content)
+        if authorisation.get("model_id") != model_id or authorisation.get("batch") != batch:
+            raise ChannelError("The data owner did not authorise this model and batch.")
+        size = int(np.prod(runtime.graph.input_shape))
+        blob = authorisation.get("input")
+        if not isinstance(blob, bytes) or len(blob) != batch * size * 8:
+            raise ProtocolError(f"The sealed input must hold {batch}x{size} float64 values.", ErrorCode.BAD_FIELD)
+        xs = np.frombuffer(blob, dtype="<f8").reshape(batch, size)
+        state = Request(model_id, request_id, session, batch)
+        self._requests.open(state)
+        with _ending_on_failure(self._requests, state):
+            index, xs = runtime.start(xs)
+            if index < len(runtime.graph.stages) and runtime.graph.stages[index].placement is Placement.PLAIN:
+                if index == 0 and authorisation.get("allow_plain_input") is not True:
+                    raise PlanError(
+                        "The model's first layer is 'plain', so the server would see the input; the data owner "
+                        "did not allow that (DataOwner(..., allow_plain_input=True) does)."
+                    )
+            return self._continue(request, runtime, state, index, xs)
 
-    def _decrypt_partials(self, request: Message, expected: int) -> np.ndarray:
-        if len(request.buffers) != expected:
-            raise CiphertextError(f"The layer produces {expected} ciphertexts, {len(request.buffers)} arrived.")
-        return np.stack([self.keys.decrypt_output(data) for data in request.buffers])
+    def _activate(self, request: Message) -> Message:
+        """The server's result for the request's expected stage: refused, or checked and carried on."""
+        session = self._session(request.content)
+        state = self._requests.get(session.session_id, field_of(request.content, "request_id", str))
+        with _ending_on_failure(self._requests, state):
+            runtime = self._models.get(state.model_id)
+            if runtime is None:
+                raise HeclaveError("The request's model is no longer deployed.", ErrorCode.UNKNOWN_MODEL)
+            if field_of(request.content, "stage", int) != state.expected:
+                raise HeclaveError(
+                    f"The enclave expects the result of stage {state.expected} of this request, once; it ended "
+                    "the request.",
+                    ErrorCode.OUT_OF_ORDER,
+                )
+            last, xs = runtime.accept(state, _form(request.content), request.buffers)
+            following, xs = runtime.advance(last + 1, xs)
+            return self._continue(request, runtime, state, following, xs)
 
-    def _release(self, request: Message, graph: ModelGraph, ys: np.ndarray) -> bytes:
-        request_id = field_of(request.content, "request_id", str)
-        session = self._authorised.pop((request.content["model_id"], request_id), None)
-        if session is None:
-            session, _ = self._authorisation(request)
-        return seal_result(session, request_id, ys, graph.release)
+    def _continue(self, request: Message, runtime: ModelRuntime, state: Request, index: int, xs: np.ndarray) -> Message:
+        if index == len(runtime.graph.stages):
+            result = seal_result(state.session, state.request_id, xs, runtime.graph.release, state.bound)
+            self._requests.close(state)
+            return request.reply({"result": result})
+        form, frames, offline_ms = runtime.handout(state, index, xs)
+        return request.reply({"next": index, "form": form.value, "enclave_offline_ms": offline_ms}, frames)
+
+
+@contextmanager
+def _ending_on_failure(table: RequestTable, state: Request) -> Iterator[None]:
+    """Close ``state`` if the block raises: a request ends at the first thing refused."""
+    try:
+        yield
+    except BaseException:
+        table.close(state)
+        raise
 
 
 def _form(content: dict) -> Form:
@@ -241,7 +270,3 @@ def _unpack_map(data: bytes) -> dict:
     if not isinstance(value, dict):
         raise ProtocolError("A sealed payload must be a msgpack map.", ErrorCode.BAD_FIELD)
     return value
-
-
-def _size(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape))

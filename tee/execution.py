@@ -1,30 +1,40 @@
-"""The enclave's part of a model of mixed placements.
+"""The enclave's part of one model: its own CKKS key set, its secret weights, and its stages' checks.
 
-At each hand-over the enclave finishes the stage the server just computed
-(decrypting CKKS partial sums, removing a blinded layer's pad, or taking a
-``plain`` activation as it is), applies the nonlinear steps, runs any
-``enclave`` stages itself, and prepares the input of the next stage in the form
-its placement needs: fresh ciphertexts (``he``), ``x + r mod p`` (``blinded``,
-the pad kept here), or the plaintext activation (``plain``: the server sees it).
+At each hand-over the enclave accepts only what the request's next stage
+produces (``accept``): CKKS partial sums at exactly the level, scale,
+polynomial count and ciphertext count of that stage; a blinded layer's field
+vector; a ``plain`` activation. It verifies a server-computed result against
+the activation it handed out (``tee.verify``) before anything is derived from
+it, then finishes the stage (bias, pad removal, nonlinear steps), runs any
+``enclave`` stages itself, and prepares the next stage's input in the form its
+placement needs (``handout``): fresh ciphertexts under this model's key, ``x +
+r mod p`` with the pad kept here, or the plaintext activation (``plain``: the
+server sees it).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 
 from he.blinding import P, activation_scale, centred
+from he.context import SecretKeySet
 from he.graph import ModelGraph, Placement
+from he.linear import WeightForm
 from he.sparse import SparseMatrix
-from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
+from protocol.errors import CiphertextError, ErrorCode, IntegrityError, PlanError, ProtocolError
 
 from .nonlinear import apply_ops
+from .precompute import MaskPool
+from .requests import Request
+from .verify import FieldCheck, LinearCheck
 
-MAX_PENDING_PADS = 1024
+log = logging.getLogger(__name__)
+
 POOL_SIZE = 8
 
 
@@ -35,47 +45,136 @@ class Form(str, Enum):
     CIPHERTEXTS = "ciphertexts"  # fresh ciphertexts for the next ``he`` stage
     BLINDED = "blinded"  # x + r mod p, or the server's W (x + r) mod p
     PLAIN = "plain"  # a plaintext activation: the server sees it
-    INPUT = "input"  # the data owner's input, sealed in its session
+
+
+_ACCEPTS = {Placement.HE: Form.PARTIALS, Placement.BLINDED: Form.BLINDED, Placement.PLAIN: Form.PLAIN}
 
 
 @dataclass
 class ModelRuntime:
-    """One registered model: its graph, the weights and biases only the enclave holds, and pending pads."""
+    """One registered model as the enclave holds it.
+
+    ``weights`` holds every matrix the enclave needs: an ``enclave`` stage's
+    ``[W | b]``, a ``blinded`` stage's field weights and an ``he`` stage's ``W``
+    (for its check only); ``biases`` the ``he`` stages' biases; ``polynomials``
+    how many polynomials each output ciphertext of an ``he`` stage has.
+    """
 
     graph: ModelGraph
+    keys: SecretKeySet
     weights: dict[int, SparseMatrix]
     biases: dict[int, np.ndarray]
-    pads: OrderedDict = field(default_factory=OrderedDict)
+    polynomials: dict[int, list[int]]
+    checks: dict[int, LinearCheck | FieldCheck] = field(default_factory=dict)
     pool: dict[int, list[tuple[np.ndarray, np.ndarray, float]]] = field(default_factory=dict)
+    masks: MaskPool = field(init=False)
+    failures: int = 0
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        self.masks = MaskPool(self.keys)
+        encrypted = self.graph.weight_form is WeightForm.ENCRYPTED
+        for i, stage in enumerate(self.graph.stages):
+            if stage.placement is Placement.HE:
+                self.checks[i] = LinearCheck(self.weights[i], stage.geometry, encrypted, self.keys.params)
+            elif stage.placement is Placement.BLINDED:
+                self.checks[i] = FieldCheck(self.weights[i])
 
     @classmethod
-    def from_secrets(cls, graph: ModelGraph, blobs: dict) -> ModelRuntime:
-        """Check that the owner sent exactly the weights the enclave needs, in the right shapes."""
-        weights, biases = {}, {}
+    def from_secrets(cls, graph: ModelGraph, keys: SecretKeySet, vouched: dict) -> ModelRuntime:
+        """The runtime from what the model owner sealed, refusing anything missing or misshapen."""
+        blobs, bias_blobs, masks = (vouched.get(k) for k in ("weights", "biases", "masks"))
+        if not isinstance(blobs, dict) or not isinstance(bias_blobs, dict) or not isinstance(masks, list):
+            raise PlanError("The sealed registration must carry weights, biases and diagonal masks.")
+        if len(masks) != len(graph.stages) or not all(isinstance(m, bytes) for m in masks):
+            raise PlanError("The sealed registration carries one diagonal mask per stage.")
+        weights, biases, polynomials = {}, {}, {}
         for i, stage in enumerate(graph.stages):
-            blob = blobs.get(str(i))
-            g = stage.geometry
+            g, blob = stage.geometry, blobs.get(str(i))
+            if stage.placement is Placement.PLAIN:
+                continue
+            if not isinstance(blob, bytes):
+                raise PlanError(f"Stage {i} ({stage.placement.value}) needs its {g.rows}x{g.cols} weights sealed.")
+            dtype = "i8" if stage.placement is Placement.BLINDED else "f8"
+            weights[i] = SparseMatrix.from_bytes(blob, (g.rows, g.cols), dtype)
             if stage.placement is Placement.HE:
-                if not isinstance(blob, bytes) or len(blob) != g.rows * 8:
+                bias = bias_blobs.get(str(i))
+                if not isinstance(bias, bytes) or len(bias) != g.rows * 8:
                     raise PlanError(f"Stage {i} (he) needs its bias of {g.rows} float64 values sealed.")
-                biases[i] = np.frombuffer(blob, dtype="<f8")
-            elif stage.placement is not Placement.PLAIN:
-                if not isinstance(blob, bytes):
-                    raise PlanError(f"Stage {i} ({stage.placement.value}) needs its {g.rows}x{g.cols} weights sealed.")
-                dtype = "f8" if stage.placement is Placement.ENCLAVE else "i8"
-                weights[i] = SparseMatrix.from_bytes(blob, (g.rows, g.cols), dtype)
-        return cls(graph, weights, biases)
+                biases[i] = np.frombuffer(bias, dtype="<f8")
+                polynomials[i] = _polynomials(graph, i, masks[i])
+        return cls(graph, keys, weights, biases, polynomials)
 
-    def finish(self, index: int, form: Form, values: np.ndarray, batch: int, key: str) -> np.ndarray:
-        """Activations ``[B, n]`` after stage ``index``'s nonlinear steps, from what the server sent."""
+    def start(self, xs: np.ndarray) -> tuple[int, np.ndarray]:
+        """The data owner's inputs through any leading ``enclave`` stages: the first stage to hand out."""
+        return self.advance(0, xs)
+
+    def accept(self, request: Request, form: Form, buffers: list[bytes] | tuple[bytes, ...]) -> tuple[int, np.ndarray]:
+        """The request's expected stage, finished from what the server sent: checked, verified, its steps applied.
+
+        Returns the last stage the result covers (a run of ``plain`` stages is
+        one hand-over) and the activation after it. Raises :class:`IntegrityError`
+        (after drawing fresh check vectors) if the server's result is not the
+        layer applied to the activation handed out.
+        """
+        index = request.expected
         stage = self.graph.stages[index]
+        if _ACCEPTS.get(stage.placement) is not form:
+            raise ProtocolError(
+                f"Stage {index} is placed {stage.placement.value!r}; {form.value!r} does not fit it.",
+                ErrorCode.BAD_FIELD,
+            )
+        batch, g = request.batch, stage.geometry
+        if form is Form.PLAIN:
+            last = self.plain_run_end(index)
+            shape = (batch, _size(self.graph.stages[last].result_shape))
+            return last, parse_values(buffers, "<f8", shape, "plain activation")
         if form is Form.BLINDED:
-            ys = self._unblind(index, values, batch, key)
-        elif form is Form.PLAIN:
-            return values  # the server ran this plain stage and its steps itself
+            values = parse_values(buffers, "<i8", (batch, g.rows), "blinded layer output")
+            if values.min(initial=0) < 0 or values.max(initial=0) >= P:
+                raise CiphertextError("The blinded layer's output is outside the field.")
+            self._verify(index, request, values)
+            ys = self._unblind(index, values, request.pending)
         else:
-            ys = values + self.biases[index]
-        return np.stack([apply_ops(y, stage.ops) for y in ys])
+            ys = g.scatter_batch(self._decrypt(index, buffers, batch), batch)
+            self._verify(index, request, ys)
+            ys = ys + self.biases[index]
+        return index, np.stack([apply_ops(y, stage.ops) for y in ys])
+
+    def plain_run_end(self, index: int) -> int:
+        """The last stage of the run of ``plain`` stages starting at ``index``: the server runs them at once."""
+        stages = self.graph.stages
+        while index + 1 < len(stages) and stages[index + 1].placement is Placement.PLAIN:
+            index += 1
+        return index
+
+    def _decrypt(self, index: int, buffers: list[bytes] | tuple[bytes, ...], batch: int) -> np.ndarray:
+        """A stage's partial sums, after refusing any ciphertext the honest stage would not have produced."""
+        g = self.graph.stages[index].geometry
+        expected = self.polynomials[index] * g.groups(batch)
+        if len(buffers) != len(expected):
+            raise CiphertextError(f"Stage {index} produces {len(expected)} ciphertexts, {len(buffers)} arrived.")
+        return np.stack(
+            [
+                self.keys.decrypt_output(data, f"output {o} of stage {index}", polynomials=size)
+                for o, (data, size) in enumerate(zip(buffers, expected))
+            ]
+        )
+
+    def _verify(self, index: int, request: Request, outputs: np.ndarray) -> None:
+        check = self.checks[index]
+        if not self.verify:
+            return
+        if check.verify(request.inputs, outputs):
+            request.bound = max(request.bound, check.bound(request.inputs))
+            return
+        self.checks[index].redraw()
+        self.failures += 1
+        log.warning("security event: stage %d failed its integrity check (%d so far)", index, self.failures)
+        raise IntegrityError(
+            "The server's result for a layer is not that layer applied to this request's input; the request "
+            "was ended and nothing was released. Send it again; if this repeats, the server is misbehaving."
+        )
 
     def advance(self, start: int, xs: np.ndarray) -> tuple[int, np.ndarray]:
         """Run ``enclave`` stages from ``start`` on; returns the next stage to hand over and its input."""
@@ -86,20 +185,35 @@ class ModelRuntime:
             index += 1
         return index, xs
 
-    def blind(self, index: int, xs: np.ndarray, key: str) -> tuple[np.ndarray, float]:
-        """``x_q + r mod p`` for each query, keeping the pad's ``W r`` and the scale here.
+    def handout(self, request: Request, index: int, xs: np.ndarray) -> tuple[Form, list[bytes], float]:
+        """Stage ``index``'s input for the server, recorded in ``request`` for the check; with offline ms spent.
 
-        Also returns the offline milliseconds the pads took (0 for pads made on the spot).
+        The first ``he`` stage's ciphertexts come from the data owner, so none are made here.
         """
+        request.expected, request.pending = index, None
+        stage = self.graph.stages[index]
+        if stage.placement is Placement.HE:
+            request.inputs = xs
+            if index == 0:
+                return Form.CIPHERTEXTS, [], 0.0
+            encrypted = [self.masks.encrypt(row) for row in stage.geometry.gather_batch(xs)]
+            return Form.CIPHERTEXTS, [data for data, _ in encrypted], sum(ms for _, ms in encrypted)
+        if stage.placement is Placement.BLINDED:
+            blinded, products, scales, offline_ms = self._blind(index, xs)
+            request.inputs, request.pending = blinded, (products, scales)
+            return Form.BLINDED, [blinded.astype("<i8").tobytes()], offline_ms
+        request.inputs = None
+        return Form.PLAIN, [np.ascontiguousarray(xs, dtype="<f8").tobytes()], 0.0
+
+    def _blind(self, index: int, xs: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[int], float]:
+        """``x_q + r mod p`` for each query, the pads' ``W r``, the scales, and the offline ms the pads took."""
         sums = self.weights[index].abs_row_sums
         augmented = np.concatenate([xs, np.ones((len(xs), 1))], axis=1)
         scales = [activation_scale(sums, row) for row in augmented]
         pads = [self._pad(index) for _ in augmented]
         quantized = np.stack([np.mod(np.round(row * 2.0**s).astype(np.int64), P) for row, s in zip(augmented, scales)])
-        self.pads[(key, index)] = ([wr for _, wr, _ in pads], scales)
-        while len(self.pads) > MAX_PENDING_PADS:
-            self.pads.popitem(last=False)
-        return np.mod(quantized + np.stack([r for r, _, _ in pads]), P), sum(ms for _, _, ms in pads)
+        blinded = np.mod(quantized + np.stack([r for r, _, _ in pads]), P)
+        return blinded, [wr for _, wr, _ in pads], scales, sum(ms for _, _, ms in pads)
 
     def _pad(self, index: int) -> tuple[np.ndarray, np.ndarray, float]:
         """A one-time pad, its product with the layer's weights and its offline cost, from the pool if ready."""
@@ -113,28 +227,38 @@ class ModelRuntime:
         return r, self.weights[index].apply_mod(r)
 
     def refill(self) -> bool:
-        """Precompute one pad for a blinded layer whose pool is short (Slalom's offline phase); False if full."""
-        for index in self.weights:
-            if self.graph.stages[index].placement is Placement.BLINDED:
+        """Precompute one pad for a blinded layer or one key mask; False when every pool is full."""
+        for index, stage in enumerate(self.graph.stages):
+            if stage.placement is Placement.BLINDED:
                 pool = self.pool.setdefault(index, [])
                 if len(pool) < POOL_SIZE:
                     started = time.perf_counter()
                     pool.append((*self._new_pad(index), (time.perf_counter() - started) * 1e3))
                     return True
-        return False
+        return self.graph.reencrypts and self.masks.refill()
 
-    def _unblind(self, index: int, values: np.ndarray, batch: int, key: str) -> np.ndarray:
-        pending = self.pads.pop((key, index), None)
-        if pending is None:
-            raise HeclaveError(
-                "No pad is pending for this blinded layer; the request cannot continue.", ErrorCode.BAD_FIELD
-            )
+    def _unblind(self, index: int, values: np.ndarray, pending: tuple) -> np.ndarray:
         products, scales = pending
-        rows = self.weights[index].shape[0]
-        if values.shape != (batch, rows) or values.min(initial=0) < 0 or values.max(initial=0) >= P:
-            raise CiphertextError("The blinded layer's output does not have the layer's shape or is outside the field.")
         bits = self.graph.stages[index].weight_bits
         return np.stack([centred(np.mod(v - wr, P)) / 2.0 ** (s + bits) for v, wr, s in zip(values, products, scales)])
+
+
+def _polynomials(graph: ModelGraph, index: int, packed: bytes) -> list[int]:
+    """Polynomials in each output ciphertext of ``he`` stage ``index`` (see ``he.linear``).
+
+    Plaintext weights leave two. With encrypted weights, the products of the
+    unrotated giant-step group stay unrelinearized (three), so an output
+    ciphertext has three exactly when that group has a diagonal.
+    """
+    g = graph.stages[index].geometry
+    if graph.weight_form is WeightForm.PLAIN:
+        return [2] * g.out_cts
+    shape = (g.out_cts, g.in_cts, g.k)
+    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8))
+    if bits.size < int(np.prod(shape)):
+        raise PlanError(f"Stage {index}'s diagonal mask is too short for its geometry.")
+    mask = bits[: int(np.prod(shape))].reshape(shape).astype(bool)
+    return [3 if mask[o, :, : g.baby].any() else 2 for o in range(g.out_cts)]
 
 
 def parse_values(buffers: tuple[bytes, ...] | list[bytes], dtype: str, shape: tuple[int, int], what: str) -> np.ndarray:
@@ -144,3 +268,7 @@ def parse_values(buffers: tuple[bytes, ...] | list[bytes], dtype: str, shape: tu
             f"The {what} must be one buffer of {shape[0]}x{shape[1]} 8-byte values.", ErrorCode.BAD_FIELD
         )
     return np.frombuffer(buffers[0], dtype=dtype).reshape(shape)
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape))

@@ -1,7 +1,13 @@
 """Release of the final output: reduced to what the deployment allows, then sealed.
 
-The enclave never hands out a raw CKKS decryption: logits are rounded to the
-deployment's precision, or reduced to the top-k labels or the label alone.
+The enclave never hands out a raw CKKS decryption. It first floods the output
+with Gaussian noise ``FLOOD`` times the largest perturbation its checks could
+have let through (``tee.verify``): a server that hides a small, key-dependent
+term in a layer output under the check's tolerance moves the released
+distribution by at most ``1/FLOOD`` of its standard deviation, and reading that
+term back takes on the order of ``FLOOD^2`` requests per released value (see
+the README's threat model). Then logits are rounded to the deployment's
+precision, or reduced to the top-k labels or the label alone.
 """
 
 from __future__ import annotations
@@ -10,20 +16,35 @@ import msgpack
 import numpy as np
 
 from he.graph import ReleaseMode, ReleasePolicy
+from he.sampling import gaussian
 from protocol.channel import Session
 
 
-def reduce_output(y: np.ndarray, policy: ReleasePolicy) -> dict:
-    """The released form of output ``y`` under ``policy``."""
+def reduce_output(y: np.ndarray, policy: ReleasePolicy, noise_sd: float = 0.0) -> dict:
+    """The released form of output ``y`` under ``policy``; logits say how much flooding noise they carry."""
     if policy.mode is ReleaseMode.LOGITS:
-        return {"mode": policy.mode.value, "logits": np.round(y, policy.decimals).tolist()}
+        return {"mode": policy.mode.value, "logits": np.round(y, policy.decimals).tolist(), "noise_sd": noise_sd}
     order = np.argsort(-y, kind="stable")
     if policy.mode is ReleaseMode.TOPK:
         return {"mode": policy.mode.value, "topk": order[: policy.k].tolist()}
     return {"mode": policy.mode.value, "label": int(order[0])}
 
 
-def seal_result(session: Session, request_id: str, ys: np.ndarray, policy: ReleasePolicy) -> bytes:
-    """Seal the released outputs of a batch to the data owner's session; the request id is authenticated."""
-    payload = msgpack.packb({"results": [reduce_output(y, policy) for y in ys]}, use_bin_type=True)
+FLOOD = 16.0
+
+
+def flood(ys: np.ndarray, bound: float) -> np.ndarray:
+    """``ys`` plus Gaussian noise of standard deviation ``FLOOD * bound`` (none when nothing was outsourced)."""
+    if bound <= 0.0:
+        return ys
+    return ys + FLOOD * bound * gaussian(ys.size).reshape(ys.shape)
+
+
+def seal_result(session: Session, request_id: str, ys: np.ndarray, policy: ReleasePolicy, bound: float) -> bytes:
+    """Seal the released outputs of a batch to the data owner's session; the request id is authenticated.
+
+    ``bound`` is the largest perturbation the request's checks tolerated.
+    """
+    ys = flood(np.asarray(ys, dtype=np.float64), bound)
+    payload = msgpack.packb({"results": [reduce_output(y, policy, FLOOD * bound) for y in ys]}, use_bin_type=True)
     return session.seal(payload, associated=b"result:" + request_id.encode())

@@ -26,10 +26,10 @@ def detect(root: Path = ATTESTATION_DIR) -> Runtime:
 
 
 def collect_evidence(
-    identity_public: bytes, public_context: bytes, runtime: Runtime, root: Path = ATTESTATION_DIR
+    identity_public: bytes, public_parameters: bytes, runtime: Runtime, root: Path = ATTESTATION_DIR
 ) -> Evidence:
-    """Evidence binding the identity key and public context; a DCAP quote under gramine-sgx."""
-    data = report_data(identity_public, public_context)
+    """Evidence binding the identity key and public parameters; a DCAP quote under gramine-sgx."""
+    data = report_data(identity_public, public_parameters)
     if runtime is not Runtime.GRAMINE_SGX:
         return Evidence(runtime, identity_public, data)
     try:

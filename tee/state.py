@@ -1,8 +1,10 @@
-"""The enclave's persistent state: its key set, identity key and registered models, sealed on disk.
+"""The enclave's persistent state: its identity key and registered models, sealed on disk.
 
-A restarted enclave comes back with the same CKKS keys and identity key (so
-encrypted model bundles stay usable and owners' pinned evidence stays valid)
-and with the models registered before the restart.
+A restarted enclave comes back with the same identity key (so owners' pinned
+evidence stays valid) and with every model registered before the restart,
+each with its own CKKS key set (so its encrypted bundle stays usable). A model
+record names its model id inside the sealed payload, so the host cannot swap
+two models' records.
 """
 
 from __future__ import annotations
@@ -13,15 +15,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from he.context import CkksParams, SecretKeySet
-from protocol.errors import ErrorCode, HeclaveError
 from protocol.storage import write_atomic
 
 from .sealing import seal, sealing_key, unseal
 
 log = logging.getLogger(__name__)
 
-KEYS_FILE = "enclave-keys.sealed"
+KEYS_FILE = "enclave-identity.sealed"
 MODELS_DIR = "models"
 
 
@@ -33,35 +33,33 @@ class EnclaveState:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._key = sealing_key(state_dir)
 
-    def keys(self, params: CkksParams) -> tuple[SecretKeySet, X25519PrivateKey]:
-        """The sealed key set and identity key, created and sealed on first start."""
+    def identity(self) -> X25519PrivateKey:
+        """The sealed identity key, created and sealed on first start."""
         path = self.dir / KEYS_FILE
         if path.exists():
-            record = unseal(self._key, "keys", path.read_bytes(), path)
-            if CkksParams.from_wire(record["keys"]["params"]) != params:
-                raise HeclaveError(
-                    f"{path} holds keys for other CKKS parameters; move the state directory aside to start afresh.",
-                    ErrorCode.INTERNAL,
-                )
-            log.info("restored sealed keys from %s", path)
-            return SecretKeySet(params, record["keys"]), X25519PrivateKey.from_private_bytes(record["identity"])
-        keys, identity = SecretKeySet(params), X25519PrivateKey.generate()
+            record = unseal(self._key, "identity", path.read_bytes(), path)
+            log.info("restored the sealed identity key from %s", path)
+            return X25519PrivateKey.from_private_bytes(record["identity"])
+        identity = X25519PrivateKey.generate()
         raw = identity.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
         )
-        write_atomic(path, seal(self._key, "keys", {"keys": keys.export(), "identity": raw}))
-        log.info("created and sealed a new key set in %s", path)
-        return keys, identity
+        write_atomic(path, seal(self._key, "identity", {"identity": raw}))
+        log.info("created and sealed a new identity key in %s", path)
+        return identity
 
-    def save_model(self, model_id: str, graph: bytes, weights: dict[str, bytes]) -> None:
-        """Seal a registered model: its graph and the weights only the enclave holds."""
-        record = {"graph": graph, "weights": weights}
+    def save_model(self, model_id: str, graph: bytes, secrets: dict, keys: dict) -> None:
+        """Seal a registered model: its graph, what its owner sealed to the enclave, and its key set."""
+        record = {"model_id": model_id, "graph": graph, "secrets": secrets, "keys": keys}
         write_atomic(self.dir / MODELS_DIR / f"{model_id}.sealed", seal(self._key, "model", record))
 
-    def models(self) -> dict[str, tuple[bytes, dict[str, bytes]]]:
-        """The models registered before, by model id: graph and enclave-held weights."""
+    def models(self) -> dict[str, tuple[bytes, dict, dict]]:
+        """The models registered before, by model id: graph, owner's secrets and key set."""
         found = {}
         for path in sorted((self.dir / MODELS_DIR).glob("*.sealed")):
             record = unseal(self._key, "model", path.read_bytes(), path)
-            found[path.stem] = (record["graph"], record.get("weights", {}))
+            if record.get("model_id") != path.stem:
+                log.error("%s holds another model's sealed record (moved or swapped); not restoring it", path)
+                continue
+            found[path.stem] = (record["graph"], record["secrets"], record["keys"])
         return found

@@ -56,13 +56,17 @@ def test_placement_plan_matches_plaintext(cluster, model, name):
     owner.close()
     x = np.random.default_rng().uniform(0, 1, (3, 1, 8, 8))
     want = model.double()(torch.from_numpy(x)).detach().numpy()
-    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
-    got = data_owner.infer_batch(model_id, x).batch_logits
+    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV, allow_plain_input=True)
+    inference = data_owner.infer_batch(model_id, x)
+    got = inference.batch_logits
     data_owner.close()
-    # Blinded layers are exact in their fixed-point quantization; everything else is exact up to CKKS noise.
+    # Blinded layers are exact in their fixed-point quantization; everything else is exact up to CKKS noise
+    # and the release's flooding noise (tee.release), which must stay small.
     tolerance = 2e-3 if "blinded" in PLANS[name] else 1e-3
+    scale = np.abs(want).max() + 1
+    assert inference.noise_sd < 2e-3 * scale
     assert (got.argmax(1) == want.argmax(1)).all()
-    assert np.abs(got - want).max() < tolerance * (np.abs(want).max() + 1)
+    assert np.abs(got - want).max() < tolerance * scale + 6 * inference.noise_sd
 
 
 def test_wrong_number_of_placements_is_refused(cluster, model):
@@ -111,53 +115,59 @@ def test_field_products_are_exact_for_long_rows_of_large_elements():
     assert SparseMatrix.from_dense(w).apply_mod(v).tolist() == want
 
 
-def test_pads_precomputed_between_requests_unblind_exactly():
+def _sealed_secrets(planned) -> dict:
+    """What a model owner seals to the enclave at registration (``ModelOwner``'s own code)."""
+    weights, biases = ModelOwner._enclave_secrets(planned)
+    return {"weights": weights, "biases": biases, "masks": ModelOwner._masks(planned)}
+
+
+def test_pads_precomputed_between_requests_unblind_exactly(keys):
     from plan import plan_pytorch
     from tee.execution import POOL_SIZE, Form, ModelRuntime
+    from tee.requests import Request
 
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
     planned = plan_pytorch(net, (6,), placements=["blinded", "enclave"])
-    blobs = {
-        "0": SparseMatrix.from_dense(quantize(planned.weights[0], planned.graph.stages[0].weight_bits)).to_bytes(),
-        "1": SparseMatrix.from_dense(planned.weights[1]).to_bytes(),
-    }
-    runtime = ModelRuntime.from_secrets(planned.graph, blobs)
+    runtime = ModelRuntime.from_secrets(planned.graph, keys, _sealed_secrets(planned))
     while runtime.refill():
         pass
     assert len(runtime.pool[0]) == POOL_SIZE
     xs = np.random.default_rng().normal(size=(2, 6))
-    blinded, offline_ms = runtime.blind(0, xs, "request")
-    assert len(runtime.pool[0]) == POOL_SIZE - 2 and offline_ms > 0
+    request = Request("model", "request", None, 2)
+    form, frames, offline_ms = runtime.handout(request, 0, xs)
+    assert form is Form.BLINDED and len(runtime.pool[0]) == POOL_SIZE - 2 and offline_ms > 0
+    blinded = np.frombuffer(frames[0], dtype="<i8").reshape(2, -1)
     server_side = np.stack([runtime.weights[0].apply_mod(row) for row in blinded])  # what the server computes
-    hidden = runtime.finish(0, Form.BLINDED, server_side, 2, "request")
-    _, logits = runtime.advance(1, hidden)
+    last, hidden = runtime.accept(request, Form.BLINDED, [server_side.astype("<i8").tobytes()])
+    _, logits = runtime.advance(last + 1, hidden)
     want = net.double()(torch.from_numpy(xs)).detach().numpy()
     assert np.abs(logits - want).max() < 1e-3
 
 
 @pytest.mark.parametrize("blob", [None, b"", np.zeros(4).tobytes()], ids=["missing", "empty", "short"])
-def test_enclave_refuses_an_he_stage_without_its_bias(blob):
+def test_enclave_refuses_an_he_stage_without_its_bias(keys, blob):
     from plan import plan_pytorch
     from tee.execution import ModelRuntime
 
     planned = plan_pytorch(nn.Sequential(nn.Linear(6, 5)).eval(), (6,))
+    secrets = _sealed_secrets(planned)
+    secrets["biases"] = {} if blob is None else {"0": blob}
     with pytest.raises(PlanError, match="bias of 5 float64 values"):
-        ModelRuntime.from_secrets(planned.graph, {} if blob is None else {"0": blob})
+        ModelRuntime.from_secrets(planned.graph, keys, secrets)
 
 
-def test_he_layouts_leave_the_bias_to_the_enclave():
+def test_he_layouts_leave_the_bias_to_the_enclave(keys):
     from plan import plan_pytorch
-    from tee.execution import Form, ModelRuntime
+    from tee.execution import ModelRuntime
 
     torch.manual_seed(7)
     net = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
     planned = plan_pytorch(net, (256,))
     assert [s.geometry.cols for s in planned.graph.stages] == [256, 64]
-    blobs = {str(i): np.ascontiguousarray(w[:, -1]).tobytes() for i, w in enumerate(planned.weights)}
-    runtime = ModelRuntime.from_secrets(planned.graph, blobs)
-    w = planned.weights[0]
-    x = np.random.default_rng().normal(size=(1, 256))
-    # What the enclave gets from the server's partial sums is W x; it adds b and applies the ReLU.
-    got = runtime.finish(0, Form.PARTIALS, x @ w[:, :-1].T, 1, "request")
-    np.testing.assert_allclose(got, np.maximum(x @ w[:, :-1].T + w[:, -1], 0), rtol=0, atol=0)
+    runtime = ModelRuntime.from_secrets(planned.graph, keys, _sealed_secrets(planned))
+    for i, w in enumerate(planned.weights):
+        np.testing.assert_array_equal(runtime.biases[i], w[:, -1])
+        x = np.random.default_rng().normal(size=(1, w.shape[1] - 1))
+        # The enclave's copy of W (for checking the server) is W without the bias column.
+        np.testing.assert_allclose(runtime.weights[i].apply(x), x @ w[:, :-1].T, rtol=1e-12, atol=1e-12)

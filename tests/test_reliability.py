@@ -51,7 +51,7 @@ def test_a_burst_beyond_the_queue_gets_busy_and_good_requests_still_succeed(smal
     cluster, model_id, x, reference = small_cluster
     owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
     graph = owner.graph(model_id)
-    frames = [owner.connection.public_context.encrypt(r) for r in graph.stages[0].geometry.gather_batch(x[:1])]
+    frames = [owner.context(model_id).encrypt(r) for r in graph.stages[0].geometry.gather_batch(x[:1])]
     socks = _sockets(cluster, 8)
     for sock in socks:  # full inferences that fail only at release (their authorisation is garbage)
         content = {"model_id": model_id, "session_id": b"s" * 16, "request_id": "r", "envelope": b"e" * 40}
@@ -63,8 +63,9 @@ def test_a_burst_beyond_the_queue_gets_busy_and_good_requests_still_succeed(smal
         sock.close()
     assert codes.count("busy") >= 1, codes
     assert set(codes) <= {"busy", "unknown_session"}, codes
-    got = owner.infer(model_id, x[1]).logits
-    assert np.argmax(got) == np.argmax(reference[1]) and np.abs(got - reference[1]).max() < 1e-3
+    inference = owner.infer(model_id, x[1])
+    got, noise = inference.logits, inference.noise_sd
+    assert np.argmax(got) == np.argmax(reference[1]) and np.abs(got - reference[1]).max() < 1e-3 + 6 * noise
     owner.close()
 
 
@@ -98,12 +99,13 @@ def test_a_supervising_server_restarts_its_enclave_and_keeps_serving_without_red
         while True:
             try:
                 data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV, timeout_s=60)
-                got = data_owner.infer(model_id, x[0]).logits
+                inference = data_owner.infer(model_id, x[0])
                 break
             except HeclaveError:
                 assert time.monotonic() < deadline, "the enclave never came back"
                 time.sleep(0.5)
-        assert np.argmax(got) == np.argmax(reference[0]) and np.abs(got - reference[0]).max() < 1e-3
+        got, noise = inference.logits, inference.noise_sd
+        assert np.argmax(got) == np.argmax(reference[0]) and np.abs(got - reference[0]).max() < 1e-3 + 6 * noise
         data_owner.close()
 
 

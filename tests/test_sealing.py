@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
-from he.context import CkksParams
+from he.context import CkksParams, SecretKeySet
+from protocol.channel import open_owner_session
 from protocol.errors import AttestationError, HeclaveError
 from tee.sealing import seal, sealing_key, unseal
-from tee.state import KEYS_FILE, EnclaveState
+from tee.state import KEYS_FILE, MODELS_DIR, EnclaveState
 
 
-def test_state_restores_the_same_keys_and_models(tmp_path):
-    params = CkksParams()
-    keys, identity = EnclaveState(tmp_path).keys(params)
-    EnclaveState(tmp_path).save_model("m1", b"graph bytes", {"2": b"enclave-held weights"})
-    again, identity_again = EnclaveState(tmp_path).keys(params)
-    assert again.public.to_bytes() == keys.public.to_bytes()
+def test_state_restores_the_same_identity_and_models(tmp_path):
+    identity = EnclaveState(tmp_path).identity()
+    keys = SecretKeySet(CkksParams())
+    EnclaveState(tmp_path).save_model("m1", b"graph bytes", {"weights": {"2": b"w"}}, keys.export())
+    identity_again = EnclaveState(tmp_path).identity()
     assert identity_again.public_key().public_bytes_raw() == identity.public_key().public_bytes_raw()
-    assert EnclaveState(tmp_path).models() == {"m1": (b"graph bytes", {"2": b"enclave-held weights"})}
+    graph, secrets, exported = EnclaveState(tmp_path).models()["m1"]
+    assert (graph, secrets) == (b"graph bytes", {"weights": {"2": b"w"}})
+    again = SecretKeySet(CkksParams(), exported)
+    assert again.public.to_bytes() == keys.public.to_bytes()
 
 
-def test_altered_sealed_keys_are_refused(tmp_path):
-    EnclaveState(tmp_path).keys(CkksParams())
+def test_a_model_record_moved_under_another_model_id_is_not_restored(tmp_path):
+    state = EnclaveState(tmp_path)
+    state.save_model("victim", b"g", {}, SecretKeySet(CkksParams()).export())
+    (tmp_path / MODELS_DIR / "victim.sealed").rename(tmp_path / MODELS_DIR / "attacker.sealed")
+    assert EnclaveState(tmp_path).models() == {}
+
+
+def test_altered_sealed_identity_is_refused(tmp_path):
+    EnclaveState(tmp_path).identity()
     path = tmp_path / KEYS_FILE
     blob = bytearray(path.read_bytes())
     blob[-3] ^= 0x40
     path.write_bytes(bytes(blob))
     with pytest.raises(AttestationError, match="altered"):
-        EnclaveState(tmp_path).keys(CkksParams())
+        EnclaveState(tmp_path).identity()
 
 
 def test_state_sealed_under_another_key_is_refused(tmp_path):
@@ -61,12 +72,16 @@ def test_enclave_starts_and_serves_when_a_sealed_model_no_longer_loads(tmp_path)
     from tee.enclave import Enclave
 
     planned = plan_pytorch(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval(), (4,))
-    EnclaveState(tmp_path).keys(CkksParams())
+    keys = SecretKeySet(CkksParams()).export()
     state = EnclaveState(tmp_path)
-    state.save_model("stale", b"a graph of an older format", {})
-    state.save_model("unsealed-bias", planned.graph.to_bytes(), {})
+    state.save_model("stale", b"a graph of an older format", {}, keys)
+    state.save_model("unsealed-bias", planned.graph.to_bytes(), {"weights": {}, "biases": {}, "masks": [b""]}, keys)
     enclave = Enclave(state_dir=tmp_path)
     assert enclave.handle(Message("evidence")).type == OK
-    request = {"model_id": "unsealed-bias", "request_id": "r", "stage": 0, "form": "partials"}
-    with pytest.raises(HeclaveError, match="Unknown model"):
-        enclave.handle(Message("activate", request))
+    session, own_public = open_owner_session(enclave.evidence.identity_public, enclave.evidence.digest())
+    enclave.handle(Message("open_session", {"owner_public": own_public}))
+    for model_id in ("stale", "unsealed-bias"):
+        envelope = session.seal(msgpack.packb({"model_id": model_id}), b"model_info")
+        content = {"model_id": model_id, "session_id": session.session_id, "envelope": envelope}
+        with pytest.raises(HeclaveError, match="Unknown model"):
+            enclave.handle(Message("model_info", content))

@@ -1,0 +1,91 @@
+"""Inference requests as the enclave tracks them, from the data owner's authorisation to the release.
+
+A request exists only once a data owner's authorisation has opened it; it then
+accepts its model's server-computed stages in graph order, each exactly once,
+and ends at its release or at the first thing refused. The table is bounded
+(in flight and in age), so abandoned requests cannot pile up, and a request is
+removed on every path out of it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol.channel import Session
+from protocol.errors import ErrorCode, HeclaveError
+
+MAX_IN_FLIGHT = 256
+TIMEOUT_S = 600.0
+
+
+@dataclass
+class Request:
+    """One authorised request: whose it is, where it stands, and what the next stage must be checked against.
+
+    ``inputs`` is the activation the enclave handed out for stage ``expected``
+    (``[B, cols]``; for a ``blinded`` stage, the padded field vectors the server
+    received), and ``pending`` what the enclave keeps to finish that stage (a
+    blinded stage's ``W r`` and scales). ``bound`` is the largest perturbation
+    the request's checks so far could have let through (``tee.verify``).
+    """
+
+    model_id: str
+    request_id: str
+    session: Session = field(repr=False)
+    batch: int
+    expected: int = 0
+    inputs: np.ndarray | None = field(default=None, repr=False)
+    pending: tuple | None = field(default=None, repr=False)
+    bound: float = 0.0
+    opened: float = field(default_factory=time.monotonic)
+
+
+class RequestTable:
+    """The requests in flight, keyed by the data owner's session and its request id."""
+
+    def __init__(self, limit: int = MAX_IN_FLIGHT, timeout_s: float = TIMEOUT_S) -> None:
+        self._limit, self._timeout_s = limit, timeout_s
+        self._requests: OrderedDict[tuple[bytes, str], Request] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def open(self, request: Request) -> None:
+        """Track a newly authorised request; never replaces one that exists."""
+        self._expire()
+        key = (request.session.session_id, request.request_id)
+        if key in self._requests:
+            raise HeclaveError("This request is already open; a request id is used once.", ErrorCode.OUT_OF_ORDER)
+        if len(self._requests) >= self._limit:
+            raise HeclaveError(
+                f"The enclave has {self._limit} requests in flight; retry when some have finished.", ErrorCode.BUSY
+            )
+        self._requests[key] = request
+
+    def get(self, session_id: bytes, request_id: str) -> Request:
+        """The open request, or an error saying that none is."""
+        self._expire()
+        request = self._requests.get((session_id, request_id))
+        if request is None:
+            raise HeclaveError(
+                "No such request is open in the enclave (never authorised, finished, failed or timed out); "
+                "the data owner must send it again.",
+                ErrorCode.UNKNOWN_REQUEST,
+            )
+        return request
+
+    def close(self, request: Request) -> None:
+        """Forget a request (released, refused or failed)."""
+        self._requests.pop((request.session.session_id, request.request_id), None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._requests:
+            oldest = next(iter(self._requests.values()))
+            if now - oldest.opened < self._timeout_s:
+                return
+            self.close(oldest)

@@ -1,0 +1,130 @@
+"""Freivalds' check of outsourced layers (tee.verify): every honest output passes, forgeries do not.
+
+Honest outputs are real CKKS computations (the server's kernels, the enclave's
+decryption) on fresh random inputs, across layout kinds, batch packing and
+both weight forms; forgeries are perturbations just above the tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from he.blinding import P
+from he.layout import GroupedLayout, Layout, PairedRows, choose_geometry, choose_layout, paired_support
+from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from he.serialize import to_bytes
+from he.sparse import SparseMatrix
+from tee.verify import FieldCheck, LinearCheck
+
+SLOTS = 4096
+
+
+def _conv_support(channels: int = 3, size: int = 8) -> np.ndarray:
+    """The structural nonzeros of a 3x3 convolution, 1 -> ``channels`` channels, on a ``size`` square image."""
+    rows, cols = channels * size * size, size * size
+    support = np.zeros((rows, cols), dtype=bool)
+    for c in range(channels):
+        for i in range(size):
+            for j in range(size):
+                for di in (-1, 0, 1):
+                    for dj in (-1, 0, 1):
+                        if 0 <= i + di < size and 0 <= j + dj < size:
+                            support[c * size * size + i * size + j, (i + di) * size + j + dj] = True
+    return support
+
+
+def _layouts() -> list[tuple[str, Layout, np.ndarray, int]]:
+    """(name, layout, support, batch) covering the cyclic, grouped and paired-rows kinds, with rotations."""
+    dense = np.ones((40, 300), dtype=bool)
+    conv = _conv_support()
+    return [
+        ("cyclic, two output ciphertexts", choose_geometry(40, 300, SLOTS, True), dense, 1),
+        ("cyclic, giant rotations", choose_geometry(300, 40, SLOTS, False), np.ones((300, 40), bool), 1),
+        ("cyclic, batch in both lanes", choose_geometry(40, 300, SLOTS, True, batch=5), dense, 5),
+        ("grouped convolution", GroupedLayout.from_support(conv, SLOTS), conv, 1),
+        ("grouped convolution, batch", GroupedLayout.from_support(conv, SLOTS, 2), conv, 6),
+        ("block-cyclic convolution, rotations", GroupedLayout.block_cyclic(conv, SLOTS, 3), conv, 1),
+        ("paired rows", choose_layout(dense, SLOTS, True), dense, 1),
+        ("paired rows, explicit", PairedRows(choose_geometry(20, 300, SLOTS, False), 40), dense, 1),
+    ]
+
+
+def _honest(keys, layout: Layout, w: np.ndarray, xs: np.ndarray, form: WeightForm) -> np.ndarray:
+    """``W x`` for each query as the server computes it and the enclave decrypts it."""
+    steps = layout.rotation_steps
+    context = keys.public.with_galois(keys.galois_keys(steps), steps)
+    toolkit = context.toolkit
+    if form is WeightForm.PLAIN:
+        kernel = LinearKernel.from_plain(toolkit, layout, w)
+    else:
+        mask, frames = encrypt_weights(context, layout, w)
+        kernel = LinearKernel.from_encrypted(toolkit, layout, mask, frames)
+    inputs = [toolkit.load_ciphertext(context.encrypt(row)) for row in layout.gather_batch(xs)]
+    outputs = []
+    for start in range(0, len(inputs), layout.in_cts):
+        outputs += kernel.evaluate(inputs[start : start + layout.in_cts], context, OpCounter())
+    slots = np.stack([keys.decrypt_output(to_bytes(ct)) for ct in outputs])
+    return layout.scatter_batch(slots, len(xs))
+
+
+@pytest.mark.parametrize("form", [WeightForm.PLAIN, WeightForm.ENCRYPTED])
+@pytest.mark.parametrize("name, layout, support, batch", _layouts(), ids=lambda v: v if isinstance(v, str) else "")
+def test_honest_outputs_pass_and_forgeries_just_above_the_tolerance_fail(keys, form, name, layout, support, batch):
+    rng = np.random.default_rng()
+    w = rng.normal(scale=0.2, size=support.shape) * support
+    if isinstance(layout, PairedRows):
+        assert paired_support(support).shape[0] == layout.base.rows
+    xs = rng.normal(size=(batch, support.shape[1]))
+    ys = _honest(keys, layout, w, xs, form)
+    assert np.abs(ys - xs @ w.T).max() < 1e-3, "the kernel itself is wrong, not the check"
+    check = LinearCheck(SparseMatrix.from_dense(w), layout, form is WeightForm.ENCRYPTED, keys.params)
+    assert check.verify(xs, ys)
+    # An honest output stays well inside the tolerance, so a false alarm is far out in the tail.
+    margin = np.abs(ys @ check._r.T - xs @ check._rw.T).max() / check.bound(xs)
+    assert margin < 0.5
+    for _ in range(5):
+        forged = ys.copy()
+        forged[rng.integers(batch), rng.integers(support.shape[0])] += 1.5 * check.bound(xs) * rng.choice([-1, 1])
+        assert not check.verify(xs, forged)
+
+
+def test_another_input_or_wrong_weights_fail(keys):
+    rng = np.random.default_rng()
+    layout = choose_geometry(16, 50, SLOTS, False)
+    w = rng.normal(size=(16, 50))
+    xs = rng.normal(size=(1, 50))
+    ys = _honest(keys, layout, w, xs, WeightForm.PLAIN)
+    check = LinearCheck(SparseMatrix.from_dense(w), layout, False, keys.params)
+    assert check.verify(xs, ys)
+    assert not check.verify(rng.normal(size=(1, 50)), ys)
+    assert not check.verify(xs, xs @ rng.normal(size=(16, 50)).T)
+
+
+def test_redrawn_vectors_still_accept_honest_outputs_and_differ(keys):
+    rng = np.random.default_rng()
+    w = rng.normal(size=(12, 30))
+    layout = choose_geometry(12, 30, SLOTS, False)
+    check = LinearCheck(SparseMatrix.from_dense(w), layout, False, keys.params)
+    before = check._r.copy()
+    check.redraw()
+    assert not np.array_equal(before, check._r)
+    assert set(np.unique(check._r)) <= {-1.0, 1.0}
+    xs = rng.normal(size=(2, 30))
+    assert check.verify(xs, xs @ w.T)
+
+
+def test_field_check_is_exact():
+    rng = np.random.default_rng()
+    w = rng.integers(0, P, size=(20, 33), dtype=np.int64) * (rng.random((20, 33)) < 0.3)
+    matrix = SparseMatrix.from_dense(w)
+    check = FieldCheck(matrix)
+    inputs = rng.integers(0, P, size=(3, 33), dtype=np.int64)
+    outputs = np.stack([matrix.apply_mod(u) for u in inputs])
+    assert check.verify(inputs, outputs)
+    assert check.bound(inputs) == 0.0
+    for _ in range(5):
+        forged = outputs.copy()
+        b, j = rng.integers(3), rng.integers(20)
+        forged[b, j] = (forged[b, j] + rng.integers(1, P)) % P
+        assert not check.verify(inputs, forged)
