@@ -50,7 +50,6 @@ class SlotCodec:
         folded = np.fft.fft(evaluations) / (self._twist * self.slots)
         coefficients = np.rint(np.concatenate([folded.real, folded.imag]))
         if not np.all(np.abs(coefficients) < MAX_COEFFICIENT):
-            raise OverflowError(
-                f"Values up to {np.max(np.abs(values)):.3g} are too large to encode at scale 2^{np.log2(scale):.0f}."
-            )
+            # The values themselves are secret: the message says only that they were too large.
+            raise OverflowError(f"The values are too large to encode at scale 2^{np.log2(scale):.0f}.")
         return coefficients.astype(np.int64)

@@ -1,4 +1,8 @@
-"""What the untrusted server can see under a plan: the part of a placement's protection that is given up."""
+"""What the untrusted server can see or change under a plan: the part of a placement's protection given up.
+
+The enclave verifies every ``he`` and ``blinded`` layer the server computes
+(``tee.verify``); a ``plain`` run is the server's word, so the plan says so.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from he.linear import WeightForm
 
 
 def exposure(graph: ModelGraph) -> list[str]:
-    """Plain-language items the server learns beyond shapes, sizes and timings (empty: nothing more)."""
+    """Plain-language items the server learns or controls beyond shapes, sizes and timings (empty: nothing more)."""
     stages = graph.stages
     seen: list[str] = []
     for i, stage in enumerate(stages):
@@ -15,6 +19,7 @@ def exposure(graph: ModelGraph) -> list[str]:
         if stage.placement is Placement.PLAIN:
             seen.append("the input" if i == 0 else f"the activation entering {where}")
             seen.append(f"the weights of {where}")
+            seen.append(f"the result of {where}, which no one checks: the server can change it")
             if i == len(stages) - 1:
                 seen.append("the output (before release)")
             elif stages[i + 1].placement is not Placement.PLAIN:
