@@ -31,6 +31,15 @@ def run_encrypted(keys: SecretKeySet, graph: ModelGraph, weights: list[np.ndarra
     return activation
 
 
+def deployed_kernel(keys: SecretKeySet, layout, w: np.ndarray, form: WeightForm):
+    """The context (with exactly the layout's Galois keys) and the kernel a server deploys for ``w`` in ``form``."""
+    context = keys.public.with_galois(keys.galois_keys(layout.rotation_steps), layout.rotation_steps)
+    if form is WeightForm.PLAIN:
+        return context, LinearKernel.from_plain(context.toolkit, layout, w)
+    mask, frames = encrypt_weights(context, layout, w)
+    return context, LinearKernel.from_encrypted(context.toolkit, layout, mask, frames)
+
+
 def layer_output(keys: SecretKeySet, values: np.ndarray, weights: np.ndarray, relinearize: bool | None):
     """``values * weights`` as a server's layer leaves it: rescaled, with plaintext weights (``None``)
     or encrypted ones, relinearized or left with three polynomials."""

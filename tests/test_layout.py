@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from he.layout import GroupedLayout, Layout, LinearGeometry, PairedRows, choose_geometry, layout_from_wire
-from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from he.linear import LinearKernel, OpCounter, WeightForm
 from protocol.errors import HeclaveError, PlanError
+from tests.helpers import deployed_kernel
 
 SLOTS = 4096
 # Max abs error over the largest output's summand magnitude (|W| |x| + |b|): an output that
@@ -346,14 +347,8 @@ def test_choose_geometry_refuses_empty_layers():
 
 def run_kernel(keys, g: LinearGeometry, form: WeightForm, w: np.ndarray, x_aug: np.ndarray):
     """Deploy ``w`` in ``form`` and evaluate it on the encrypted ``x_aug``, as server and enclave do."""
-    context = keys.public.with_galois(keys.galois_keys(g.rotation_steps), g.rotation_steps)
-    toolkit = context.toolkit
-    if form is WeightForm.PLAIN:
-        kernel = LinearKernel.from_plain(toolkit, g, w)
-    else:
-        mask, frames = encrypt_weights(context, g, w)
-        kernel = LinearKernel.from_encrypted(toolkit, g, mask, frames)
-    inputs = [toolkit.load_ciphertext(keys.encrypt_symmetric(v)) for v in g.gather(x_aug)]
+    context, kernel = deployed_kernel(keys, g, w, form)
+    inputs = [context.toolkit.load_ciphertext(keys.encrypt_symmetric(v)) for v in g.gather(x_aug)]
     counter = OpCounter()
     outputs = kernel.evaluate(inputs, context, counter)
     assert len(outputs) == g.out_cts
@@ -379,11 +374,7 @@ def test_kernel_computes_both_lanes_of_a_complex_packed_batch(keys, form):
     g = choose_geometry(37, 90, SLOTS, form is WeightForm.ENCRYPTED)
     w = rng.uniform(-1, 1, (g.rows, g.cols)) / math.sqrt(g.cols)
     xs = rng.uniform(-1, 1, (2, g.cols))
-    context = keys.public.with_galois(keys.galois_keys(g.rotation_steps), g.rotation_steps)
-    if form is WeightForm.PLAIN:
-        kernel = LinearKernel.from_plain(context.toolkit, g, w)
-    else:
-        kernel = LinearKernel.from_encrypted(context.toolkit, g, *encrypt_weights(context, g, w))
+    context, kernel = deployed_kernel(keys, g, w, form)
     laid = g.gather_batch(xs)
     assert len(laid) == g.in_cts  # two queries, one ciphertext group
     inputs = [context.toolkit.load_ciphertext(context.encrypt(row)) for row in laid]

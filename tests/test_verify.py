@@ -12,10 +12,11 @@ import pytest
 
 from he.blinding import P
 from he.layout import GroupedLayout, Layout, PairedRows, choose_geometry, choose_layout, paired_support
-from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from he.linear import OpCounter, WeightForm
 from he.serialize import to_bytes
 from he.sparse import SparseMatrix
 from tee.verify import FieldCheck, LinearCheck
+from tests.helpers import deployed_kernel
 
 SLOTS = 4096
 
@@ -52,15 +53,8 @@ def _layouts() -> list[tuple[str, Layout, np.ndarray, int]]:
 
 def _honest(keys, layout: Layout, w: np.ndarray, xs: np.ndarray, form: WeightForm) -> np.ndarray:
     """``W x`` for each query as the server computes it and the enclave decrypts it."""
-    steps = layout.rotation_steps
-    context = keys.public.with_galois(keys.galois_keys(steps), steps)
-    toolkit = context.toolkit
-    if form is WeightForm.PLAIN:
-        kernel = LinearKernel.from_plain(toolkit, layout, w)
-    else:
-        mask, frames = encrypt_weights(context, layout, w)
-        kernel = LinearKernel.from_encrypted(toolkit, layout, mask, frames)
-    inputs = [toolkit.load_ciphertext(context.encrypt(row)) for row in layout.gather_batch(xs)]
+    context, kernel = deployed_kernel(keys, layout, w, form)
+    inputs = [context.toolkit.load_ciphertext(context.encrypt(row)) for row in layout.gather_batch(xs)]
     outputs = []
     for start in range(0, len(inputs), layout.in_cts):
         outputs += kernel.evaluate(inputs[start : start + layout.in_cts], context, OpCounter())
