@@ -30,6 +30,7 @@ from protocol.errors import CiphertextError, ErrorCode, IntegrityError, PlanErro
 
 from .nonlinear import apply_ops
 from .precompute import MaskPool
+from .release import flood
 from .requests import Request
 from .verify import FieldCheck, LinearCheck
 
@@ -203,7 +204,9 @@ class ModelRuntime:
             request.inputs, request.pending = blinded, (products, scales)
             return Form.BLINDED, [blinded.astype("<i8").tobytes()], offline_ms
         request.inputs = None
-        return Form.PLAIN, [np.ascontiguousarray(xs, dtype="<f8").tobytes()], 0.0
+        # The server sees this activation: it gets the release's flooding, or an exact decryption of a
+        # layer output it may have forged under the check's tolerance would show it the key.
+        return Form.PLAIN, [np.ascontiguousarray(flood(xs, request.bound), dtype="<f8").tobytes()], 0.0
 
     def _blind(self, index: int, xs: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[int], float]:
         """``x_q + r mod p`` for each query, the pads' ``W r``, the scales, and the offline ms the pads took."""
