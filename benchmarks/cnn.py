@@ -8,6 +8,10 @@ layer to 64 and one to 10, with random (seeded) weights and random images.
   process started by :class:`parties.processes.Cluster`; the model owner
   deploys, the data owner classifies. Latency is the data owner's, from
   encrypting the input to opening the sealed result.
+- heclave again, on a second cluster whose enclave skips its checks of the
+  server's layers (``--insecure-skip-verification``), with requests alternating
+  between the two clusters, never overlapping: the ``verification`` entry gives
+  the median latency and enclave ms per image with and without the checks.
 - TenSEAL's recipe, as the tutorial writes it: im2col encoding, one
   ``conv2d_im2col`` per kernel, ``pack_vectors``, ``x^2`` activations and
   ``mm``, with the tutorial's context (N = 8192, a 31/26.../31-bit modulus,
@@ -18,10 +22,12 @@ layer to 64 and one to 10, with random (seeded) weights and random images.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
@@ -44,6 +50,8 @@ KERNEL, STRIDE = 7, 3
 TENSEAL_SCALE_BITS = 26
 # The enclave runs natively here and presents no SGX quote: acceptable for a benchmark only.
 BENCH_POLICY = VerifierPolicy(allow_unattested=True)
+# What verifying every server-computed layer may cost: latency and enclave ms per image, as ratios - 1.
+LATENCY_BOUND, ENCLAVE_BOUND = 0.05, 0.10
 
 
 class Square(nn.Module):
@@ -122,49 +130,121 @@ def _plaintext(model: nn.Module, images: np.ndarray) -> tuple[float, np.ndarray]
     return median(times), logits
 
 
-def _run_ours(
-    cluster: Cluster, model: nn.Module, images: np.ndarray, weights: WeightForm, batch: int, say: Callable[[str], None]
-) -> dict:
-    say(f"model owner: planning and deploying with {weights.value} weights")
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, BENCH_POLICY)
-    started = time.perf_counter()
-    plan = owner.plan(model, INPUT_SHAPE, weights, name="tenseal-tutorial-cnn", batch=batch)
-    model_id = owner.deploy(plan)
-    deploy_s = time.perf_counter() - started
-    base = owner.connection.public_context
-    # The deploy reply's Galois keys are the enclave's, for exactly these steps and parameters; an identical
-    # key set here gives their size without reaching into the owner's reply.
-    galois_bytes = len(SecretKeySet(base.params).galois_keys(plan.graph.rotation_steps))
-    owner.close()
+@dataclass
+class _Pipeline:
+    """One cluster with the model deployed and a data owner connected."""
 
-    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, BENCH_POLICY)
+    cluster: Cluster
+    data_owner: DataOwner
+    model_id: str
+
+    def classify(self, images: np.ndarray) -> tuple[Inference, float]:
+        """One request for ``images``: its inference and the wall seconds it took."""
+        started = time.perf_counter()
+        try:
+            inference = self.data_owner.infer_batch(self.model_id, images)
+        except HeclaveError:
+            self.cluster.check()
+            raise
+        return inference, time.perf_counter() - started
+
+
+def _deploy(cluster: Cluster, model: nn.Module, weights: WeightForm, batch: int) -> tuple[_Pipeline, dict]:
+    """Plan and deploy on ``cluster``, and connect a data owner; with the deployment's sizes and time."""
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, BENCH_POLICY)
     try:
-        say("data owner: warm-up inference")
-        data_owner.infer_batch(model_id, images[:batch])
-        inferences: list[Inference] = []
-        wall_s = 0.0
-        for first in range(0, len(images), batch):
-            group = images[first : first + batch]
-            say(f"data owner: classifying images {first + 1}-{first + len(group)} of {len(images)}")
-            started = time.perf_counter()
-            inferences.append(data_owner.infer_batch(model_id, group))
-            wall_s += time.perf_counter() - started
-    except HeclaveError:
-        cluster.check()
-        raise
+        started = time.perf_counter()
+        plan = owner.plan(model, INPUT_SHAPE, weights, name="tenseal-tutorial-cnn", batch=batch)
+        model_id = owner.deploy(plan)
+        deploy_s = time.perf_counter() - started
+        params = owner.connection.params
     finally:
-        data_owner.close()
-    rss = {child.name: child.peak_rss_mb() for child in cluster.children}
-    return {
-        "inferences": inferences,
-        "wall_s": wall_s,
+        owner.close()
+    # The enclave made the model's own key set; an identical one here gives the sizes of its public context
+    # and of its Galois keys for exactly the plan's steps without reaching into the owner's reply.
+    keys = SecretKeySet(params)
+    deployment = {
         "deploy_s": deploy_s,
-        "base_context_bytes": len(base.to_bytes()),
-        "galois_bytes": galois_bytes,
+        "base_context_bytes": len(keys.public.to_bytes()),
+        "galois_bytes": len(keys.galois_keys(plan.graph.rotation_steps)),
         "galois_steps": len(plan.graph.rotation_steps),
-        "rss": rss,
         "stages": plan.summary(),
     }
+    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, BENCH_POLICY)
+    return _Pipeline(cluster, data_owner, model_id), deployment
+
+
+def _run_ours(
+    verified: Cluster,
+    unverified: Cluster,
+    model: nn.Module,
+    images: np.ndarray,
+    weights: WeightForm,
+    batch: int,
+    rounds: int,
+    say: Callable[[str], None],
+) -> dict:
+    """Every image through both clusters ``rounds`` times, one request at a time, alternating which goes first.
+
+    The first round is the benchmark; all rounds go into the comparison of the two. The clusters never
+    run at once, and alternating the order per request spreads any drift of the machine (frequency,
+    caches, the other cluster's idle precomputation) evenly over both.
+    """
+    say(f"model owner: planning and deploying with {weights.value} weights")
+    ours, deployment = _deploy(verified, model, weights, batch)
+    say("model owner: deploying again on the enclave that skips verification")
+    skipping, _ = _deploy(unverified, model, weights, batch)
+    pipelines = (ours, skipping)
+    first_round: list[Inference] = []
+    wall_s = 0.0
+    compared: tuple[list[Inference], list[Inference]] = ([], [])
+    try:
+        say("data owners: warm-up inferences")
+        for pipeline in pipelines:
+            pipeline.classify(images[:batch])
+        starts = range(0, len(images), batch)
+        for n, (round_, first) in enumerate((r, f) for r in range(rounds) for f in starts):
+            group = images[first : first + batch]
+            say(
+                f"data owners: images {first + 1}-{first + len(group)} of {len(images)}, "
+                f"round {round_ + 1} of {rounds}, with and without verification"
+            )
+            for side in (0, 1) if n % 2 == 0 else (1, 0):
+                inference, seconds = pipelines[side].classify(group)
+                compared[side].append(inference)
+                if side == 0 and round_ == 0:
+                    first_round.append(inference)
+                    wall_s += seconds
+    finally:
+        for pipeline in pipelines:
+            pipeline.data_owner.close()
+    rss = {child.name: child.peak_rss_mb() for child in verified.children}
+    return {
+        "inferences": first_round,
+        "wall_s": wall_s,
+        "verification": verification_overhead(*compared),
+        "rss": rss,
+        **deployment,
+    }
+
+
+def _enclave_ms_per_image(inference: Inference) -> float:
+    return float(inference.server.get("enclave_ms", 0.0)) / len(inference.results)
+
+
+def verification_overhead(verified: list[Inference], unverified: list[Inference]) -> dict:
+    """Median latency and enclave ms per image with and without the enclave's checks, and their ratios - 1."""
+    report: dict = {"requests": len(verified)}
+    for name, of in (("latency", lambda inf: inf.latency_ms), ("enclave", _enclave_ms_per_image)):
+        with_checks, without = median(map(of, verified)), median(map(of, unverified))
+        key = "latency_ms" if name == "latency" else "enclave_ms"
+        report[f"{key}_verified"] = with_checks
+        report[f"{key}_unverified"] = without
+        report[f"{name}_overhead"] = with_checks / without - 1 if without > 0 else float("nan")
+    report["within_bounds"] = bool(
+        report["latency_overhead"] <= LATENCY_BOUND and report["enclave_overhead"] <= ENCLAVE_BOUND
+    )
+    return report
 
 
 def bench_cnn(
@@ -173,11 +253,16 @@ def bench_cnn(
     batch: int = 1,
     tenseal_runs: int = 2,
     seed: int = 0,
+    verification_rounds: int = 3,
     say: Callable[[str], None] = lambda message: None,
 ) -> dict:
-    """Run the comparison; returns the report ``heclave bench cnn`` prints. ``say`` receives progress lines."""
-    if samples < 1 or batch < 1 or tenseal_runs < 1:
-        raise PlanError("Samples, batch and TenSEAL runs must each be at least 1.")
+    """Run the comparison; returns the report ``heclave bench cnn`` prints. ``say`` receives progress lines.
+
+    ``verification_rounds``: how many times every image goes through both clusters (with and without
+    the enclave's checks) for the ``verification`` entry; the other numbers come from the first round.
+    """
+    if samples < 1 or batch < 1 or tenseal_runs < 1 or verification_rounds < 1:
+        raise PlanError("Samples, batch, TenSEAL runs and verification rounds must each be at least 1.")
     torch.manual_seed(seed)
     model = tutorial_cnn().eval()
     images = torch.rand((samples, *INPUT_SHAPE), generator=torch.Generator().manual_seed(seed + 1)).double().numpy()
@@ -199,9 +284,14 @@ def bench_cnn(
     recipe_logits_arr = np.stack(recipe_logits)
     reference = square_logits[: len(recipe_logits)]
 
-    say("starting enclave and server")
-    with tempfile.TemporaryDirectory(prefix="heclave-bench-") as workdir, Cluster(Path(workdir)) as cluster:
-        ours = _run_ours(cluster, model, images, weights, batch, say)
+    say("starting two enclaves and servers, one without verification")
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="heclave-bench-")))
+        (workdir / "verified").mkdir()
+        (workdir / "unverified").mkdir()
+        verified = stack.enter_context(Cluster(workdir / "verified"))
+        unverified = stack.enter_context(Cluster(workdir / "unverified", insecure_skip_verification=True))
+        ours = _run_ours(verified, unverified, model, images, weights, batch, verification_rounds, say)
 
     inferences: list[Inference] = ours["inferences"]
     enc_logits = np.concatenate([inf.batch_logits for inf in inferences])
@@ -243,6 +333,7 @@ def bench_cnn(
         "tenseal_runs": len(recipe_times),
         "tenseal_agreement_with_x2": float((recipe_logits_arr.argmax(1) == reference.argmax(1)).mean()),
         "tenseal_max_abs_err_vs_x2": float(np.abs(recipe_logits_arr - reference).max()),
+        "verification": ours["verification"],
         "stages": [
             f"{s['shape']} {s['layout']} rotations={s['rotations']} then {s['enclave']}" for s in ours["stages"]
         ],

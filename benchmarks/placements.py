@@ -55,7 +55,8 @@ def bench_placements(
             plan = owner.plan(model, SHAPE, weights, placements=placements, name=name)
             model_id = owner.deploy(plan)
             owner.close()
-            data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, POLICY)
+            # The bench compares every strategy, the plain-first ones included: its data owner consents.
+            data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, POLICY, allow_plain_input=True)
             say(f"{name}: {requests} requests")
             data_owner.infer(model_id, images[0])  # warm-up: the worker installs the model
             runs = [data_owner.infer(model_id, image) for image in images]

@@ -135,13 +135,25 @@ class EnclaveSupervisor:
 
 
 class Cluster:
-    """An enclave and a server on free loopback ports; a context manager that always stops both."""
+    """An enclave and a server on free loopback ports; a context manager that always stops both.
 
-    def __init__(self, workdir: Path | None = None, server_args: tuple[str, ...] = ()) -> None:
+    ``insecure_skip_verification`` starts the enclave without its checks of the
+    server's layer results (``python -m tee --insecure-skip-verification``): only
+    for measuring what they cost, as ``heclave bench cnn`` does.
+    """
+
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        server_args: tuple[str, ...] = (),
+        *,
+        insecure_skip_verification: bool = False,
+    ) -> None:
         self._owns_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="heclave-demo-"))
         self.children: list[Child] = []
         self.server_args = server_args
+        self.insecure_skip_verification = insecure_skip_verification
         self.endpoint = ""
         self.enclave_endpoint = ""
         self.server_key_file = self.workdir / "server.key"
@@ -178,7 +190,10 @@ class Cluster:
         ]
 
     def _enclave_args(self, bind: str) -> list[str]:
-        return ["tee", "--bind", bind, "--state-dir", str(self.workdir / "enclave-state")]
+        args = ["tee", "--bind", bind, "--state-dir", str(self.workdir / "enclave-state")]
+        if self.insecure_skip_verification:
+            args.append("--insecure-skip-verification")
+        return args
 
     def restart_enclave(self) -> None:
         """Kill the enclave and start it again on the same endpoint and sealed state, as a host might."""

@@ -41,7 +41,7 @@ from he.sparse import SparseMatrix
 
 VECTORS = 40
 FIELD_VECTORS = 2
-Z = 8.0
+Z = 10.0
 
 
 def slot_noise_sd(params: CkksParams) -> float:
@@ -113,7 +113,7 @@ class LinearCheck:
         [encrypted] rows ||x||^2) + slots (rescale + key switch)``, doubled
         because a complex slot's lane can take noise from the other lane's
         weights (paired rows). The tolerance is ``Z`` of these standard
-        deviations: an honest output fails with probability about ``10^-15``
+        deviations: an honest output fails with probability about ``10^-23``
         per vector.
         """
         variance = self._sd**2 * self._norm_w + self._slot_variance

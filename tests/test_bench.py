@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 
 from click.testing import CliRunner
 
 from parties.cli import main
 
+VERIFICATION_KEYS = {
+    "latency_ms_verified",
+    "latency_ms_unverified",
+    "latency_overhead",
+    "enclave_ms_verified",
+    "enclave_ms_unverified",
+    "enclave_overhead",
+    "within_bounds",
+}
 LINEAR_KEYS = {"ours_ms", "tenseal_ms", "floor_ms", "rotations", "max_rel_err", "speedup_vs_tenseal", "ours_over_floor"}
 
 
@@ -60,3 +70,19 @@ def test_bench_placements_reports_every_strategy_with_what_it_exposes() -> None:
     assert by_name["heclave-he"]["exposes"] == [] and by_name["full-enclave"]["exposes"] == []
     assert any("input" in item for item in by_name["ennclave"]["exposes"])
     assert by_name["full-enclave"]["enclave_share"] == 1.0
+
+
+def test_bench_cnn_reports_what_verification_costs_in_the_same_run() -> None:
+    args = ["bench", "cnn", "--samples", "2", "--tenseal-runs", "1", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # Random weights leave the first image's two largest logits 4e-4 apart: CKKS noise may swap them.
+    assert report["max_abs_logit_error"] <= 0.05 and report["ours_ms"] > 0
+    verification = report["verification"]
+    assert VERIFICATION_KEYS <= verification.keys()
+    for key in VERIFICATION_KEYS - {"within_bounds", "latency_overhead", "enclave_overhead"}:
+        assert math.isfinite(verification[key]) and verification[key] > 0, key
+    for key in ("latency_overhead", "enclave_overhead"):
+        assert math.isfinite(verification[key]) and verification[key] > -1, key
+    assert isinstance(verification["within_bounds"], bool)

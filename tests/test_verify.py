@@ -76,7 +76,7 @@ def test_honest_outputs_pass_and_forgeries_just_above_the_tolerance_fail(keys, f
     assert check.verify(xs, ys)
     # An honest output stays well inside the tolerance, so a false alarm is far out in the tail.
     margin = np.abs(ys @ check._r.T - xs @ check._rw.T).max() / check.bound(xs)
-    assert margin < 0.5
+    assert margin < 0.75
     for _ in range(5):
         forged = ys.copy()
         forged[rng.integers(batch), rng.integers(support.shape[0])] += 1.5 * check.bound(xs) * rng.choice([-1, 1])
