@@ -50,14 +50,32 @@ def diagonal_mask(geometry: Layout, weights: np.ndarray, support: np.ndarray | N
     return np.any(pattern != 0, axis=-1)
 
 
+def pack_mask(mask: np.ndarray) -> bytes:
+    """A diagonal mask as it travels: its bits, packed."""
+    return np.packbits(mask.ravel()).tobytes()
+
+
+def unpack_mask(packed: bytes, geometry: Layout, what: str) -> np.ndarray:
+    """The ``[out_cts, in_cts, k]`` mask :func:`pack_mask` wrote for ``geometry``, or a :class:`PlanError`."""
+    shape = (geometry.out_cts, geometry.in_cts, geometry.k)
+    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8))
+    if bits.size < int(np.prod(shape)):
+        raise PlanError(f"{what}'s diagonal mask is too short for its geometry.")
+    return bits[: int(np.prod(shape))].reshape(shape).astype(bool)
+
+
+def encrypt_diagonals(context: PublicContext, geometry: Layout, weights: np.ndarray, mask: np.ndarray) -> list[bytes]:
+    """The model owner's side: the diagonals ``mask`` selects, encrypted in mask order under the model's context."""
+    diags = geometry.diagonals(weights)
+    return [context.encrypt(diags[idx]) for idx in zip(*np.nonzero(mask))]
+
+
 def encrypt_weights(
     context: PublicContext, geometry: Layout, weights: np.ndarray, support: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[bytes]]:
-    """The model owner's side: the diagonal mask (:func:`diagonal_mask`), and those diagonals encrypted in
-    mask order under the model's public context."""
-    diags = geometry.diagonals(weights)
+    """The diagonal mask (:func:`diagonal_mask`) and those diagonals encrypted (:func:`encrypt_diagonals`)."""
     mask = diagonal_mask(geometry, weights, support)
-    return mask, [context.encrypt(diags[idx]) for idx in zip(*np.nonzero(mask))]
+    return mask, encrypt_diagonals(context, geometry, weights, mask)
 
 
 @dataclass

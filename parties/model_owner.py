@@ -14,7 +14,7 @@ import torch.nn as nn
 from he.blinding import quantize
 from he.context import PublicContext
 from he.graph import Placement, ReleasePolicy
-from he.linear import WeightForm, diagonal_mask, encrypt_weights
+from he.linear import WeightForm, diagonal_mask, encrypt_diagonals, pack_mask, unpack_mask
 from he.sparse import SparseMatrix
 from plan import Plan, plan_pytorch
 from protocol.errors import ChannelError
@@ -84,7 +84,7 @@ class ModelOwner:
         reply = self.connection.request(Message("register", content, [envelope]))
         model_id = field_of(reply.content, "model_id", str)
         context = self._bound_context(model_id, field_of(reply.content, "binding", bytes), reply.buffers)
-        frames = self._server_weights(plan, context)
+        frames = self._server_weights(plan, context, masks)
         self.connection.request(Message("deploy", {"model_id": model_id, "masks": masks}, frames))
         return model_id
 
@@ -104,8 +104,7 @@ class ModelOwner:
         masks = []
         for stage, w, support in zip(plan.graph.stages, plan.weights, plan.supports):
             if stage.placement is Placement.HE and encrypted:
-                mask = diagonal_mask(stage.geometry, w[:, :-1], support[:, :-1])
-                masks.append(np.packbits(mask.ravel()).tobytes())
+                masks.append(pack_mask(diagonal_mask(stage.geometry, w[:, :-1], support[:, :-1])))
             else:
                 masks.append(b"")
         return masks
@@ -124,12 +123,13 @@ class ModelOwner:
                 weights[str(i)] = SparseMatrix.from_dense(quantize(w, stage.weight_bits)).to_bytes()
         return weights, biases
 
-    def _server_weights(self, plan: Plan, context: PublicContext) -> list[bytes]:
+    def _server_weights(self, plan: Plan, context: PublicContext, masks: list[bytes]) -> list[bytes]:
+        """Each stage's weights in the form the server may hold; encrypted diagonals as ``masks`` select them."""
         graph, frames = plan.graph, []
-        for stage, w, support in zip(graph.stages, plan.weights, plan.supports):
+        for i, (stage, w) in enumerate(zip(graph.stages, plan.weights)):
             placement = stage.placement
             if placement is Placement.HE:
-                w, support = w[:, :-1], support[:, :-1]
+                w = w[:, :-1]
             encrypted = placement is Placement.HE and graph.weight_form is WeightForm.ENCRYPTED
             if placement in (Placement.PLAIN, Placement.BLINDED) or (placement is Placement.HE and not encrypted):
                 log.warning(
@@ -138,7 +138,8 @@ class ModelOwner:
                     placement.value if placement is not Placement.HE else "plain weights",
                 )
             if encrypted:
-                frames.extend(encrypt_weights(context, stage.geometry, w, support)[1])
+                mask = unpack_mask(masks[i], stage.geometry, f"Stage {i}")
+                frames.extend(encrypt_diagonals(context, stage.geometry, w, mask))
             elif placement is Placement.BLINDED:
                 frames.append(SparseMatrix.from_dense(quantize(w, stage.weight_bits)).to_bytes())
             elif placement is Placement.PLAIN:

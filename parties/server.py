@@ -14,6 +14,7 @@ import functools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,8 @@ from .executors import Executor
 from .worker import build_kernels, split_weights
 
 log = logging.getLogger(__name__)
+
+MAX_PENDING_UPLOADS = 256
 
 
 @dataclass
@@ -93,7 +96,7 @@ class Server:
     ) -> None:
         self.enclave_endpoint, self.enclave_timeout_s = enclave_endpoint, enclave_timeout_s
         self.executor = executor
-        self._registered: dict[str, tuple[ModelGraph, bytes]] = {}
+        self._registered: OrderedDict[str, tuple[ModelGraph, bytes]] = OrderedDict()
         self._deployments: dict[str, Deployment] = {}
         self._store = store
         self._local = threading.local()
@@ -160,6 +163,9 @@ class Server:
         if len(reply.buffers) != 1:
             raise ProtocolError("The enclave registered a model without its public context.", ErrorCode.INTERNAL)
         self._registered[model_id] = (graph, reply.buffers[0])
+        # Registrations whose weights never came are forgotten, oldest first, like the enclave's model limit.
+        while len(self._registered) > MAX_PENDING_UPLOADS:
+            self._registered.popitem(last=False)
         return request.reply(reply.content, reply.buffers)
 
     def _deploy(self, request: Message, lane: int) -> Message:

@@ -22,7 +22,7 @@ import numpy as np
 
 from he.context import PublicContext, Toolkit
 from he.graph import ModelGraph, Placement
-from he.linear import LinearKernel, OpCounter, WeightForm
+from he.linear import LinearKernel, OpCounter, WeightForm, unpack_mask
 from he.serialize import to_bytes
 from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from protocol.messages import Message, batch_size, field_of
@@ -63,11 +63,7 @@ def split_weights(graph: ModelGraph, masks: list, weights: list[bytes]) -> list[
                 raise PlanError(f"Stage {i} needs a {g.rows}x{g.cols} matrix of 8-byte numbers.")
             out.append((None, [weights.pop(0)]))
             continue
-        shape = (g.out_cts, g.in_cts, g.k)
-        bits = np.unpackbits(np.frombuffer(masks[i], dtype=np.uint8))
-        if bits.size < int(np.prod(shape)):
-            raise PlanError(f"Stage {i}'s diagonal mask is too short for its geometry.")
-        mask = bits[: int(np.prod(shape))].reshape(shape).astype(bool)
+        mask = unpack_mask(masks[i], g, f"Stage {i}")
         count = int(mask.sum())
         if len(weights) < count:
             raise PlanError(f"Stage {i} needs {count} encrypted diagonals, the deployment has {len(weights)} left.")

@@ -106,9 +106,7 @@ class Enclave:
                 log.error("cannot restore model %s; deploy it again: %s", model_id, getattr(exc, "message", exc))
 
     def _runtime(self, graph: ModelGraph, keys: SecretKeySet, vouched: dict) -> ModelRuntime:
-        runtime = ModelRuntime.from_secrets(graph, keys, vouched)
-        runtime.verify = self._verify
-        return runtime
+        return ModelRuntime.from_secrets(graph, keys, vouched, self._verify)
 
     def handle(self, request: Message) -> Message:
         """Answer one request; raises :class:`HeclaveError` for anything refused."""
@@ -207,9 +205,9 @@ class Enclave:
         state = Request(model_id, request_id, session, batch)
         self._requests.open(state)
         with _ending_on_failure(self._requests, state):
-            index, xs = runtime.start(xs)
-            if index < len(runtime.graph.stages) and runtime.graph.stages[index].placement is Placement.PLAIN:
-                if index == 0 and authorisation.get("allow_plain_input") is not True:
+            index, xs = runtime.advance(0, xs)
+            if index == 0 and runtime.graph.stages[0].placement is Placement.PLAIN:
+                if authorisation.get("allow_plain_input") is not True:
                     raise PlanError(
                         "The model's first layer is 'plain', so the server would see the input; the data owner "
                         "did not allow that (DataOwner(..., allow_plain_input=True) does)."

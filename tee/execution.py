@@ -24,7 +24,7 @@ import numpy as np
 from he.blinding import P, activation_scale, centred
 from he.context import SecretKeySet
 from he.graph import ModelGraph, Placement
-from he.linear import WeightForm
+from he.linear import WeightForm, unpack_mask
 from he.sparse import SparseMatrix
 from protocol.errors import CiphertextError, ErrorCode, IntegrityError, PlanError, ProtocolError
 
@@ -82,8 +82,11 @@ class ModelRuntime:
                 self.checks[i] = FieldCheck(self.weights[i])
 
     @classmethod
-    def from_secrets(cls, graph: ModelGraph, keys: SecretKeySet, vouched: dict) -> ModelRuntime:
-        """The runtime from what the model owner sealed, refusing anything missing or misshapen."""
+    def from_secrets(cls, graph: ModelGraph, keys: SecretKeySet, vouched: dict, verify: bool = True) -> ModelRuntime:
+        """The runtime from what the model owner sealed, refusing anything missing or misshapen.
+
+        ``verify=False`` is the enclave's ``insecure_skip_verification``: results are used unchecked.
+        """
         blobs, bias_blobs, masks = (vouched.get(k) for k in ("weights", "biases", "masks"))
         if not isinstance(blobs, dict) or not isinstance(bias_blobs, dict) or not isinstance(masks, list):
             raise PlanError("The sealed registration must carry weights, biases and diagonal masks.")
@@ -104,11 +107,7 @@ class ModelRuntime:
                     raise PlanError(f"Stage {i} (he) needs its bias of {g.rows} float64 values sealed.")
                 biases[i] = np.frombuffer(bias, dtype="<f8")
                 polynomials[i] = _polynomials(graph, i, masks[i])
-        return cls(graph, keys, weights, biases, polynomials)
-
-    def start(self, xs: np.ndarray) -> tuple[int, np.ndarray]:
-        """The data owner's inputs through any leading ``enclave`` stages: the first stage to hand out."""
-        return self.advance(0, xs)
+        return cls(graph, keys, weights, biases, polynomials, verify=verify)
 
     def accept(self, request: Request, form: Form, buffers: list[bytes] | tuple[bytes, ...]) -> tuple[int, np.ndarray]:
         """The request's expected stage, finished from what the server sent: checked, verified, its steps applied.
@@ -163,11 +162,9 @@ class ModelRuntime:
         )
 
     def _verify(self, index: int, request: Request, outputs: np.ndarray) -> None:
-        check = self.checks[index]
-        if not self.verify:
-            return
-        if check.verify(request.inputs, outputs):
-            request.bound = max(request.bound, check.bound(request.inputs))
+        bound = self.checks[index].check(request.inputs, outputs) if self.verify else 0.0
+        if bound is not None:
+            request.bound = max(request.bound, bound)
             return
         self.checks[index].redraw()
         self.failures += 1
@@ -256,11 +253,7 @@ def _polynomials(graph: ModelGraph, index: int, packed: bytes) -> list[int]:
     g = graph.stages[index].geometry
     if graph.weight_form is WeightForm.PLAIN:
         return [2] * g.out_cts
-    shape = (g.out_cts, g.in_cts, g.k)
-    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8))
-    if bits.size < int(np.prod(shape)):
-        raise PlanError(f"Stage {index}'s diagonal mask is too short for its geometry.")
-    mask = bits[: int(np.prod(shape))].reshape(shape).astype(bool)
+    mask = unpack_mask(packed, g, f"Stage {index}")
     return [3 if mask[o, :, : g.baby].any() else 2 for o in range(g.out_cts)]
 
 

@@ -95,14 +95,14 @@ class LinearCheck:
         self.redraw()
 
     def redraw(self) -> None:
-        """Fresh secret vectors and their products with ``W``."""
+        """Fresh secret vectors; kept as ``[R | -R W]`` so that a check is one product with ``[y | x]``."""
         bits = random_words(self._vectors * self._weights.shape[0]) & np.uint64(1)
         r = bits.astype(np.float64).reshape(self._vectors, -1) * 2 - 1
-        self._r = r
-        self._rw = _left_product(r, self._weights)
+        self._stacked = np.ascontiguousarray(np.concatenate([r, -_left_product(r, self._weights)], axis=1).T)
 
-    def tolerance(self, x: np.ndarray) -> float:
-        """The largest ``|r . (y - W x)|`` an honest evaluation on ``x`` can reach, for a Rademacher ``r``.
+    def tolerances(self, xs: np.ndarray) -> np.ndarray:
+        """For each query ``x``, the largest ``|r . (y - W x)|`` an honest evaluation can reach, for a
+        Rademacher ``r``.
 
         The noise terms are independent with standard deviation ``sd`` per slot
         (:func:`slot_noise_sd`): ``W_ji e_i`` for the input's noise and
@@ -116,20 +116,22 @@ class LinearCheck:
         deviations: an honest output fails with probability about ``10^-23``
         per vector.
         """
-        variance = self._sd**2 * self._norm_w + self._slot_variance
+        variance = np.full(len(xs), self._sd**2 * self._norm_w + self._slot_variance)
         if self._encrypted:
-            variance += self._sd**2 * self._rows * float(np.dot(x, x))
-        return Z * math.sqrt(2 * variance)
+            variance += self._sd**2 * self._rows * np.einsum("ij,ij->i", xs, xs)
+        return Z * np.sqrt(2 * variance)
 
-    def bound(self, xs: np.ndarray) -> float:
-        """The largest tolerance of any query in ``xs``: what a passing forgery can hide in an output."""
-        return max(self.tolerance(x) for x in xs)
+    def residues(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """``R (y - W x)`` for each query: ``[B, vectors]``."""
+        return np.concatenate([ys, xs], axis=1) @ self._stacked
 
-    def verify(self, xs: np.ndarray, ys: np.ndarray) -> bool:
-        """Whether every query's ``y`` is ``W x`` within the tolerance, under every secret vector."""
-        residues = ys @ self._r.T - xs @ self._rw.T
-        bounds = np.array([self.tolerance(x) for x in xs])
-        return bool(np.all(np.abs(residues) <= bounds[:, None]))
+    def check(self, xs: np.ndarray, ys: np.ndarray) -> float | None:
+        """``None`` unless every query's ``y`` is ``W x`` within its tolerance under every secret vector;
+        otherwise the largest tolerance, which is what a passing forgery can hide in an output."""
+        tolerances = self.tolerances(xs)
+        if np.all(np.abs(self.residues(xs, ys)) <= tolerances[:, None]):
+            return float(tolerances.max())
+        return None
 
 
 class FieldCheck:
@@ -146,13 +148,12 @@ class FieldCheck:
         self._r = SparseMatrix.from_dense(r)
         self._rw = SparseMatrix.from_dense(_left_product_mod(r, self._weights))
 
-    def bound(self, inputs: np.ndarray) -> float:
-        """Zero: in the field, nothing but the exact result passes."""
-        return 0.0
-
-    def verify(self, inputs: np.ndarray, outputs: np.ndarray) -> bool:
-        """Whether ``R v = (R W_q) u mod p`` for every query's padded input ``u`` and output ``v``."""
-        return all(np.array_equal(self._r.apply_mod(v), self._rw.apply_mod(u)) for u, v in zip(inputs, outputs))
+    def check(self, inputs: np.ndarray, outputs: np.ndarray) -> float | None:
+        """``None`` unless ``R v = (R W_q) u mod p`` for every query's padded input ``u`` and output ``v``;
+        otherwise zero: in the field nothing but the exact result passes, so a forgery hides nothing."""
+        if all(np.array_equal(self._r.apply_mod(v), self._rw.apply_mod(u)) for u, v in zip(inputs, outputs)):
+            return 0.0
+        return None
 
 
 def _left_product(r: np.ndarray, weights: SparseMatrix) -> np.ndarray:

@@ -1,11 +1,4 @@
-"""A malicious server operator calling stages out of order, twice, unauthorised, or replaying: refused.
-
-Each test drives the real enclave process the way a server could (``begin``
-and ``activate`` on its socket, with frames of the operator's choosing), checks
-the error code, checks that no result came back and that the request is over
-(``Probe.refused``), and then that an honest data owner going through the
-real server still gets the right logits (``still_serves``).
-"""
+"""A malicious server operator calling stages out of order, twice, unauthorised, or replaying: refused."""
 
 from __future__ import annotations
 
