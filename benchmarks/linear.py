@@ -26,9 +26,10 @@ import tenseal as ts
 import tenseal.sealapi as seal
 
 from he.context import CkksParams, PublicContext, SecretKeySet
-from he.layout import Layout, choose_layout
+from he.layout import Layout
 from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
 from plan.calibration import median_ms
+from plan.layouts import choose_layout
 from protocol.errors import PlanError
 
 UNIT_REPEATS = 4

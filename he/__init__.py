@@ -2,9 +2,12 @@
 decryption and encryption (``sealformat``, ``rns``, ``slots``, ``sampling``)."""
 
 from .context import CkksParams, PublicContext, SecretKeySet, Toolkit
+from .cyclic import LinearGeometry
 from .graph import EnclaveOp, ModelGraph, OpKind, Placement, ReleaseMode, ReleasePolicy, Stage
-from .layout import GroupedLayout, Layout, LinearGeometry, UnitCosts, choose_geometry, choose_layout
+from .grouped import GroupedLayout
+from .layout import Layout
 from .linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from .paired import PairedRows
 
 __all__ = [
     "CkksParams",
@@ -16,6 +19,7 @@ __all__ = [
     "ModelGraph",
     "OpCounter",
     "OpKind",
+    "PairedRows",
     "Placement",
     "PublicContext",
     "ReleaseMode",
@@ -23,9 +27,6 @@ __all__ = [
     "SecretKeySet",
     "Stage",
     "Toolkit",
-    "UnitCosts",
     "WeightForm",
-    "choose_geometry",
-    "choose_layout",
     "encrypt_weights",
 ]

@@ -19,7 +19,8 @@ import msgpack
 from protocol.errors import ErrorCode, PlanError, ProtocolError
 
 from .context import CkksParams
-from .layout import Layout, layout_from_wire
+from .layout import Layout
+from .layout_kinds import layout_from_wire
 from .linear import WeightForm
 
 # 2: an ``he`` stage's layout covers W only; its bias travels to the enclave.

@@ -22,7 +22,7 @@ import tenseal.sealapi as seal
 
 from he.blinding import P
 from he.context import CkksParams, SecretKeySet
-from he.layout import ENCLAVE_FACTOR, UnitCosts
+from he.costs import ENCLAVE_FACTOR, UnitCosts
 from he.serialize import to_bytes
 from he.sparse import SparseMatrix
 from protocol.errors import PlanError

@@ -10,12 +10,13 @@ import torch.nn as nn
 
 from he.blinding import weight_scale
 from he.context import CkksParams
+from he.costs import UnitCosts
 from he.graph import ModelGraph, Placement, ReleasePolicy, Stage
-from he.layout import UnitCosts, choose_layout, unused_layout
 from he.linear import WeightForm
 from protocol.errors import PlanError
 
 from .importer import ImportedModel, from_pytorch
+from .layouts import choose_layout, unused_layout
 
 
 @dataclass

@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from he.costs import estimate_parts
 from he.graph import Placement
-from he.layout import choose_layout, estimate_parts
 from he.linear import WeightForm
 from protocol.errors import PlanError
 
 from .calibration import Calibration
 from .importer import ImportedModel
+from .layouts import choose_layout
 
 PROTECTIONS = ("input", "weights")
 MAX_EXHAUSTIVE_STAGES = 7

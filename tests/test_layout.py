@@ -1,6 +1,6 @@
 """Slot layouts and the encrypted affine kernel, checked against numpy float64.
 
-Two kinds of property: pure ones about :class:`he.layout.LinearGeometry` (cheap,
+Two kinds of property: pure ones about :class:`he.cyclic.LinearGeometry` (cheap,
 many examples, any slot count) and CKKS ones that run
 :class:`he.linear.LinearKernel` for real at N = 8192 (few examples: each costs
 tens of milliseconds to a second).
@@ -16,8 +16,13 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from he.layout import GroupedLayout, Layout, LinearGeometry, PairedRows, choose_geometry, layout_from_wire
+from he.cyclic import LinearGeometry
+from he.grouped import GroupedLayout
+from he.layout import Layout
+from he.layout_kinds import layout_from_wire
 from he.linear import LinearKernel, OpCounter, WeightForm
+from he.paired import PairedRows
+from plan.layouts import choose_geometry
 from protocol.errors import HeclaveError, PlanError
 from tests.helpers import deployed_kernel
 
@@ -126,7 +131,7 @@ def _random_support(rng: np.random.Generator, rows: int, cols: int) -> np.ndarra
 
 def paired_layouts(support: np.ndarray, slots: int) -> list[PairedRows]:
     """Every base family over the pairs' joint support, wrapped to pair rows."""
-    from he.layout import paired_support
+    from he.paired import paired_support
 
     joint = paired_support(support)
     half, cols = joint.shape

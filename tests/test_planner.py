@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch.nn as nn
 
+from he.costs import UnitCosts
 from he.graph import Placement
-from he.layout import UnitCosts
 from he.linear import WeightForm
 from plan import from_pytorch
 from plan.calibration import Calibration, PlaintextCosts
@@ -103,7 +103,7 @@ def test_calibration_measures_positive_costs_and_round_trips(tmp_path):
 
 def test_encrypted_weight_mask_follows_the_architecture_not_trained_zeros():
     from he.context import CkksParams, SecretKeySet
-    from he.layout import LinearGeometry
+    from he.cyclic import LinearGeometry
     from he.linear import encrypt_weights
 
     context = SecretKeySet(CkksParams()).public

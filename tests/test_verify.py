@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 from he.blinding import P
-from he.layout import GroupedLayout, Layout, PairedRows, choose_geometry, choose_layout
+from he.grouped import GroupedLayout
+from he.layout import Layout
 from he.linear import OpCounter, WeightForm
+from he.paired import PairedRows
 from he.serialize import to_bytes
 from he.sparse import SparseMatrix
+from plan.layouts import choose_geometry, choose_layout
 from tee.verify import FieldCheck, LinearCheck
 from tests.helpers import deployed_kernel
 

@@ -1,0 +1,115 @@
+"""What several ``heclave`` commands share: logging, the owners' verifier-policy and server options, model loading."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from protocol.evidence import VerifierPolicy
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+POLICY_FLAGS = (
+    "policy_file",
+    "mrenclave",
+    "mrsigner",
+    "isv_prod_id",
+    "min_isv_svn",
+    "allow_debug",
+    "allow_unattested",
+    "pccs_url",
+)
+
+
+def policy_from(policy_file: Path | None = None, **flags) -> VerifierPolicy:
+    """The owner's verifier policy: the TOML file if given, with command-line flags taking precedence."""
+    if policy_file is not None:
+        return VerifierPolicy.from_toml(policy_file, **flags)
+    return VerifierPolicy.from_mapping({k: v for k, v in flags.items() if v is not None})
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated shape such as 1,8,8") from None
+
+
+def load_model(spec: str, state_dict: Path | None):
+    """A torch module from ``path/to/file.py:name`` or ``package.module:name`` (a module or a factory)."""
+    import torch
+
+    source, _, attr = spec.partition(":")
+    if not attr:
+        raise click.BadParameter("use FILE.py:NAME or MODULE:NAME", param_hint="--model")
+    if source.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location("heclave_user_model", source)
+        if module_spec is None or module_spec.loader is None:
+            raise click.BadParameter(f"cannot import {source}", param_hint="--model")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(source)
+    obj = getattr(module, attr)
+    model = obj if isinstance(obj, torch.nn.Module) else obj()
+    if state_dict is not None:
+        model.load_state_dict(torch.load(state_dict, weights_only=True))
+    return model.eval()
+
+
+def client_options(f):
+    """The server to reach and the policy its enclave must meet; the command receives ``policy``."""
+
+    @functools.wraps(f)
+    def command(**kwargs):
+        kwargs["policy"] = policy_from(**{k: kwargs.pop(k) for k in POLICY_FLAGS})
+        return f(**kwargs)
+
+    options = [
+        click.option("--server", "endpoint", required=True, help="The server's party endpoint, e.g. tcp://host:5555."),
+        click.option(
+            "--server-key",
+            type=click.Path(exists=True, path_type=Path),
+            required=True,
+            help="The server's CURVE public key file to pin.",
+        ),
+        click.option(
+            "--policy",
+            "policy_file",
+            type=click.Path(exists=True, path_type=Path),
+            help="Verifier policy (TOML); the flags below override its keys.",
+        ),
+        click.option("--mrenclave", help="Expected MRENCLAVE (hex)."),
+        click.option("--mrsigner", help="Expected MRSIGNER (hex)."),
+        click.option("--isv-prod-id", type=int, help="Expected ISV_PROD_ID."),
+        click.option("--min-isv-svn", type=int, help="Lowest acceptable ISV_SVN."),
+        click.option("--pccs-url", help="PCCS to fetch quote-verification collateral from."),
+        click.option(
+            "--allow-debug",
+            is_flag=True,
+            default=None,
+            help="INSECURE: accept a debug enclave, whose memory the host can read.",
+        ),
+        click.option(
+            "--allow-unattested",
+            is_flag=True,
+            default=None,
+            help="DEVELOPMENT ONLY: accept an enclave that presents no SGX quote.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

@@ -1,0 +1,129 @@
+"""``heclave model-owner`` and ``heclave data-owner``: the two clients, each talking to a server it pins."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from he.graph import ReleaseMode, ReleasePolicy
+from he.linear import WeightForm
+from protocol.evidence import VerifierPolicy
+
+from .options import client_options, configure_logging, load_model, parse_shape
+
+
+@click.group("model-owner")
+def model_owner() -> None:
+    """Model-owner commands."""
+
+
+@model_owner.command()
+@client_options
+@click.option("--model", "model_spec", required=True, help="FILE.py:NAME or MODULE:NAME of an nn.Module or factory.")
+@click.option(
+    "--state-dict", type=click.Path(exists=True, path_type=Path), help="Weights (torch.save of a state_dict)."
+)
+@click.option("--input-shape", required=True, help="Input shape without batch axis, e.g. 1,8,8.")
+@click.option(
+    "--weights",
+    type=click.Choice([f.value for f in WeightForm]),
+    default="encrypted",
+    show_default=True,
+    help="'plain' hands the server the weights in the clear.",
+)
+@click.option("--release", type=click.Choice([m.value for m in ReleaseMode]), default="logits", show_default=True)
+@click.option("--decimals", default=4, show_default=True, help="Precision of released logits.")
+@click.option(
+    "--batch",
+    default=1,
+    show_default=True,
+    help="Queries per request to plan for; above 1, layouts pack several queries per ciphertext.",
+)
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(exists=True, path_type=Path),
+    help="A plan file from `heclave plan`: its placements, weight form and batch size are used.",
+)
+def deploy(
+    endpoint: str,
+    server_key: Path,
+    policy: VerifierPolicy,
+    model_spec: str,
+    state_dict: Path | None,
+    input_shape: str,
+    weights: str,
+    release: str,
+    decimals: int,
+    batch: int,
+    plan_file: Path | None,
+) -> None:
+    """Plan a torch model and deploy it; prints the model id."""
+    from parties.model_owner import ModelOwner
+
+    configure_logging(False)
+    placements = None
+    if plan_file is not None:
+        chosen = json.loads(plan_file.read_text())
+        if chosen.get("format") != 1:
+            raise click.BadParameter(f"{plan_file} is not a heclave plan file of format 1", param_hint="--plan")
+        placements, weights, batch = chosen["placements"], chosen["weights"], chosen["batch"]
+    owner = ModelOwner(endpoint, server_key, policy)
+    plan = owner.plan(
+        load_model(model_spec, state_dict),
+        parse_shape(input_shape),
+        weights,
+        ReleasePolicy(ReleaseMode(release), decimals),
+        batch=batch,
+        placements=placements,
+    )
+    click.echo(owner.deploy(plan))
+
+
+@click.group("data-owner")
+def data_owner() -> None:
+    """Data-owner commands."""
+
+
+@data_owner.command()
+@client_options
+@click.option("--model-id", required=True)
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help=".npy file: one input, or a batch along the first axis.",
+)
+@click.option("--batch", default=1, show_default=True, help="Inputs sent per request.")
+@click.option(
+    "--allow-plain-input",
+    is_flag=True,
+    help="INSECURE for the input: let a model whose first layer is 'plain' show it to the server in the clear.",
+)
+def infer(
+    endpoint: str,
+    server_key: Path,
+    policy: VerifierPolicy,
+    model_id: str,
+    input_file: Path,
+    batch: int,
+    allow_plain_input: bool,
+) -> None:
+    """Classify private inputs; prints one JSON result per input."""
+    from parties.data_owner import DataOwner
+
+    configure_logging(False)
+    owner = DataOwner(endpoint, server_key, policy, allow_plain_input=allow_plain_input)
+    x = np.load(input_file, allow_pickle=False)
+    size = int(np.prod(owner.graph(model_id).input_shape))
+    if x.size % size:
+        raise click.BadParameter(f"{input_file} holds {x.size} values, not a whole number of {size}-value inputs")
+    inputs = x.reshape(-1, size)
+    for start in range(0, len(inputs), batch):
+        inference = owner.infer_batch(model_id, inputs[start : start + batch])
+        for result in inference.results:
+            click.echo(json.dumps({**result, "latency_ms": round(inference.latency_ms, 2)}))
