@@ -116,7 +116,12 @@ class Enclave:
         return reply
 
     def idle(self) -> bool:
-        """Precompute blinding pads and key masks between requests; true while there is more to do."""
+        """Between messages, prepare the checks of stages the server is computing, then precompute blinding
+        pads and key masks; true while there is more to do."""
+        for state in self._requests:
+            runtime = self._models.get(state.model_id)
+            if runtime is not None and runtime.prepare(state):
+                return True
         return any(runtime.refill() for runtime in list(self._models.values()))
 
     def _evidence(self, request: Message) -> Message:
@@ -233,12 +238,14 @@ class Enclave:
             return self._continue(request, runtime, state, following, xs)
 
     def _continue(self, request: Message, runtime: ModelRuntime, state: Request, index: int, xs: np.ndarray) -> Message:
+        prepared_ms, state.offline_ms = state.offline_ms, 0.0
         if index == len(runtime.graph.stages):
             result = seal_result(state.session, state.request_id, xs, runtime.graph.release, state.bound)
             self._requests.close(state)
-            return request.reply({"result": result})
+            return request.reply({"result": result, "enclave_offline_ms": prepared_ms})
         form, frames, offline_ms = runtime.handout(state, index, xs)
-        return request.reply({"next": index, "form": form.value, "enclave_offline_ms": offline_ms}, frames)
+        content = {"next": index, "form": form.value, "enclave_offline_ms": offline_ms + prepared_ms}
+        return request.reply(content, frames)
 
 
 @contextmanager

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from protocol.channel import Session
 from protocol.errors import ErrorCode, HeclaveError
+
+from .verify import Expectation
 
 MAX_IN_FLIGHT = 256
 TIMEOUT_S = 600.0
@@ -29,8 +32,11 @@ class Request:
     ``inputs`` is the activation the enclave handed out for stage ``expected``
     (``[B, cols]``; for a ``blinded`` stage, the padded field vectors the server
     received), and ``pending`` what the enclave keeps to finish that stage (a
-    blinded stage's ``W r`` and scales). ``bound`` is the largest perturbation
-    the request's checks so far could have let through (``tee.verify``).
+    blinded stage's ``W r`` and scales). ``expectation`` is what the stage's
+    check needs of ``inputs``, made between messages while the server computes
+    (``offline_ms`` counts it until a reply reports it), and ``bound`` the
+    largest perturbation the request's checks so far could have let through
+    (``tee.verify``).
     """
 
     model_id: str
@@ -40,6 +46,8 @@ class Request:
     expected: int = 0
     inputs: np.ndarray | None = field(default=None, repr=False)
     pending: tuple | None = field(default=None, repr=False)
+    expectation: Expectation | None = field(default=None, repr=False)
+    offline_ms: float = 0.0
     bound: float = 0.0
     opened: float = field(default_factory=time.monotonic)
 
@@ -53,6 +61,9 @@ class RequestTable:
 
     def __len__(self) -> int:
         return len(self._requests)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(list(self._requests.values()))
 
     def open(self, request: Request) -> None:
         """Track a newly authorised request; never replaces one that exists."""

@@ -30,6 +30,8 @@ failure they are drawn afresh, so what a failed probe taught the server about
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -74,7 +76,66 @@ def rescale_noise_variance(params: CkksParams, polynomials: int) -> float:
     return variance / params.scale**2
 
 
-class LinearCheck:
+@dataclass
+class Expectation:
+    """What a check needs of the inputs it handed out, made before the server's result arrives.
+
+    ``rhs`` is ``(R W) u`` for each query (``[B, vectors]``) and ``tolerances``
+    each query's tolerance (zero in the field); ``generation`` names the vectors
+    they were made with, so that a redraw in between is noticed.
+    """
+
+    inputs: np.ndarray = field(repr=False)
+    generation: int
+    rhs: np.ndarray = field(repr=False)
+    tolerances: np.ndarray
+
+
+class _Check(ABC):
+    """What both checks share: drawing the secret vectors ``R``, and comparing ``R v`` with ``(R W) u``."""
+
+    _generation = 0
+
+    @abstractmethod
+    def _draw(self) -> None: ...
+
+    @abstractmethod
+    def _rhs(self, inputs: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def _lhs(self, outputs: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def _tolerances(self, inputs: np.ndarray) -> np.ndarray: ...
+
+    def redraw(self) -> None:
+        """Fresh secret vectors (after a failure, so that what a probe taught the server is worthless)."""
+        self._generation += 1
+        self._draw()
+
+    def expect(self, inputs: np.ndarray) -> Expectation:
+        """Everything of the check that depends on the inputs alone; the enclave makes it while the server works."""
+        return Expectation(inputs, self._generation, self._rhs(inputs), self._tolerances(inputs))
+
+    def check(self, expected: Expectation, outputs: np.ndarray) -> float | None:
+        """``None`` unless every query's output is ``W u`` within its tolerance under every secret vector;
+        otherwise the largest tolerance, which is what a passing forgery can hide in an output."""
+        if expected.generation != self._generation:
+            expected = self.expect(expected.inputs)
+        if np.all(np.abs(self._lhs(outputs) - expected.rhs) <= expected.tolerances[:, None]):
+            return float(expected.tolerances.max())
+        return None
+
+    def residues(self, inputs: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+        """``R v - (R W) u`` for each query: ``[B, vectors]`` (zero for an exact result)."""
+        return self._lhs(outputs) - self._rhs(inputs)
+
+    def tolerances(self, inputs: np.ndarray) -> np.ndarray:
+        """Each query's tolerance: the largest residue an honest result can have."""
+        return self._tolerances(inputs)
+
+
+class LinearCheck(_Check):
     """Freivalds' check of one ``he`` stage, ``y = W x`` over the reals, with a derived tolerance."""
 
     def __init__(
@@ -82,25 +143,23 @@ class LinearCheck:
     ) -> None:
         self._weights = weights
         self._vectors = vectors
-        rows = weights.shape[0]
-        norm_w = float(np.sum(weights.values.astype(np.float64) ** 2))
         summed = layout.output_row[layout.output_row >= 0]
         # Output slots one query's rows are summed from: each brings its own rescale and key-switching noise.
         slots = len(summed) / max(1, layout.queries)
-        self._sd = slot_noise_sd(params)
-        rotated = self._sd**2 if layout.giant > 1 and layout.k > layout.baby else 0.0
-        self._slot_variance = slots * (rotated + rescale_noise_variance(params, 3 if encrypted else 2))
-        self._encrypted = encrypted
-        self._norm_w, self._rows = norm_w, rows
-        self.redraw()
+        sd = slot_noise_sd(params)
+        rotated = sd**2 if layout.giant > 1 and layout.k > layout.baby else 0.0
+        slot_variance = slots * (rotated + rescale_noise_variance(params, 3 if encrypted else 2))
+        self._fixed_variance = sd**2 * float(np.sum(weights.values.astype(np.float64) ** 2)) + slot_variance
+        self._input_variance = sd**2 * weights.shape[0] if encrypted else 0.0
+        self._draw()
 
-    def redraw(self) -> None:
-        """Fresh secret vectors; kept as ``[R | -R W]`` so that a check is one product with ``[y | x]``."""
+    def _draw(self) -> None:
         bits = random_words(self._vectors * self._weights.shape[0]) & np.uint64(1)
         r = bits.astype(np.float64).reshape(self._vectors, -1) * 2 - 1
-        self._stacked = np.ascontiguousarray(np.concatenate([r, -_left_product(r, self._weights)], axis=1).T)
+        self._r_t = np.ascontiguousarray(r.T)
+        self._rw_t = np.ascontiguousarray(_left_product(r, self._weights).T)
 
-    def tolerances(self, xs: np.ndarray) -> np.ndarray:
+    def _tolerances(self, xs: np.ndarray) -> np.ndarray:
         """For each query ``x``, the largest ``|r . (y - W x)|`` an honest evaluation can reach, for a
         Rademacher ``r``.
 
@@ -116,44 +175,37 @@ class LinearCheck:
         deviations: an honest output fails with probability about ``10^-23``
         per vector.
         """
-        variance = np.full(len(xs), self._sd**2 * self._norm_w + self._slot_variance)
-        if self._encrypted:
-            variance += self._sd**2 * self._rows * np.einsum("ij,ij->i", xs, xs)
+        variance = self._fixed_variance + self._input_variance * np.einsum("ij,ij->i", xs, xs)
         return Z * np.sqrt(2 * variance)
 
-    def residues(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-        """``R (y - W x)`` for each query: ``[B, vectors]``."""
-        return np.concatenate([ys, xs], axis=1) @ self._stacked
+    def _rhs(self, xs: np.ndarray) -> np.ndarray:
+        return xs @ self._rw_t
 
-    def check(self, xs: np.ndarray, ys: np.ndarray) -> float | None:
-        """``None`` unless every query's ``y`` is ``W x`` within its tolerance under every secret vector;
-        otherwise the largest tolerance, which is what a passing forgery can hide in an output."""
-        tolerances = self.tolerances(xs)
-        if np.all(np.abs(self.residues(xs, ys)) <= tolerances[:, None]):
-            return float(tolerances.max())
-        return None
+    def _lhs(self, ys: np.ndarray) -> np.ndarray:
+        return ys @ self._r_t
 
 
-class FieldCheck:
-    """Freivalds' check of one ``blinded`` stage, ``v = W_q u mod p``: exact."""
+class FieldCheck(_Check):
+    """Freivalds' check of one ``blinded`` stage, ``v = W_q u mod p``: exact, so its tolerance is zero."""
 
     def __init__(self, weights: SparseMatrix, vectors: int = FIELD_VECTORS) -> None:
         self._weights = weights
         self._vectors = vectors
-        self.redraw()
+        self._draw()
 
-    def redraw(self) -> None:
-        """Fresh secret vectors in ``Z_p`` and their products with ``W_q``."""
+    def _draw(self) -> None:
         r = uniform_residues(P, self._vectors * self._weights.shape[0]).astype(np.int64).reshape(self._vectors, -1)
         self._r = SparseMatrix.from_dense(r)
         self._rw = SparseMatrix.from_dense(_left_product_mod(r, self._weights))
 
-    def check(self, inputs: np.ndarray, outputs: np.ndarray) -> float | None:
-        """``None`` unless ``R v = (R W_q) u mod p`` for every query's padded input ``u`` and output ``v``;
-        otherwise zero: in the field nothing but the exact result passes, so a forgery hides nothing."""
-        if all(np.array_equal(self._r.apply_mod(v), self._rw.apply_mod(u)) for u, v in zip(inputs, outputs)):
-            return 0.0
-        return None
+    def _tolerances(self, inputs: np.ndarray) -> np.ndarray:
+        return np.zeros(len(inputs))
+
+    def _rhs(self, inputs: np.ndarray) -> np.ndarray:
+        return np.stack([self._rw.apply_mod(u) for u in inputs]).astype(np.float64)
+
+    def _lhs(self, outputs: np.ndarray) -> np.ndarray:
+        return np.stack([self._r.apply_mod(v) for v in outputs]).astype(np.float64)
 
 
 def _left_product(r: np.ndarray, weights: SparseMatrix) -> np.ndarray:

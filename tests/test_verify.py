@@ -75,14 +75,14 @@ def test_honest_outputs_pass_and_forgeries_just_above_the_tolerance_fail(keys, f
     assert np.abs(ys - xs @ w.T).max() < 1e-3, "the kernel itself is wrong, not the check"
     check = LinearCheck(SparseMatrix.from_dense(w), layout, form is WeightForm.ENCRYPTED, keys.params)
     tolerances = check.tolerances(xs)
-    assert check.check(xs, ys) == tolerances.max()
+    assert check.check(check.expect(xs), ys) == tolerances.max()
     # An honest output stays well inside the tolerance, so a false alarm is far out in the tail.
     assert (np.abs(check.residues(xs, ys)) / tolerances[:, None]).max() < 0.75
     for _ in range(5):
         forged = ys.copy()
         query = rng.integers(batch)
         forged[query, rng.integers(support.shape[0])] += 1.5 * tolerances[query] * rng.choice([-1, 1])
-        assert check.check(xs, forged) is None
+        assert check.check(check.expect(xs), forged) is None
 
 
 def test_another_input_or_wrong_weights_fail(keys):
@@ -92,9 +92,9 @@ def test_another_input_or_wrong_weights_fail(keys):
     xs = rng.normal(size=(1, 50))
     ys = _honest(keys, layout, w, xs, WeightForm.PLAIN)
     check = LinearCheck(SparseMatrix.from_dense(w), layout, False, keys.params)
-    assert check.check(xs, ys) is not None
-    assert check.check(rng.normal(size=(1, 50)), ys) is None
-    assert check.check(xs, xs @ rng.normal(size=(16, 50)).T) is None
+    assert check.check(check.expect(xs), ys) is not None
+    assert check.check(check.expect(rng.normal(size=(1, 50))), ys) is None
+    assert check.check(check.expect(xs), xs @ rng.normal(size=(16, 50)).T) is None
 
 
 def test_redrawn_vectors_still_accept_honest_outputs_and_differ(keys):
@@ -110,7 +110,12 @@ def test_redrawn_vectors_still_accept_honest_outputs_and_differ(keys):
     assert not np.array_equal(before, after)
     assert set(np.unique(after)) <= {-1.0, 1.0}
     xs = rng.normal(size=(2, 30))
-    assert check.check(xs, xs @ w.T) is not None
+    assert check.check(check.expect(xs), xs @ w.T) is not None
+    # An expectation made before a redraw (another request's failure) is made again, not trusted.
+    expected = check.expect(xs)
+    check.redraw()
+    assert check.check(expected, xs @ w.T) is not None
+    assert check.check(expected, xs @ w.T + 1.0) is None
 
 
 def test_field_check_is_exact():
@@ -120,9 +125,9 @@ def test_field_check_is_exact():
     check = FieldCheck(matrix)
     inputs = rng.integers(0, P, size=(3, 33), dtype=np.int64)
     outputs = (w.astype(object) @ inputs.T.astype(object) % P).T.astype(np.int64)
-    assert check.check(inputs, outputs) == 0.0
+    assert check.check(check.expect(inputs), outputs) == 0.0
     for _ in range(5):
         forged = outputs.copy()
         b, j = rng.integers(3), rng.integers(20)
         forged[b, j] = (forged[b, j] + rng.integers(1, P)) % P
-        assert check.check(inputs, forged) is None
+        assert check.check(check.expect(inputs), forged) is None
