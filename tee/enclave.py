@@ -46,7 +46,7 @@ from protocol.messages import Message, batch_size, field_of
 from protocol.transport import dispatch
 
 from .execution import Form, ModelRuntime
-from .release import seal_result
+from .release import FLOOD, seal_result
 from .requests import Request, RequestTable
 from .runtime import collect_evidence, detect
 from .state import EnclaveState
@@ -240,9 +240,10 @@ class Enclave:
     def _continue(self, request: Message, runtime: ModelRuntime, state: Request, index: int, xs: np.ndarray) -> Message:
         prepared_ms, state.offline_ms = state.offline_ms, 0.0
         if index == len(runtime.graph.stages):
-            result = seal_result(state.session, state.request_id, xs, runtime.graph.release, state.bound)
+            ys, noise_ms = runtime.flood(xs, state.bound)
+            result = seal_result(state.session, state.request_id, ys, runtime.graph.release, FLOOD * state.bound)
             self._requests.close(state)
-            return request.reply({"result": result, "enclave_offline_ms": prepared_ms})
+            return request.reply({"result": result, "enclave_offline_ms": prepared_ms + noise_ms})
         form, frames, offline_ms = runtime.handout(state, index, xs)
         content = {"next": index, "form": form.value, "enclave_offline_ms": offline_ms + prepared_ms}
         return request.reply(content, frames)

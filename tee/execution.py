@@ -29,7 +29,7 @@ from he.sparse import SparseMatrix
 from protocol.errors import CiphertextError, ErrorCode, IntegrityError, PlanError, ProtocolError
 
 from .nonlinear import apply_ops
-from .precompute import MaskPool
+from .precompute import MaskPool, NoisePool
 from .release import flood
 from .requests import Request
 from .verify import FieldCheck, LinearCheck
@@ -69,11 +69,13 @@ class ModelRuntime:
     checks: dict[int, LinearCheck | FieldCheck] = field(default_factory=dict)
     pool: dict[int, list[tuple[np.ndarray, np.ndarray, float]]] = field(default_factory=dict)
     masks: MaskPool = field(init=False)
+    noise: NoisePool = field(init=False)
     failures: int = 0
     verify: bool = True
 
     def __post_init__(self) -> None:
         self.masks = MaskPool(self.keys)
+        self.noise = NoisePool()
         encrypted = self.graph.weight_form is WeightForm.ENCRYPTED
         for i, stage in enumerate(self.graph.stages):
             if stage.placement is Placement.HE:
@@ -217,7 +219,16 @@ class ModelRuntime:
         request.inputs = None
         # The server sees this activation: it gets the release's flooding, or an exact decryption of a
         # layer output it may have forged under the check's tolerance would show it the key.
-        return Form.PLAIN, [np.ascontiguousarray(flood(xs, request.bound), dtype="<f8").tobytes()], 0.0
+        flooded, offline_ms = self.flood(xs, request.bound)
+        return Form.PLAIN, [np.ascontiguousarray(flooded, dtype="<f8").tobytes()], offline_ms
+
+    def flood(self, xs: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
+        """``xs`` with the release's noise for checks that tolerated ``bound`` (``tee.release``), and the
+        offline milliseconds its draws took; unchanged when nothing the server computed was tolerated."""
+        if bound <= 0.0:
+            return xs, 0.0
+        normals, offline_ms = self.noise.take(xs.size)
+        return flood(xs, bound, normals), offline_ms
 
     def _blind(self, index: int, xs: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[int], float]:
         """``x_q + r mod p`` for each query, the pads' ``W r``, the scales, and the offline ms the pads took."""
@@ -241,7 +252,8 @@ class ModelRuntime:
         return r, self.weights[index].apply_mod(r)
 
     def refill(self) -> bool:
-        """Precompute one pad for a blinded layer or one key mask; False when every pool is full."""
+        """Precompute one pad for a blinded layer, one key mask or a chunk of flooding noise; False when every
+        pool is full."""
         for index, stage in enumerate(self.graph.stages):
             if stage.placement is Placement.BLINDED:
                 pool = self.pool.setdefault(index, [])
@@ -249,7 +261,7 @@ class ModelRuntime:
                     started = time.perf_counter()
                     pool.append((*self._new_pad(index), (time.perf_counter() - started) * 1e3))
                     return True
-        return self.graph.reencrypts and self.masks.refill()
+        return (self.graph.reencrypts and self.masks.refill()) or (self.verify and self.noise.refill())
 
     def _unblind(self, index: int, values: np.ndarray, pending: tuple) -> np.ndarray:
         products, scales = pending

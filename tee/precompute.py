@@ -1,4 +1,4 @@
-"""Key masks made between requests: the enclave's offline phase for ``he`` stages.
+"""Key masks and flooding noise made between requests: the enclave's offline phase.
 
 A symmetric CKKS encryption is ``(m + e - a s, a)``. The uniform mask ``a`` and
 its product with the secret key depend on neither the message nor the noise, so
@@ -10,6 +10,8 @@ reports what its precomputed masks cost: the enclave's total work stays visible.
 
 A mask is as secret as the key (with ``a``, ``-(a s)`` gives ``s``): each is
 used once, never leaves the enclave's memory and is never written to disk.
+The release's flooding noise (``tee.release``) depends on nothing at all, so
+its standard normal draws are made the same way (:class:`NoisePool`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from collections import deque
 import numpy as np
 
 from he.context import SecretKeySet
+from he.sampling import gaussian
 
 POOL_SIZE = 16
+NOISE_POOL = 4096
+NOISE_CHUNK = 1024
 
 
 class MaskPool:
@@ -51,3 +56,32 @@ class MaskPool:
         else:
             mask, offline_ms = self._keys.key_mask(), 0.0
         return self._keys.encrypt_masked(mask, values), offline_ms
+
+
+class NoisePool:
+    """Standard normal draws for the release's flooding, made in chunks between requests; each used once."""
+
+    def __init__(self, size: int = NOISE_POOL) -> None:
+        self._size = size
+        self._ready = np.empty(0)
+        self._ms_each = 0.0
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+    def refill(self) -> bool:
+        """Draw one chunk if the pool is short; False when it is full."""
+        if len(self._ready) >= self._size:
+            return False
+        started = time.perf_counter()
+        chunk = gaussian(NOISE_CHUNK)
+        self._ms_each = (time.perf_counter() - started) * 1e3 / NOISE_CHUNK
+        self._ready = np.concatenate([self._ready, chunk])
+        return True
+
+    def take(self, count: int) -> tuple[np.ndarray, float]:
+        """``count`` draws, and the offline milliseconds those from the pool took (the rest are drawn now)."""
+        ready = min(count, len(self._ready))
+        draws = np.concatenate([self._ready[:ready], gaussian(count - ready)])
+        self._ready = self._ready[ready:]
+        return draws, ready * self._ms_each

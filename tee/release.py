@@ -16,7 +16,6 @@ import msgpack
 import numpy as np
 
 from he.graph import ReleaseMode, ReleasePolicy
-from he.sampling import gaussian
 from protocol.channel import Session
 
 
@@ -33,18 +32,13 @@ def reduce_output(y: np.ndarray, policy: ReleasePolicy, noise_sd: float = 0.0) -
 FLOOD = 16.0
 
 
-def flood(ys: np.ndarray, bound: float) -> np.ndarray:
-    """``ys`` plus Gaussian noise of standard deviation ``FLOOD * bound`` (none when nothing was outsourced)."""
-    if bound <= 0.0:
-        return ys
-    return ys + FLOOD * bound * gaussian(ys.size).reshape(ys.shape)
+def flood(ys: np.ndarray, bound: float, normals: np.ndarray) -> np.ndarray:
+    """``ys`` plus ``normals`` (standard normal draws, one per value) scaled to ``FLOOD * bound``."""
+    return ys + FLOOD * bound * normals.reshape(ys.shape)
 
 
-def seal_result(session: Session, request_id: str, ys: np.ndarray, policy: ReleasePolicy, bound: float) -> bytes:
-    """Seal the released outputs of a batch to the data owner's session; the request id is authenticated.
-
-    ``bound`` is the largest perturbation the request's checks tolerated.
-    """
-    ys = flood(np.asarray(ys, dtype=np.float64), bound)
-    payload = msgpack.packb({"results": [reduce_output(y, policy, FLOOD * bound) for y in ys]}, use_bin_type=True)
+def seal_result(session: Session, request_id: str, ys: np.ndarray, policy: ReleasePolicy, noise_sd: float) -> bytes:
+    """Seal the released outputs of a batch, already flooded with noise of ``noise_sd``, to the data owner's
+    session; the request id is authenticated."""
+    payload = msgpack.packb({"results": [reduce_output(y, policy, noise_sd) for y in ys]}, use_bin_type=True)
     return session.seal(payload, associated=b"result:" + request_id.encode())

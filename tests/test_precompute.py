@@ -1,11 +1,11 @@
-"""Key masks made between requests: correct, fresh, used once, and their cost reported."""
+"""Key masks and flooding noise made between requests: correct, fresh, used once, and their cost reported."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tee.precompute import MaskPool
+from tee.precompute import NOISE_CHUNK, MaskPool, NoisePool
 
 
 def _decrypt(keys, data: bytes, n: int) -> np.ndarray:
@@ -56,3 +56,21 @@ def test_an_empty_pool_encrypts_on_the_spot_and_reports_no_offline_work(keys):
     data, offline_ms = pool.encrypt(values)
     assert offline_ms == 0.0
     assert np.abs(_decrypt(keys, data, 10) - values).max() < 1e-6
+
+
+def test_noise_pool_draws_standard_normals_once_and_reports_their_cost():
+    pool = NoisePool(size=2 * NOISE_CHUNK)
+    while pool.refill():
+        pass
+    assert len(pool) == 2 * NOISE_CHUNK
+    first, offline_ms = pool.take(NOISE_CHUNK)
+    assert offline_ms > 0 and len(pool) == NOISE_CHUNK
+    second, _ = pool.take(NOISE_CHUNK)
+    assert not np.intersect1d(first, second).size, "a draw was handed out twice"
+    # Beyond the pool, draws are made on the spot and cost no offline time.
+    third, offline_ms = pool.take(3 * NOISE_CHUNK)
+    assert offline_ms == 0.0 and len(pool) == 0
+    draws = np.concatenate([first, second, third])
+    # Mean 0, variance 1 and tails as a normal's (P(|z| > 2) = 4.55%), each to within about six standard errors.
+    assert abs(draws.mean()) < 6 / np.sqrt(draws.size) and abs(draws.var() - 1) < 6 * np.sqrt(2 / draws.size)
+    assert 0.0455 - 0.017 < np.mean(np.abs(draws) > 2) < 0.0455 + 0.017
