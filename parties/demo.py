@@ -46,6 +46,7 @@ def _summarise(
         "agreement": float((enc_logits.argmax(1) == plain_logits.argmax(1)).mean()),
         "max_abs_logit_error": float(np.abs(enc_logits - plain_logits).max()),
         "logit_range": spread,
+        "release_noise_sd": max(inf.noise_sd for inf in inferences),
         "latency_ms_p50": _percentile([inf.latency_ms for inf in inferences], 50),
         "latency_ms_p95": _percentile([inf.latency_ms for inf in inferences], 95),
         **work.to_dict(),
@@ -66,6 +67,7 @@ def _table(report: dict) -> Table:
         ("encrypted accuracy", f"{report['accuracy_encrypted']:.3f}"),
         ("label agreement", f"{report['agreement']:.3f}"),
         ("largest logit difference", f"{report['max_abs_logit_error']:.2e} (logit range {report['logit_range']:.1f})"),
+        ("  of it, the release's flooding noise (sd)", f"{report['release_noise_sd']:.2e}"),
         ("latency per image p50 / p95", f"{report['latency_ms_p50']:.1f} / {report['latency_ms_p95']:.1f} ms"),
         ("  server HE work", f"{report['server_he_ms_per_image']:.1f} ms"),
         (

@@ -27,12 +27,16 @@ def test_demo_json_report_has_the_documented_keys_and_full_agreement():
         "accuracy_encrypted",
         "agreement",
         "max_abs_logit_error",
+        "release_noise_sd",
         "latency_ms_p50",
         "latency_ms_p95",
         "enclave_share",
     ):
         assert key in report
     assert report["samples"] == 12 and report["agreement"] == 1.0
+    # The flooding noise is what the logits may differ by beyond CKKS's own error, and it is small.
+    assert 0 < report["release_noise_sd"] < 1e-2
+    assert report["max_abs_logit_error"] < 1e-3 + 6 * report["release_noise_sd"]
     assert 0 < report["enclave_share"] < 1 and report["latency_ms_p50"] <= report["latency_ms_p95"]
 
 
