@@ -211,12 +211,12 @@ class Enclave:
         self._requests.open(state)
         with _ending_on_failure(self._requests, state):
             index, xs = runtime.advance(0, xs)
-            if index == 0 and runtime.graph.stages[0].placement is Placement.PLAIN:
-                if authorisation.get("allow_plain_input") is not True:
-                    raise PlanError(
-                        "The model's first layer is 'plain', so the server would see the input; the data owner "
-                        "did not allow that (DataOwner(..., allow_plain_input=True) does)."
-                    )
+            plain_input = index == 0 and runtime.graph.stages[0].placement is Placement.PLAIN
+            if plain_input and authorisation.get("allow_plain_input") is not True:
+                raise PlanError(
+                    "The model's first layer is 'plain', so the server would see the input; the data owner "
+                    "did not allow that (DataOwner(..., allow_plain_input=True) does)."
+                )
             return self._continue(request, runtime, state, index, xs)
 
     def _activate(self, request: Message) -> Message:
