@@ -119,10 +119,34 @@ def _body(data: bytes, limit: int, what: str) -> bytes | memoryview:
         return body
     if mode != COMPRESS_ZSTD:
         raise CiphertextError(f"The {what} frame uses compression mode {mode}; only none and zstd are read.")
+    return _inflate(body, limit, what)
+
+
+def _inflate(body: memoryview, limit: int, what: str) -> bytes:
+    """A zstd frame's content, never more than ``limit`` bytes whatever its header claims.
+
+    ``ZstdDecompressor.decompress`` ignores ``max_output_size`` when the frame
+    declares its content size, and allocates what the header says: an 8 KB
+    frame declaring 256 MB got 256 MB. So the declared size (SEAL always
+    writes one) must be within ``limit``, and a streaming read that stops at
+    ``limit + 1`` bytes must yield exactly that size.
+    """
     try:
-        return _decompressor().decompress(body, max_output_size=limit)
+        declared = zstandard.get_frame_parameters(body).content_size
+        if declared == zstandard.CONTENTSIZE_UNKNOWN:
+            raise CiphertextError(f"The {what} frame's zstd header does not declare its size, as SEAL's do.")
+        if declared > limit:
+            raise CiphertextError(
+                f"The {what} frame declares {declared} bytes once decompressed; a ciphertext of its level "
+                f"holds at most {limit}. Refusing it unread."
+            )
+        with _decompressor().stream_reader(body) as reader:
+            content = reader.read(limit + 1)
     except zstandard.ZstdError:
-        raise CiphertextError(f"The {what} frame's zstd stream is corrupt or larger than a ciphertext.") from None
+        raise CiphertextError(f"The {what} frame's zstd stream is corrupt.") from None
+    if len(content) != declared:
+        raise CiphertextError(f"The {what} frame's zstd stream does not hold the size its header declares.")
+    return content
 
 
 def _array(body: bytes | memoryview, offset: int, count: int, what: str) -> np.ndarray:

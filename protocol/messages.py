@@ -22,6 +22,11 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_BUFFERS = 8192
 MAX_BUFFER_BYTES = 64 << 20
+# A whole message, header and buffers. The largest honest ones carry a model: the owner's encrypted
+# weights (``deploy``; 54 ciphertexts of about 330 KB, 18 MB, for the largest benchmark, the VGG-style CNN
+# at batch 8) and, to a worker, the bundle with the model's public context (its Galois keys, tens of MB).
+# 1 GiB leaves room for models many times larger; without it, 8192 buffers of 64 MB would be 512 GiB.
+MAX_MESSAGE_BYTES = 1 << 30
 OK = "ok"
 ERROR = "error"
 
@@ -111,6 +116,9 @@ def decode(frames: Sequence[bytes]) -> Message:
         )
     if nbuf > MAX_BUFFERS:
         raise ProtocolError(f"{nbuf} buffers exceed the limit of {MAX_BUFFERS}.", ErrorCode.TOO_LARGE)
+    total = size_of(frames)
+    if total > MAX_MESSAGE_BYTES:
+        raise ProtocolError(too_large(total), ErrorCode.TOO_LARGE)
     largest = max((len(f) for f in frames[1:]), default=0)
     if largest > MAX_BUFFER_BYTES:
         raise ProtocolError(
@@ -119,6 +127,14 @@ def decode(frames: Sequence[bytes]) -> Message:
             ErrorCode.TOO_LARGE,
         )
     return Message(kind, content, tuple(bytes(f) for f in frames[1:]), mid, parent)
+
+
+def too_large(total: int) -> str:
+    """The sentence refusing a message of ``total`` bytes, more than ``MAX_MESSAGE_BYTES``."""
+    return (
+        f"A message of {total} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes for one message; "
+        "send at most that much in one message."
+    )
 
 
 def try_parse_id(frames: Sequence[bytes]) -> str | None:

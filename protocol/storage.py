@@ -1,4 +1,11 @@
-"""Durable local files: written so that a crash leaves the old content or the new, never half."""
+"""Durable local files: written so that a crash leaves the old content or the new, never half.
+
+Other processes read some of these files (the server's public key, ready
+files) while they are replaced, and several writers may replace one at once:
+each writer makes its own temporary file (a random name, ``O_EXCL``, so none
+follows a planted link or shares another's), fsyncs it, renames it over the
+target and fsyncs the directory, so the rename itself survives a crash.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,36 @@ import os
 import secrets
 from pathlib import Path
 
+SECRET_MODE = 0o600
+PUBLIC_MODE = 0o644
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a private temporary file, fsync and rename."""
+
+def write_atomic(path: Path, data: bytes, mode: int = SECRET_MODE) -> None:
+    """Write ``data`` to ``path`` via a private temporary file, fsync and rename; the file gets exactly ``mode``
+    (owner-only unless a caller says the content is public), whatever the umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE)
     try:
-        os.write(fd, data)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable: until the directory is synced, a crash can undo it."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)

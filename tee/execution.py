@@ -25,6 +25,7 @@ from he.blinding import P, activation_scale, centred
 from he.context import SecretKeySet
 from he.graph import ModelGraph, Placement
 from he.linear import WeightForm, unpack_mask
+from he.sampling import uniform_residues
 from he.sparse import SparseMatrix
 from protocol.errors import CiphertextError, ErrorCode, IntegrityError, PlanError, ProtocolError
 
@@ -248,7 +249,7 @@ class ModelRuntime:
         return (*self._new_pad(index), 0.0)
 
     def _new_pad(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        r = np.random.default_rng().integers(0, P, size=self.weights[index].shape[1], dtype=np.int64)
+        r = uniform_residues(P, self.weights[index].shape[1]).astype(np.int64)  # a one-time pad: CSPRNG only
         return r, self.weights[index].apply_mod(r)
 
     def refill(self) -> bool:
