@@ -5,22 +5,37 @@ The enclave binds its X25519 identity key and its public CKKS context into the
 followed by 32 zero bytes. An owner that accepts the evidence therefore knows
 which keys it is about to trust. Three runtimes exist: ``gramine-sgx`` (a DCAP
 quote), ``gramine-direct`` and ``native`` (no quote: nothing is attested).
+
+A genuine SGX quote only proves that *some* enclave runs on a genuine CPU: the
+operator can build and sign an enclave of its own that exports its keys. So a
+policy accepts SGX evidence only when it pins the enclave, by MRENCLAVE or by
+MRSIGNER together with ISV_PROD_ID (:data:`PINNING`), and every field of a
+policy is checked for its type, so ``allow_debug = "false"`` is an error, not
+``bool("false")``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import struct
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import AttestationError
 
 log = logging.getLogger(__name__)
+
+PINNING = (
+    "Pin the enclave: mrenclave (exactly one build), or mrsigner together with isv_prod_id (any build its "
+    "signer releases as that product; add min_isv_svn). `heclave enclave --measure --policy-out policy.toml`, "
+    "run where the enclave was built and signed, writes a policy file with these values from its SIGSTRUCT; "
+    "owners pass it with --policy policy.toml."
+)
 
 
 class Runtime(str, Enum):
@@ -116,6 +131,44 @@ class VerifierPolicy:
     pccs_url: str | None = None
     allowed_tcb: tuple[str, ...] = ("UpToDate",)
 
+    def __post_init__(self) -> None:
+        """Refuse any field of the wrong type, naming it: a policy that means something else must not load."""
+        for name in ("mrenclave", "mrsigner"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, bytes) and len(value) == 32):
+                _wrong(name, "32 bytes, written as 64 hexadecimal characters", value)
+        for name in ("isv_prod_id", "min_isv_svn"):
+            value = getattr(self, name)
+            if value is None and name == "isv_prod_id":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 16:
+                _wrong(name, "an integer from 0 to 65535", value)
+        for name in ("allow_debug", "allow_unattested"):
+            if not isinstance(getattr(self, name), bool):
+                _wrong(name, "true or false (a boolean, unquoted)", getattr(self, name))
+        if self.pccs_url is not None and not isinstance(self.pccs_url, str):
+            _wrong("pccs_url", "a string", self.pccs_url)
+        if not isinstance(self.allowed_tcb, tuple) or not all(isinstance(s, str) for s in self.allowed_tcb):
+            _wrong("allowed_tcb", 'a list of TCB status strings such as ["UpToDate"]', self.allowed_tcb)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether this policy names the enclave it trusts: MRENCLAVE, or MRSIGNER with ISV_PROD_ID."""
+        return self.mrenclave is not None or (self.mrsigner is not None and self.isv_prod_id is not None)
+
+    def require_pinned(self) -> None:
+        """Raise :class:`AttestationError` saying what to pin unless :attr:`pinned`."""
+        if self.pinned:
+            return
+        if self.mrsigner is not None:
+            problem = "mrsigner without isv_prod_id accepts every enclave its signer signed, for any product."
+        else:
+            problem = (
+                "the policy pins no enclave, so it would accept any SGX enclave on a genuine CPU, including one "
+                "the operator built to export its keys."
+            )
+        raise AttestationError(f"pinning: {problem} {PINNING}")
+
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> VerifierPolicy:
         """Read a policy file; keyword ``overrides`` (from CLI flags, ``None`` = unset) win."""
@@ -123,43 +176,30 @@ class VerifierPolicy:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise AttestationError(f"Cannot read the verifier policy {path}: {exc}.") from None
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise AttestationError(
-                f"Unknown keys {sorted(unknown)} in {path}; valid keys: {', '.join(cls.__dataclass_fields__)}."
-            )
         data |= {k: v for k, v in overrides.items() if v is not None}
-        return cls.from_mapping(data)
+        return cls.from_mapping(data, str(path))
 
     @classmethod
-    def from_mapping(cls, data: dict[str, Any]) -> VerifierPolicy:
-        """A policy from plain values: measurements as hex strings, the rest as in the dataclass."""
+    def from_mapping(cls, data: dict[str, Any], source: str = "the verifier policy") -> VerifierPolicy:
+        """A policy from plain values (a TOML file's or flags'): measurements as 64 hexadecimal characters,
+        lists for ``allowed_tcb``, each field of its own type; anything else is refused naming the field."""
+        valid = [f.name for f in fields(cls)]
+        unknown = set(data) - set(valid)
+        if unknown:
+            raise AttestationError(f"Unknown keys {sorted(unknown)} in {source}; valid keys: {', '.join(valid)}.")
+        values = {k: v for k, v in data.items() if v is not None}
+        for name in ("mrenclave", "mrsigner"):
+            if name in values:
+                values[name] = _measurement(name, values[name])
+        if isinstance(values.get("allowed_tcb"), list):
+            values["allowed_tcb"] = tuple(values["allowed_tcb"])
+        return cls(**values)
 
-        def measurement(name: str) -> bytes | None:
-            value = data.get(name)
-            if value is None or isinstance(value, bytes):
-                return value
-            try:
-                raw = bytes.fromhex(str(value))
-            except ValueError:
-                raw = b""
-            if len(raw) != 32:
-                raise AttestationError(f"{name} must be 64 hexadecimal characters (32 bytes), got {value!r}.")
-            return raw
-
-        try:
-            return cls(
-                mrenclave=measurement("mrenclave"),
-                mrsigner=measurement("mrsigner"),
-                isv_prod_id=None if data.get("isv_prod_id") is None else int(data["isv_prod_id"]),
-                min_isv_svn=int(data.get("min_isv_svn", 0)),
-                allow_debug=bool(data.get("allow_debug", False)),
-                allow_unattested=bool(data.get("allow_unattested", False)),
-                pccs_url=data.get("pccs_url"),
-                allowed_tcb=tuple(data.get("allowed_tcb", ("UpToDate",))),
-            )
-        except (TypeError, ValueError) as exc:
-            raise AttestationError(f"Invalid verifier policy value: {exc}.") from None
+    def to_toml(self) -> str:
+        """This policy as a file :meth:`from_toml` reads back to an equal policy (unset fields left out)."""
+        return "".join(
+            f"{f.name} = {_toml(getattr(self, f.name))}\n" for f in fields(self) if getattr(self, f.name) is not None
+        )
 
     def verify(self, evidence: Evidence, public_parameters: bytes) -> None:
         """Accept the evidence for these public parameters, or raise :class:`AttestationError` naming the check."""
@@ -181,6 +221,7 @@ class VerifierPolicy:
                 evidence.runtime.value,
             )
             return
+        self.require_pinned()  # before anything else in the quote: an unpinned policy trusts no SGX evidence
         self._check_quote(evidence.quote, evidence.report_data)
 
     def _check_quote(self, quote: bytes, expected_report_data: bytes) -> None:
@@ -204,3 +245,31 @@ class VerifierPolicy:
             raise AttestationError(
                 f"tcb_status: the platform's TCB status is {status!r}; the policy accepts {list(self.allowed_tcb)}."
             )
+
+
+def _wrong(name: str, expected: str, value: Any) -> NoReturn:
+    raise AttestationError(
+        f"Policy field {name!r} must be {expected}, not {type(value).__name__} {value!r:.80}; fix it in the policy."
+    )
+
+
+def _measurement(name: str, value: Any) -> Any:
+    """A measurement given as 64 hexadecimal characters, as bytes; other types are left for the type check."""
+    if not isinstance(value, str):
+        return value
+    if len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value):
+        raise AttestationError(f"{name} must be 64 hexadecimal characters (32 bytes), got {value!r:.80}.")
+    return bytes.fromhex(value)
+
+
+def _toml(value: Any) -> str:
+    """A TOML value for a policy field (strings as JSON writes them, which TOML reads, DEL escaped too)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, bytes):
+        return f'"{value.hex()}"'
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return "[" + ", ".join(_toml(v) for v in value) + "]"

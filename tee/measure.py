@@ -5,6 +5,8 @@
 the manifest. Its ENCLAVEHASH is the MRENCLAVE the CPU computes when it loads
 the enclave (EINIT refuses the enclave otherwise), so it is the value to put in
 the owners' policy. MRSIGNER is SHA-256 of the signer's RSA modulus as stored.
+:func:`pinning_policy` turns the fields into the policy owners load
+(``heclave enclave --measure --policy-out policy.toml`` writes it).
 Offsets are architectural: HEADER 0, HEADER2 24, MODULUS 128, EXPONENT 512, SIGNATURE 516,
 MISCSELECT 900, MISCMASK 904, 4 reserved bytes, ISVFAMILYID 912, ATTRIBUTES
 928, ATTRIBUTEMASK 944, ENCLAVEHASH 960, 16 reserved bytes, ISVEXTPRODID 992,
@@ -19,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.errors import AttestationError
+from protocol.evidence import VerifierPolicy
 
+GRAMINE_DIR = Path(__file__).resolve().parent / "gramine"
 SIG_FILE = "heclave-enclave.sig"
 SIGSTRUCT_SIZE = 1808
 SIGSTRUCT_HEADER = bytes.fromhex("06000000e10000000000010000000000")
@@ -75,3 +79,20 @@ def read_sigstruct(gramine_dir: Path) -> Sigstruct:
 def measure(gramine_dir: Path) -> str:
     """MRENCLAVE (64 hex digits) of the enclave built in ``gramine_dir``: the value owners pin."""
     return read_sigstruct(gramine_dir).mrenclave.hex()
+
+
+def pinning_policy(sig: Sigstruct) -> VerifierPolicy:
+    """The owners' policy for this signed enclave: exactly its MRENCLAVE, also its signer and product id, and
+    its security version as the lowest accepted. A debug enclave's policy still refuses debug enclaves."""
+    return VerifierPolicy(
+        mrenclave=sig.mrenclave, mrsigner=sig.mrsigner, isv_prod_id=sig.isv_prod_id, min_isv_svn=sig.isv_svn
+    )
+
+
+def policy_text(sig: Sigstruct, source: Path) -> str:
+    """The owners' policy file for this signed enclave (:func:`pinning_policy`), saying where it came from."""
+    return (
+        f"# Verifier policy for the SGX enclave signed in {source} (`heclave enclave --measure`).\n"
+        "# It pins exactly this build. To accept later builds of the same signer and product instead,\n"
+        "# remove mrenclave and keep mrsigner, isv_prod_id and min_isv_svn.\n"
+    ) + pinning_policy(sig).to_toml()

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import stat
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from protocol.errors import AttestationError
-from tee.measure import SIG_FILE, Sigstruct, measure, read_sigstruct
+from protocol.evidence import Evidence, Runtime, VerifierPolicy, report_data
+from tee.measure import SIG_FILE, Sigstruct, measure, pinning_policy, read_sigstruct
+from tests.test_attestation import CONTEXT, IDENTITY, build_quote
 
 HEADER = bytes.fromhex("06000000e10000000000010000000000")
 HEADER2 = bytes.fromhex("01010000600000006000000001000000")
@@ -91,3 +97,74 @@ def test_not_a_sigstruct_is_refused(tmp_path, mangle):
     (tmp_path / SIG_FILE).write_bytes(mangle(sigstruct(MRENCLAVE, 1, 1, MODULUS)))
     with pytest.raises(AttestationError, match="not an SGX SIGSTRUCT"):
         measure(tmp_path)
+
+
+HECLAVE = str(Path(sys.executable).parent / "heclave")
+
+
+def _measure_to(gramine_dir: Path, policy: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [HECLAVE, "enclave", "--gramine-dir", str(gramine_dir), *extra, "--policy-out", str(policy)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_measure_writes_a_policy_that_pins_the_signed_enclave(tmp_path):
+    (tmp_path / SIG_FILE).write_bytes(sigstruct(MRENCLAVE, 5, 9, MODULUS))
+    policy_file = tmp_path / "policy.toml"
+    done = _measure_to(tmp_path, policy_file, "--measure")
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(policy_file.stat().st_mode) == 0o644  # owners and their tools read it
+    policy = VerifierPolicy.from_toml(policy_file)
+    assert policy == pinning_policy(read_sigstruct(tmp_path))
+    assert (policy.mrenclave, policy.mrsigner) == (MRENCLAVE, hashlib.sha256(MODULUS).digest())
+    assert (policy.isv_prod_id, policy.min_isv_svn, policy.allow_debug, policy.allow_unattested) == (5, 9, False, False)
+    assert policy.pinned and not list(tmp_path.glob(".*.tmp"))
+
+
+def _evidence(**quote_fields) -> Evidence:
+    return Evidence(Runtime.GRAMINE_SGX, IDENTITY, report_data(IDENTITY, CONTEXT), build_quote(**quote_fields))
+
+
+def test_the_written_policy_accepts_only_the_measured_enclave_up_to_the_signature_check(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dcap_qvl", None)
+    (tmp_path / SIG_FILE).write_bytes(sigstruct(MRENCLAVE, 5, 9, MODULUS))
+    assert _measure_to(tmp_path, tmp_path / "policy.toml", "--measure").returncode == 0
+    policy = VerifierPolicy.from_toml(tmp_path / "policy.toml")
+    signer = hashlib.sha256(MODULUS).digest()
+    with pytest.raises(AttestationError, match="dcap"):  # every field matched; only the signature is left
+        policy.verify(_evidence(mrenclave=MRENCLAVE, mrsigner=signer, prod_id=5, svn=9), CONTEXT)
+    for tampered, field in [
+        ({"mrenclave": bytes(32), "mrsigner": signer, "prod_id": 5, "svn": 9}, "mrenclave"),
+        ({"mrenclave": MRENCLAVE, "mrsigner": bytes(32), "prod_id": 5, "svn": 9}, "mrsigner"),
+        ({"mrenclave": MRENCLAVE, "mrsigner": signer, "prod_id": 5, "svn": 8}, "isv_svn"),
+        ({"mrenclave": MRENCLAVE, "mrsigner": signer, "prod_id": 5, "svn": 9, "debug": True}, "debug"),
+    ]:
+        with pytest.raises(AttestationError, match=field):
+            policy.verify(_evidence(**tampered), CONTEXT)
+
+
+def test_a_debug_enclave_gets_a_policy_that_refuses_it_and_a_warning(tmp_path):
+    (tmp_path / SIG_FILE).write_bytes(sigstruct(MRENCLAVE, 1, 1, MODULUS, debug=True))
+    done = _measure_to(tmp_path, tmp_path / "policy.toml", "--measure")
+    assert done.returncode == 0 and "debug enclave" in done.stderr
+    assert VerifierPolicy.from_toml(tmp_path / "policy.toml").allow_debug is False
+
+
+def test_policy_out_needs_measure_and_a_signed_enclave(tmp_path):
+    done = _measure_to(tmp_path, tmp_path / "policy.toml")
+    assert done.returncode == 2 and "--measure" in done.stderr
+    done = _measure_to(tmp_path, tmp_path / "policy.toml", "--measure")
+    assert done.returncode == 1 and "SGX=1" in done.stderr and not (tmp_path / "policy.toml").exists()
+
+
+def test_require_attestation_pins_the_signed_enclave_or_says_what_to_pin(tmp_path, monkeypatch):
+    import tee.measure
+    from parties.demo import pinned_policy
+
+    monkeypatch.setattr(tee.measure, "GRAMINE_DIR", tmp_path)
+    with pytest.raises(AttestationError) as refused:
+        pinned_policy()
+    assert "mrenclave" in refused.value.message and "--policy-out" in refused.value.message
+    assert "SGX=1" in refused.value.message  # how to build the enclave that gives the values
+    (tmp_path / SIG_FILE).write_bytes(sigstruct(MRENCLAVE, 2, 3, MODULUS))
+    policy = pinned_policy()
+    assert policy.pinned and policy.mrenclave == MRENCLAVE and not policy.allow_unattested
