@@ -8,6 +8,11 @@ request at a time (SEAL holds the GIL, so more threads would not add speed);
 its replies return to the front loop through an in-process socket, because a
 ZeroMQ socket belongs to one thread. A request that waited in the queue longer
 than its deadline is answered ``busy`` instead of being run for nobody.
+
+Both of the server's sockets use its one CURVE key pair (kept in the state
+directory): parties pin its public key, and the enclave allows only that key
+on its own socket. With ``allow_clients`` the parties' socket completes a
+handshake only with the listed client keys; without, it is open to any key.
 """
 
 from __future__ import annotations
@@ -27,19 +32,18 @@ from pathlib import Path
 
 import zmq
 
+from protocol.curve import AllowedKeys, CurveKeys
 from protocol.errors import ErrorCode, HeclaveError
 from protocol.messages import Message, decode, encode, error_message, try_parse_id
 from protocol.storage import write_atomic
-from protocol.transport import CurveKeys, handle_frames, router, write_public_key
+from protocol.transport import Received, handle_frames, read_public_key, receive, router, write_public_key
 
 from .bundles import BundleStore
 from .executors import Executor, InlineExecutor, ProcessExecutor
-from .processes import EnclaveSupervisor
+from .processes import SERVER_CURVE_SECRET, EnclaveSupervisor
 from .server import Server
 
 log = logging.getLogger(__name__)
-
-CURVE_SECRET_FILE = "server-curve.secret"
 
 
 @dataclass(frozen=True)
@@ -57,19 +61,15 @@ class ServerConfig:
     spawn_enclave: bool = False
     workers: int | None = None
     ray: str | None = None
+    enclave_key: Path | None = None
+    allow_clients: tuple[Path, ...] = ()
 
 
 def curve_keys(state_dir: Path | None) -> CurveKeys:
-    """The server's transport identity: kept in the state directory so pinned keys survive restarts."""
+    """The server's transport identity: kept in the state directory so pinned and allowed keys survive restarts."""
     if state_dir is None:
         return CurveKeys.generate()
-    path = state_dir / CURVE_SECRET_FILE
-    if path.exists():
-        secret = path.read_bytes().strip()
-        return CurveKeys(zmq.curve_public(secret), secret)
-    keys = CurveKeys.generate()
-    write_atomic(path, keys.secret)
-    return keys
+    return CurveKeys.load_or_create(state_dir / SERVER_CURVE_SECRET)
 
 
 @dataclass
@@ -77,6 +77,7 @@ class _Job:
     identity: bytes
     request: Message
     queued_at: float
+    client: str
 
 
 class _Lane(threading.Thread):
@@ -97,7 +98,6 @@ class _Lane(threading.Thread):
         self.replies.connect(reply_endpoint)
 
     def run(self) -> None:
-        handler = functools.partial(self.server.handle, lane=self.lane)
         while True:
             job = self.jobs.get()
             if job is None:
@@ -108,6 +108,7 @@ class _Lane(threading.Thread):
                 )
                 frames = encode(error_message(busy, job.request.id))
             else:
+                handler = functools.partial(self.server.handle, lane=self.lane, client=job.client)
                 frames = handle_frames(encode(job.request), handler)
             self.replies.send_multipart([job.identity, *frames])
         self.replies.close(linger=0)
@@ -127,30 +128,49 @@ def make_executor(config: ServerConfig, workdir: Path) -> Executor:
 def run_server(config: ServerConfig, should_stop: Callable[[], bool]) -> None:
     """Serve parties until ``should_stop`` returns true."""
     state = config.state_dir or Path(tempfile.mkdtemp(prefix="heclave-server-"))
+    keys = curve_keys(config.state_dir)
     supervisor = None
     if config.spawn_enclave:
-        supervisor = EnclaveSupervisor(state / "enclave-run", state / "enclave-state")
+        supervisor = EnclaveSupervisor(state / "enclave-run", state / "enclave-state", keys.public)
+        enclave_key = supervisor.public_key
         config = dataclasses.replace(config, enclave=supervisor.endpoint)
         log.info("supervising the enclave (pid %d) on %s", supervisor.pid(), supervisor.endpoint)
+    elif config.enclave_key is not None:
+        enclave_key = read_public_key(config.enclave_key)
+    else:
+        raise HeclaveError(
+            "The enclave's socket takes CURVE clients only: give its public key with --enclave-key FILE "
+            "(the enclave writes it with --key-file and logs it), or let the server run it with --spawn-enclave.",
+            ErrorCode.BAD_FIELD,
+        )
     executor = make_executor(config, state / "workers")
     try:
         status = {"lanes": executor.lanes, **({"enclave_pid": supervisor.pid()} if supervisor else {})}
         if isinstance(executor, ProcessExecutor):
             status["worker_pids"] = executor.pids()
-        _serve(config, executor, should_stop, status)
+        _serve(config, keys, enclave_key, executor, should_stop, status)
     finally:
         executor.close()
         if supervisor is not None:
             supervisor.stop()
 
 
-def _serve(config: ServerConfig, executor: Executor, should_stop: Callable[[], bool], status: dict) -> None:
+def _serve(
+    config: ServerConfig,
+    keys: CurveKeys,
+    enclave_key: bytes,
+    executor: Executor,
+    should_stop: Callable[[], bool],
+    status: dict,
+) -> None:
     context = zmq.Context.instance()
-    keys = curve_keys(config.state_dir)
-    sock, endpoint = router(config.bind, curve=keys, context=context)
+    allow = AllowedKeys(config.allow_clients) if config.allow_clients else None
+    sock, endpoint = router(config.bind, curve=keys, context=context, allow=allow)
+    if allow is None:
+        log.warning("open to any client key (no --allow-clients): anyone who can reach %s may connect", endpoint)
     write_public_key(config.key_file, keys.public)
     store = BundleStore(config.state_dir / "models") if config.state_dir else None
-    server = Server(config.enclave, executor, store, config.enclave_timeout_s)
+    server = Server(config.enclave, executor, store, config.enclave_timeout_s, enclave_key, keys)
     restored = server.restore()
     if restored:
         log.info("serving %d model(s) restored from disk", restored)
@@ -175,10 +195,10 @@ def _serve(config: ServerConfig, executor: Executor, should_stop: Callable[[], b
                     identity, *frames = replies.recv_multipart()
                     sock.send_multipart([identity, *frames], copy=False)
                 else:
-                    identity, *frames = sock.recv_multipart()
-                    reply = _admit(identity, frames, jobs)
+                    got = receive(sock)
+                    reply = got.refusal or _admit(got, jobs)
                     if reply is not None:
-                        sock.send_multipart([identity, *reply], copy=False)
+                        sock.send_multipart([got.routing, *reply], copy=False)
     finally:
         for _ in lanes:
             jobs.put(None)
@@ -188,11 +208,12 @@ def _serve(config: ServerConfig, executor: Executor, should_stop: Callable[[], b
         sock.close(linger=0)
 
 
-def _admit(identity: bytes, frames: list[bytes], jobs: queue.Queue) -> list[bytes] | None:
+def _admit(got: Received, jobs: queue.Queue) -> list[bytes] | None:
     """Queue a well-formed request; return an immediate error reply for anything else."""
+    frames = got.frames
     try:
         request = decode(frames)
-        jobs.put_nowait(_Job(identity, request, time.monotonic()))
+        jobs.put_nowait(_Job(got.routing, request, time.monotonic(), got.client))
         return None
     except HeclaveError as exc:
         return encode(error_message(exc, try_parse_id(frames)))

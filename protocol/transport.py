@@ -3,6 +3,10 @@
 Every request gets exactly one reply. The serving loop turns any failure while
 handling a message into an ``error`` reply and goes on serving; it never lets
 a bad message end the process.
+
+Who may connect is decided at the CURVE handshake, before any message
+(``protocol.curve``): a CURVE ROUTER accepts the client keys of its allow list,
+or any key without one, and each message it receives carries its sender's key.
 """
 
 from __future__ import annotations
@@ -12,13 +16,26 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import zmq
 
+from .curve import AllowedKeys, CurveKeys, client_key, vet_clients
 from .errors import ErrorCode, HeclaveError, NoReplyError, ProtocolError
-from .messages import MAX_BUFFER_BYTES, Message, decode, encode, error_message, size_of, try_parse_id
+from .messages import (
+    MAX_BUFFER_BYTES,
+    MAX_BUFFERS,
+    MAX_MESSAGE_BYTES,
+    Message,
+    decode,
+    encode,
+    error_message,
+    size_of,
+    too_large,
+    try_parse_id,
+)
+from .storage import PUBLIC_MODE, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +45,9 @@ HARD_FRAME_BYTES = 4 * MAX_BUFFER_BYTES
 DEFAULT_TIMEOUT_S = 120.0
 
 
-@dataclass(frozen=True)
-class CurveKeys:
-    """A CURVE key pair in Z85 text form, as ZeroMQ expects it."""
-
-    public: bytes
-    secret: bytes
-
-    @classmethod
-    def generate(cls) -> CurveKeys:
-        public, secret = zmq.curve_keypair()
-        return cls(public, secret)
-
-
 def write_public_key(path: Path, key: bytes) -> None:
-    """Write a CURVE public key where parties can pin it (atomically)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(key + b"\n")
-    tmp.replace(path)
+    """Write a CURVE public key where parties can pin it: atomically, readable by all (it is public)."""
+    write_atomic(path, key + b"\n", PUBLIC_MODE)
 
 
 def read_public_key(path: Path) -> bytes:
@@ -57,7 +59,12 @@ def read_public_key(path: Path) -> bytes:
 
 
 class Client:
-    """A DEALER socket that sends one request at a time and waits for its reply."""
+    """A DEALER socket that sends one request at a time and waits for its reply.
+
+    With ``server_key`` it speaks CURVE to a server holding that (pinned) key,
+    authenticating as ``client_keys`` where the server keeps an allow list, or
+    as a throwaway pair made here when the server accepts any client.
+    """
 
     def __init__(
         self,
@@ -65,7 +72,12 @@ class Client:
         server_key: bytes | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         context: zmq.Context | None = None,
+        client_keys: CurveKeys | None = None,
     ) -> None:
+        if client_keys is not None and server_key is None:
+            raise ProtocolError(
+                "CURVE client keys need the server's public key too: pass server_key.", ErrorCode.BAD_FIELD
+            )
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.bytes_sent = 0
@@ -74,7 +86,7 @@ class Client:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_BYTES)
         if server_key is not None:
-            own = CurveKeys.generate()
+            own = client_keys or CurveKeys.generate()
             self._socket.curve_serverkey = server_key
             self._socket.curve_publickey = own.public
             self._socket.curve_secretkey = own.secret
@@ -124,13 +136,28 @@ def dispatch(handlers: dict[str, Handler], request: Message, service: str) -> Me
     return handler(request)
 
 
-def router(endpoint: str, curve: CurveKeys | None = None, context: zmq.Context | None = None) -> tuple[zmq.Socket, str]:
-    """Bind a ROUTER socket (CURVE on when ``curve`` is given); return it and its real endpoint."""
+def router(
+    endpoint: str,
+    curve: CurveKeys | None = None,
+    context: zmq.Context | None = None,
+    allow: AllowedKeys | None = None,
+) -> tuple[zmq.Socket, str]:
+    """Bind a ROUTER socket; return it and its real endpoint.
+
+    With ``curve`` it is a CURVE server, and the context's ZAP handler (pyzmq's
+    ``zmq.auth``) vets each client's key at the handshake: only the keys in
+    ``allow``, or any key without it. A refused client gets no reply at all,
+    and every accepted message carries its sender's key
+    (``protocol.curve.client_key``).
+    """
+    if allow is not None and curve is None:
+        raise ProtocolError("An allow list needs CURVE: pass the socket's curve keys.", ErrorCode.BAD_FIELD)
     sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_BYTES)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
     if curve is not None:
+        vet_clients(sock, allow)
         sock.curve_server = True
         sock.curve_publickey = curve.public
         sock.curve_secretkey = curve.secret
@@ -171,6 +198,49 @@ def stop_requested(exit_with_parent: bool = False) -> Callable[[], bool]:
     return lambda: bool(stopping) or (exit_with_parent and os.getppid() != parent)
 
 
+class Received(NamedTuple):
+    """One message as :func:`receive` read it."""
+
+    routing: bytes
+    frames: list[bytes]
+    refusal: list[bytes] | None
+    client: str
+    """The Z85 CURVE key the sender connected with (``""`` without CURVE): who the transport knows it as."""
+
+
+def receive(sock: zmq.Socket) -> Received:
+    """One message from a ROUTER socket, read frame by frame: the sender's routing id, the frames, the
+    ``too_large`` reply to send instead of handling them when the message is over its limits, and the
+    sender's CURVE key.
+
+    A message may hold ``MAX_MESSAGE_BYTES`` in all and ``MAX_BUFFERS`` buffers. Past either, its
+    remaining frames are taken off the socket and dropped one by one (only the header stays, so the
+    reply can name the request), and the loop goes on serving. libzmq hands a multipart message over
+    only once its last frame has arrived, so it has buffered the whole message by then (each frame at
+    most ``HARD_FRAME_BYTES``): the limit bounds what this process copies and handles, not that buffer.
+    """
+    identity = sock.recv()
+    frames: list[bytes] = []
+    total = count = 0
+    over = False
+    client = ""
+    while sock.getsockopt(zmq.RCVMORE):
+        frame = sock.recv(copy=False)
+        client = client or client_key(frame)
+        total, count = total + len(frame), count + 1
+        over = total > MAX_MESSAGE_BYTES or count > 1 + MAX_BUFFERS
+        if over:
+            del frames[1:]
+        else:
+            frames.append(frame.bytes)
+    if not over:
+        return Received(identity, frames, None, client)
+    buffers = f"{count - 1} buffers exceed the limit of {MAX_BUFFERS}."
+    reason = too_large(total) if total > MAX_MESSAGE_BYTES else buffers
+    refusal = error_message(ProtocolError(reason, ErrorCode.TOO_LARGE), try_parse_id(frames))
+    return Received(identity, frames, encode(refusal), client)
+
+
 def serve(
     sock: zmq.Socket,
     handler: Handler,
@@ -187,6 +257,6 @@ def serve(
         if not sock.poll(0 if busy else 200):
             busy = idle()
             continue
-        identity, *frames = sock.recv_multipart()
-        sock.send_multipart([identity, *handle_frames(frames, handler)], copy=False)
+        got = receive(sock)
+        sock.send_multipart([got.routing, *(got.refusal or handle_frames(got.frames, handler))], copy=False)
         busy = True  # a request may have used up precomputed work: refill in the next gap
