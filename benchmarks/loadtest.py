@@ -22,6 +22,7 @@ from parties.model_owner import ModelOwner
 from parties.processes import Cluster, peak_rss_mb
 from protocol.errors import HeclaveError, NoReplyError
 from protocol.evidence import VerifierPolicy
+from protocol.identity import Identity
 
 from .concurrent import run_clients
 
@@ -44,9 +45,16 @@ class _Tally:
 
 
 def _client(
-    cluster: Cluster, model_id: str, x: np.ndarray, reference: np.ndarray, requests: int, offset: int, tally: _Tally
+    cluster: Cluster,
+    model_id: str,
+    identity: Identity,
+    x: np.ndarray,
+    reference: np.ndarray,
+    requests: int,
+    offset: int,
+    tally: _Tally,
 ) -> None:
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, LOAD_POLICY, timeout_s=120)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, identity, LOAD_POLICY, timeout_s=120)
     spread = float(reference.max() - reference.min())
     try:
         for r in range(requests):
@@ -81,12 +89,15 @@ def loadtest(clients: int, requests: int, weights: str = "encrypted", say: Calla
         reference = model.double()(torch.from_numpy(x).double()).numpy()
     say("starting enclave and server")
     with Cluster() as cluster:
-        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, LOAD_POLICY)
-        model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, weights))
+        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, Identity.generate(), LOAD_POLICY)
+        readers = [Identity.generate() for _ in range(clients)]  # one identity per data owner
+        model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, weights), readers=[r.public for r in readers])
         owner.close()
         say(f"{clients} data owners sending {requests} requests each")
         tally = _Tally()
-        wall_s = run_clients(clients, lambda c: _client(cluster, model_id, x, reference, requests, c * requests, tally))
+        wall_s = run_clients(
+            clients, lambda c: _client(cluster, model_id, readers[c], x, reference, requests, c * requests, tally)
+        )
         cluster.check()
         rss = {child.name: child.peak_rss_mb() for child in cluster.children}
         workers = [peak_rss_mb(pid) for pid in cluster.children[1].wait_ready().get("worker_pids", [])]

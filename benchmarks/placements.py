@@ -24,10 +24,12 @@ from parties.model_owner import ModelOwner
 from parties.processes import Cluster
 from plan.exposure import exposure
 from protocol.evidence import VerifierPolicy
+from protocol.identity import Identity
 
 from .scale import vgg_small
 
 POLICY = VerifierPolicy(allow_unattested=True)
+MODEL_OWNER, DATA_OWNER = Identity.generate(), Identity.generate()  # this run's two parties
 SHAPE = (3, 32, 32)
 STRATEGIES: dict[str, list[str]] = {
     "full-enclave": ["enclave", "enclave", "enclave"],
@@ -51,12 +53,14 @@ def bench_placements(
     with Cluster() as cluster:
         for name, placements in STRATEGIES.items():
             say(f"{name}: deploying")
-            owner = ModelOwner(cluster.endpoint, cluster.server_key_file, POLICY)
+            owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, POLICY)
             plan = owner.plan(model, SHAPE, weights, placements=placements, name=name)
-            model_id = owner.deploy(plan)
+            model_id = owner.deploy(plan, readers=[DATA_OWNER.public])
             owner.close()
             # The bench compares every strategy, the plain-first ones included: its data owner consents.
-            data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, POLICY, allow_plain_input=True)
+            data_owner = DataOwner(
+                cluster.endpoint, cluster.server_key_file, DATA_OWNER, POLICY, allow_plain_input=True
+            )
             say(f"{name}: {requests} requests")
             data_owner.infer(model_id, images[0])  # warm-up: the worker installs the model
             runs = [data_owner.infer(model_id, image) for image in images]
@@ -76,6 +80,7 @@ def bench_placements(
                     "bytes_per_image": sum(run.bytes_moved for run in runs) / requests,
                     "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
                     "max_abs_logit_error": float(np.abs(logits - reference).max()),
+                    "release_noise_sd": max(run.noise_sd for run in runs),
                     "exposes": exposure(plan.graph),
                 }
             )

@@ -21,11 +21,13 @@ from parties.data_owner import DataOwner, Inference
 from parties.model_owner import ModelOwner
 from parties.processes import Cluster
 from protocol.evidence import VerifierPolicy
+from protocol.identity import Identity
 
 from .cnn import tutorial_cnn
 from .concurrent import run_clients
 
 SCALE_POLICY = VerifierPolicy(allow_unattested=True)
+MODEL_OWNER, DATA_OWNER = Identity.generate(), Identity.generate()  # this run's two parties
 
 
 def vgg_small() -> nn.Sequential:
@@ -62,10 +64,12 @@ def _run(
     with torch.no_grad():
         reference = model.double()(torch.from_numpy(images).double()).numpy()
     with Cluster(server_args=server_args) as cluster:
-        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, SCALE_POLICY)
-        model_id = owner.deploy(owner.plan(model.float(), shape, "encrypted", batch=batch))
+        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, SCALE_POLICY)
+        model_id = owner.deploy(owner.plan(model.float(), shape, "encrypted", batch=batch), readers=[DATA_OWNER.public])
         owner.close()
-        owners = [DataOwner(cluster.endpoint, cluster.server_key_file, SCALE_POLICY) for _ in range(clients)]
+        owners = [
+            DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, SCALE_POLICY) for _ in range(clients)
+        ]
         owners[0].infer_batch(model_id, images[:batch])  # warm-up: workers install the model
         for data_owner in owners[1:]:
             data_owner.graph(model_id)

@@ -23,6 +23,7 @@ from plan.exposure import exposure
 from plan.planner import plan_model
 from plan.search import cheapest
 from protocol.evidence import VerifierPolicy
+from protocol.identity import Identity
 
 from .digits import INPUT_SHAPE, digits_split, train_digits_cnn
 
@@ -52,11 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     print("the server will see:", "; ".join(exposure(graph)) or "shapes, sizes and timings only")
 
     policy = VerifierPolicy(allow_unattested=True)
+    model_owner, reader = Identity.generate(), Identity.generate()
     with Cluster() as cluster:
-        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, policy)
-        model_id = owner.deploy(owner.plan(model, INPUT_SHAPE, placements=placements))
+        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, model_owner, policy)
+        model_id = owner.deploy(owner.plan(model, INPUT_SHAPE, placements=placements), readers=[reader.public])
         owner.close()
-        data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, policy)
+        data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, reader, policy)
         labels = data_owner.infer_batch(model_id, x_test[:10]).labels
         data_owner.close()
     with torch.no_grad():

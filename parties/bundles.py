@@ -73,6 +73,10 @@ class BundleStore:
     def save(self, bundle: Bundle) -> None:
         write_atomic(self.directory / f"{bundle.model_id}{SUFFIX}", bundle.to_bytes())
 
+    def delete(self, model_id: str) -> None:
+        """Forget an undeployed model's bundle."""
+        (self.directory / f"{model_id}{SUFFIX}").unlink(missing_ok=True)
+
     def load_all(self) -> list[Bundle]:
         bundles = []
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):

@@ -14,7 +14,7 @@ import click
 from he.linear import WeightForm
 from parties.bench import bench
 from parties.options import configure_logging
-from parties.owner_commands import data_owner, model_owner
+from parties.owner_commands import data_owner, keygen, model_owner
 from parties.planning_commands import assess, calibrate, plan_command
 from protocol.errors import HeclaveError
 from protocol.evidence import Runtime
@@ -38,12 +38,20 @@ GRAMINE_DIR = Path(__file__).resolve().parents[1] / "tee" / "gramine"
     help="native: this process; gramine-direct/gramine-sgx: the built Gramine enclave.",
 )
 @click.option("--measure", is_flag=True, help="Print MRENCLAVE, MRSIGNER and ISV ids of the built SGX enclave.")
+@click.option(
+    "--policy-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --measure: also write the owners' verifier policy pinning this enclave to this TOML file.",
+)
 @click.option("--gramine-dir", type=click.Path(path_type=Path), default=GRAMINE_DIR, show_default=True)
 @click.pass_context
-def enclave(ctx: click.Context, runtime: str, measure: bool, gramine_dir: Path) -> None:
-    """Run the enclave process (native options such as --bind and --state-dir: `python -m tee -h`)."""
+def enclave(ctx: click.Context, runtime: str, measure: bool, policy_out: Path | None, gramine_dir: Path) -> None:
+    """Run the enclave process (native options such as --bind, --state-dir, --allow-clients: `python -m tee -h`)."""
+    if policy_out is not None and not measure:
+        raise click.UsageError("--policy-out writes what --measure reads: give both.")
     if measure:
-        from tee.measure import read_sigstruct
+        from protocol.storage import PUBLIC_MODE, write_atomic
+        from tee.measure import policy_text, read_sigstruct
 
         sig = read_sigstruct(gramine_dir)
         click.echo(
@@ -57,6 +65,11 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, gramine_dir: Path) 
                 }
             )
         )
+        if policy_out is not None:
+            write_atomic(policy_out, policy_text(sig, gramine_dir).encode(), PUBLIC_MODE)
+            click.echo(f"policy pinning this enclave written to {policy_out}; owners pass it with --policy", err=True)
+            if sig.debug:
+                click.echo("WARNING: a debug enclave, which the policy refuses; build it without DEBUG=1.", err=True)
         return
     if runtime == Runtime.NATIVE.value:
         os.execv(sys.executable, [sys.executable, "-m", "tee", "--runtime", runtime, *ctx.args])
@@ -74,6 +87,18 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, gramine_dir: Path) 
 @main.command()
 @click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, help="Endpoint for the parties (CURVE).")
 @click.option("--enclave", "enclave_endpoint", default="tcp://127.0.0.1:5556", show_default=True)
+@click.option(
+    "--enclave-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The enclave's CURVE public key (the file its --key-file wrote); not needed with --spawn-enclave.",
+)
+@click.option(
+    "--allow-clients",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    multiple=True,
+    help="Accept only the CURVE client keys listed in this file (one Z85 public key per line, # comments), "
+    "re-read when it changes; repeatable. Without it any client key may connect.",
+)
 @click.option(
     "--key-file",
     type=click.Path(path_type=Path),
@@ -110,6 +135,8 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, gramine_dir: Path) 
 def server(
     bind: str,
     enclave_endpoint: str,
+    enclave_key: Path | None,
+    allow_clients: tuple[Path, ...],
     key_file: Path,
     state_dir: Path | None,
     ready_file: Path | None,
@@ -124,6 +151,8 @@ def server(
     """Run the untrusted server: CKKS linear layers, relaying to the enclave."""
     from parties.serving import ServerConfig, run_server
 
+    if enclave_key is None and not spawn_enclave:
+        raise click.UsageError("Give the enclave's CURVE public key with --enclave-key FILE, or use --spawn-enclave.")
     configure_logging(True if ready_file else verbose)
     should_stop = stop_requested()
     config = ServerConfig(
@@ -138,6 +167,8 @@ def server(
         spawn_enclave,
         workers,
         ray_address,
+        enclave_key,
+        allow_clients,
     )
     click.echo(f"server starting on {bind}; its CURVE public key goes to {key_file}", err=True)
     run_server(config, should_stop)
@@ -150,7 +181,8 @@ def server(
 @click.option(
     "--require-attestation",
     is_flag=True,
-    help="Use the default policy (SGX quote required) instead of accepting the development enclave.",
+    help="Require an SGX quote from the enclave signed in tee/gramine, pinned by its SIGSTRUCT, instead of "
+    "accepting the development enclave.",
 )
 def demo(samples: int, weights: str, as_json: bool, require_attestation: bool) -> None:
     """Train a CNN on digits, start an enclave and a server, deploy, classify, report."""
@@ -159,7 +191,7 @@ def demo(samples: int, weights: str, as_json: bool, require_attestation: bool) -
     run_demo(samples, WeightForm(weights), as_json, require_attestation)
 
 
-for command in (bench, model_owner, data_owner, assess, calibrate, plan_command):
+for command in (bench, keygen, model_owner, data_owner, assess, calibrate, plan_command):
     main.add_command(command)
 
 

@@ -3,7 +3,9 @@
 Both owners start the same way: fetch the enclave's evidence and the CKKS
 parameters it binds through the server, check them against the owner's policy
 *before* anything secret is sent, then open a secure channel to the attested
-identity key. Each model's public context arrives later, through that channel.
+identity key under the owner's own identity (``protocol.identity``), which the
+enclave learns from the handshake. Each model's public context arrives later,
+through that channel.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import logging
 from pathlib import Path
 
 from he.context import parameters_from_bytes
-from protocol.channel import Session, check_confirmation, open_owner_session
+from protocol.channel import OwnerHandshake, Session
 from protocol.errors import ChannelError
 from protocol.evidence import Evidence, VerifierPolicy
+from protocol.identity import Identity
 from protocol.messages import Message, field_of
 from protocol.transport import Client, read_public_key
 
@@ -28,11 +31,17 @@ class AttestedConnection:
         self,
         endpoint: str,
         server_key: bytes | Path,
+        identity: Identity,
         policy: VerifierPolicy = VerifierPolicy(),
         timeout_s: float = 120.0,
     ) -> None:
+        if not isinstance(identity, Identity):
+            raise TypeError(
+                "identity must be a protocol.identity.Identity (Identity.load(path) or Identity.generate())."
+            )
+        self.identity = identity
         key = read_public_key(server_key) if isinstance(server_key, Path) else server_key
-        self.client = Client(endpoint, server_key=key, timeout_s=timeout_s)
+        self.client = Client(endpoint, server_key=key, timeout_s=timeout_s, client_keys=identity.curve)
         reply = self.client.request(Message("evidence"))
         self.evidence = Evidence.from_wire(reply.content.get("evidence"))
         if len(reply.buffers) != 1:
@@ -42,11 +51,13 @@ class AttestedConnection:
         self.session = self._open_session()
 
     def _open_session(self) -> Session:
-        session, own_public = open_owner_session(self.evidence.identity_public, self.evidence.digest())
-        reply = self.client.request(Message("open_session", {"owner_public": own_public}))
+        handshake = OwnerHandshake(self.identity.static, self.evidence.identity_public, self.evidence.digest())
+        reply = self.client.request(Message("open_session", {"handshake": handshake.first()}))
+        third, session = handshake.finish(field_of(reply.content, "handshake", bytes))
+        content = {"handshake_id": field_of(reply.content, "handshake_id", bytes), "handshake": third}
+        reply = self.client.request(Message("confirm_session", content))
         if field_of(reply.content, "session_id", bytes) != session.session_id:
             raise ChannelError("The enclave derived a different session; the channel is not trustworthy.")
-        check_confirmation(session, field_of(reply.content, "confirm", bytes))
         return session
 
     def reopen(self) -> None:

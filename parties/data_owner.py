@@ -22,6 +22,7 @@ from he.context import PublicContext
 from he.graph import ModelGraph, Placement
 from protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from protocol.evidence import VerifierPolicy
+from protocol.identity import Identity
 from protocol.messages import MAX_BATCH, Message, field_of
 
 from .connection import AttestedConnection
@@ -88,13 +89,14 @@ class DataOwner:
         self,
         endpoint: str,
         server_key: bytes | Path,
+        identity: Identity,
         policy: VerifierPolicy = VerifierPolicy(),
         timeout_s: float = 120.0,
         allow_plain_input: bool = False,
     ) -> None:
         """``allow_plain_input`` lets a model whose first layer is ``plain`` receive this owner's inputs,
         which the server then sees in the clear; without it such a model is refused before anything is sent."""
-        self.connection = AttestedConnection(endpoint, server_key, policy, timeout_s)
+        self.connection = AttestedConnection(endpoint, server_key, identity, policy, timeout_s)
         self.allow_plain_input = allow_plain_input
         self._models: dict[str, tuple[ModelGraph, PublicContext]] = {}
         self._stale_session = False

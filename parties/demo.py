@@ -16,7 +16,8 @@ from rich.table import Table
 from examples.digits import INPUT_SHAPE, train_digits_cnn
 from he.linear import WeightForm
 from protocol.errors import AttestationError, HeclaveError
-from protocol.evidence import VerifierPolicy
+from protocol.evidence import PINNING, VerifierPolicy
+from protocol.identity import Identity
 
 from .accounting import WorkSplit
 from .data_owner import DataOwner
@@ -89,11 +90,24 @@ def _table(report: dict) -> Table:
     return table
 
 
+def pinned_policy() -> VerifierPolicy:
+    """``--require-attestation``'s policy: it pins the SGX enclave signed in ``tee/gramine``, or nothing runs."""
+    from tee.measure import GRAMINE_DIR, pinning_policy, read_sigstruct
+
+    try:
+        return pinning_policy(read_sigstruct(GRAMINE_DIR))
+    except AttestationError as exc:
+        raise AttestationError(
+            f"--require-attestation needs a policy that pins the enclave. {exc.message} {PINNING} "
+            "Or run `heclave demo` without --require-attestation for a development run."
+        ) from None
+
+
 def run_demo(samples: int, weights: WeightForm, as_json: bool, require_attestation: bool = False) -> dict:
     """Run the whole demo; returns the report it prints."""
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
-    policy = VerifierPolicy() if require_attestation else DEVELOPMENT_POLICY
+    policy = pinned_policy() if require_attestation else DEVELOPMENT_POLICY
     if not require_attestation:
         console.print(
             "[bold yellow]DEVELOPMENT RUN[/]: the enclave runs natively and presents no SGX quote; "
@@ -113,10 +127,10 @@ def run_demo(samples: int, weights: WeightForm, as_json: bool, require_attestati
     return report
 
 
-def _attested(role, cluster: Cluster, policy: VerifierPolicy):
-    """Connect an owner, turning a refused attestation into advice for the demo."""
+def _attested(role, cluster: Cluster, identity: Identity, policy: VerifierPolicy):
+    """Connect an owner under its identity, turning a refused attestation into advice for the demo."""
     try:
-        return role(cluster.endpoint, cluster.server_key_file, policy)
+        return role(cluster.endpoint, cluster.server_key_file, identity, policy)
     except AttestationError as exc:
         raise AttestationError(
             f"{exc.message} Nothing was sent to the enclave. This machine runs the enclave without SGX; "
@@ -131,11 +145,14 @@ def _run_with_cluster(console: Console, model, x, labels, plain_logits, weights,
     died = cluster.watch()
     try:
         started = time.perf_counter()
+        # The demo's two parties, each with an identity of its own; the model names the data owner as its reader.
+        owner_identity, reader = Identity.generate(), Identity.generate()
         with console.status(f"model owner: planning and deploying with {weights.value} weights"):
-            owner = _attested(ModelOwner, cluster, policy)
-            model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, weights, name="digits-cnn"))
+            owner = _attested(ModelOwner, cluster, owner_identity, policy)
+            plan = owner.plan(model.float(), INPUT_SHAPE, weights, name="digits-cnn")
+            model_id = owner.deploy(plan, readers=[reader.public])
         deploy_s = time.perf_counter() - started
-        data_owner = _attested(DataOwner, cluster, policy)
+        data_owner = _attested(DataOwner, cluster, reader, policy)
         inferences = []
         columns = (TextColumn("data owner: classifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as progress:

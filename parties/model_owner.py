@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import msgpack
@@ -19,6 +19,7 @@ from he.sparse import SparseMatrix
 from plan import Plan, plan_pytorch
 from protocol.errors import ChannelError
 from protocol.evidence import VerifierPolicy
+from protocol.identity import Identity, parse_public
 from protocol.messages import Message, field_of
 
 from .connection import AttestedConnection
@@ -33,10 +34,11 @@ class ModelOwner:
         self,
         endpoint: str,
         server_key: bytes | Path,
+        identity: Identity,
         policy: VerifierPolicy = VerifierPolicy(),
         timeout_s: float = 600.0,
     ) -> None:
-        self.connection = AttestedConnection(endpoint, server_key, policy, timeout_s)
+        self.connection = AttestedConnection(endpoint, server_key, identity, policy, timeout_s)
 
     def plan(
         self,
@@ -61,8 +63,13 @@ class ModelOwner:
             placements=placements,
         )
 
-    def deploy(self, plan: Plan) -> str:
+    def deploy(self, plan: Plan, readers: Iterable[bytes | str] = (), anyone: bool = False) -> str:
         """Register the plan with the enclave, then upload its weights to the server; returns the model id.
+
+        The model belongs to this owner's identity. It may be queried by this
+        owner, by the data-owner identities in ``readers`` (public keys, as bytes
+        or as the hex ``heclave keygen`` prints), and by any identity at all only
+        if ``anyone`` is true; :meth:`grant` changes that later.
 
         First the enclave receives, sealed in this owner's session, the graph's
         hash and what it needs itself: ``enclave`` and ``blinded`` weights, each
@@ -72,21 +79,59 @@ class ModelOwner:
         server receives each stage's weights in the form its placement allows
         (ciphertexts under that context for ``he`` unless the plan says plain
         weights, a float64 matrix for ``plain``, field integers for ``blinded``,
-        nothing for ``enclave``).
+        nothing for ``enclave``). The two steps are :meth:`register` and
+        :meth:`upload`; the server accepts the upload only from the transport
+        client that registered.
         """
+        model_id, context = self.register(plan, readers, anyone)
+        self.upload(plan, model_id, context)
+        return model_id
+
+    def register(
+        self, plan: Plan, readers: Iterable[bytes | str] = (), anyone: bool = False
+    ) -> tuple[str, PublicContext]:
+        """The first step of :meth:`deploy`: the model id and its public context, bound by the enclave."""
         graph_bytes = plan.graph.to_bytes()
         masks = self._masks(plan)
         weights, biases = self._enclave_secrets(plan)
-        payload = {"graph": hashlib.sha256(graph_bytes).digest(), "weights": weights, "biases": biases, "masks": masks}
+        payload = {
+            "graph": hashlib.sha256(graph_bytes).digest(),
+            "weights": weights,
+            "biases": biases,
+            "masks": masks,
+            **_rights(readers, anyone),
+        }
         session = self.connection.session
         envelope = session.seal(msgpack.packb(payload), b"register")
         content = {"graph": graph_bytes, "session_id": session.session_id}
         reply = self.connection.request(Message("register", content, [envelope]))
         model_id = field_of(reply.content, "model_id", str)
-        context = self._bound_context(model_id, field_of(reply.content, "binding", bytes), reply.buffers)
+        return model_id, self._bound_context(model_id, field_of(reply.content, "binding", bytes), reply.buffers)
+
+    def upload(self, plan: Plan, model_id: str, context: PublicContext) -> None:
+        """The second step of :meth:`deploy`: the weights, in the forms the server may hold, under ``context``."""
+        masks = self._masks(plan)
         frames = self._server_weights(plan, context, masks)
         self.connection.request(Message("deploy", {"model_id": model_id, "masks": masks}, frames))
-        return model_id
+
+    def grant(self, model_id: str, readers: Iterable[bytes | str], anyone: bool = False) -> None:
+        """Replace who may query ``model_id`` (this owner always may); the enclave confirms under the session."""
+        asked = {"model_id": model_id, **_rights(readers, anyone)}
+        self._owner_request("grant", model_id, asked, b"granted:")
+
+    def undeploy(self, model_id: str) -> None:
+        """Remove ``model_id``: the enclave forgets its keys and secrets, the server stops serving it."""
+        self._owner_request("undeploy", model_id, {"model_id": model_id}, b"undeployed:")
+
+    def _owner_request(self, kind: str, model_id: str, asked: dict, confirmed: bytes) -> None:
+        """Send an owner's sealed instruction about ``model_id``; return once the enclave confirmed it did it."""
+        session = self.connection.session
+        envelope = session.seal(msgpack.packb(asked), kind.encode() + b":" + model_id.encode())
+        content = {"model_id": model_id, "session_id": session.session_id, "envelope": envelope}
+        reply = self.connection.request(Message(kind, content))
+        done = msgpack.unpackb(session.open(field_of(reply.content, "ack", bytes), confirmed + model_id.encode()))
+        if done.get("model_id") != model_id:
+            raise ChannelError(f"The enclave confirmed another model than {model_id}; the {kind} did not happen.")
 
     def _bound_context(self, model_id: str, binding: bytes, buffers) -> PublicContext:
         """The model's public context, only if the enclave bound exactly these bytes to this model id."""
@@ -150,3 +195,9 @@ class ModelOwner:
 
     def close(self) -> None:
         self.connection.close()
+
+
+def _rights(readers: Iterable[bytes | str], anyone: bool) -> dict:
+    """The sealed form of who may query a model: identity keys as bytes, and the explicit ``anyone``."""
+    keys = [parse_public(r) if isinstance(r, str) else bytes(r) for r in readers]
+    return {"readers": keys, "anyone": bool(anyone)}

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from protocol.evidence import VerifierPolicy
+from protocol.identity import Identity, IdentityError
 
 
 def configure_logging(verbose: bool) -> None:
@@ -71,11 +72,16 @@ def load_model(spec: str, state_dict: Path | None):
 
 
 def client_options(f):
-    """The server to reach and the policy its enclave must meet; the command receives ``policy``."""
+    """The server to reach, the policy its enclave must meet and the owner's identity; the command receives
+    ``policy`` and ``identity``."""
 
     @functools.wraps(f)
     def command(**kwargs):
         kwargs["policy"] = policy_from(**{k: kwargs.pop(k) for k in POLICY_FLAGS})
+        try:
+            kwargs["identity"] = Identity.load(kwargs.pop("identity_file"))
+        except IdentityError as exc:
+            raise click.BadParameter(exc.message, param_hint="--identity") from None
         return f(**kwargs)
 
     options = [
@@ -85,6 +91,13 @@ def client_options(f):
             type=click.Path(exists=True, path_type=Path),
             required=True,
             help="The server's CURVE public key file to pin.",
+        ),
+        click.option(
+            "--identity",
+            "identity_file",
+            type=click.Path(path_type=Path),
+            required=True,
+            help="This owner's identity file (from `heclave keygen`).",
         ),
         click.option(
             "--policy",

@@ -1,4 +1,5 @@
-"""``heclave model-owner`` and ``heclave data-owner``: the two clients, each talking to a server it pins."""
+"""``heclave keygen``, ``heclave model-owner`` and ``heclave data-owner``: the owners' identities and the two
+clients, each talking to a server it pins under its identity."""
 
 from __future__ import annotations
 
@@ -11,8 +12,32 @@ import numpy as np
 from he.graph import ReleaseMode, ReleasePolicy
 from he.linear import WeightForm
 from protocol.evidence import VerifierPolicy
+from protocol.identity import Identity, IdentityError, parse_public
 
 from .options import client_options, configure_logging, load_model, parse_shape
+
+
+@click.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the new identity.")
+def keygen(out: Path) -> None:
+    """Make an owner's identity (readable by you only); prints the public identity and CURVE key to share."""
+    identity = Identity.generate()
+    try:
+        identity.save(out)
+    except IdentityError as exc:
+        raise click.BadParameter(exc.message, param_hint="--out") from None
+    click.echo(f"identity {identity.public_hex}")
+    click.echo(f"curve    {identity.curve.public.decode()}")
+    click.echo(f"wrote {out} (mode 600): give the identity to model owners, the curve key to server operators.")
+
+
+READERS = click.option(
+    "--reader",
+    "readers",
+    multiple=True,
+    help="A data owner's identity (hex, from `heclave keygen`) that may query the model; repeat for more.",
+)
+ANYONE = click.option("--anyone", is_flag=True, help="Let any identity query the model.")
 
 
 @click.group("model-owner")
@@ -48,10 +73,15 @@ def model_owner() -> None:
     type=click.Path(exists=True, path_type=Path),
     help="A plan file from `heclave plan`: its placements, weight form and batch size are used.",
 )
+@READERS
+@ANYONE
 def deploy(
     endpoint: str,
     server_key: Path,
     policy: VerifierPolicy,
+    identity: Identity,
+    readers: tuple[str, ...],
+    anyone: bool,
     model_spec: str,
     state_dict: Path | None,
     input_shape: str,
@@ -61,7 +91,9 @@ def deploy(
     batch: int,
     plan_file: Path | None,
 ) -> None:
-    """Plan a torch model and deploy it; prints the model id."""
+    """Plan a torch model and deploy it under your identity; prints the model id.
+
+    Only you, the --reader identities and, with --anyone, every identity may query it."""
     from parties.model_owner import ModelOwner
 
     configure_logging(False)
@@ -71,7 +103,7 @@ def deploy(
         if chosen.get("format") != 1:
             raise click.BadParameter(f"{plan_file} is not a heclave plan file of format 1", param_hint="--plan")
         placements, weights, batch = chosen["placements"], chosen["weights"], chosen["batch"]
-    owner = ModelOwner(endpoint, server_key, policy)
+    owner = ModelOwner(endpoint, server_key, identity, policy)
     plan = owner.plan(
         load_model(model_spec, state_dict),
         parse_shape(input_shape),
@@ -80,7 +112,48 @@ def deploy(
         batch=batch,
         placements=placements,
     )
-    click.echo(owner.deploy(plan))
+    click.echo(owner.deploy(plan, [parse_reader(r) for r in readers], anyone))
+
+
+def parse_reader(text: str) -> bytes:
+    try:
+        return parse_public(text)
+    except IdentityError as exc:
+        raise click.BadParameter(exc.message, param_hint="--reader") from None
+
+
+@model_owner.command()
+@client_options
+@click.option("--model-id", required=True)
+@READERS
+@ANYONE
+def grant(
+    endpoint: str,
+    server_key: Path,
+    policy: VerifierPolicy,
+    identity: Identity,
+    model_id: str,
+    readers: tuple[str, ...],
+    anyone: bool,
+) -> None:
+    """Replace who may query one of your models (you always may)."""
+    from parties.model_owner import ModelOwner
+
+    configure_logging(False)
+    ModelOwner(endpoint, server_key, identity, policy).grant(model_id, [parse_reader(r) for r in readers], anyone)
+    click.echo(f"model {model_id}: {len(readers)} readers{', and anyone' if anyone else ''}")
+
+
+@model_owner.command()
+@client_options
+@click.option("--model-id", required=True)
+def undeploy(endpoint: str, server_key: Path, policy: VerifierPolicy, identity: Identity, model_id: str) -> None:
+    """Remove one of your models: the enclave forgets its keys, the server stops serving it."""
+    from parties.model_owner import ModelOwner
+
+    configure_logging(False)
+    ModelOwner(endpoint, server_key, identity, policy).undeploy(model_id)
+    click.echo(f"undeployed {model_id}")
 
 
 @click.group("data-owner")
@@ -108,6 +181,7 @@ def infer(
     endpoint: str,
     server_key: Path,
     policy: VerifierPolicy,
+    identity: Identity,
     model_id: str,
     input_file: Path,
     batch: int,
@@ -117,7 +191,7 @@ def infer(
     from parties.data_owner import DataOwner
 
     configure_logging(False)
-    owner = DataOwner(endpoint, server_key, policy, allow_plain_input=allow_plain_input)
+    owner = DataOwner(endpoint, server_key, identity, policy, allow_plain_input=allow_plain_input)
     x = np.load(input_file, allow_pickle=False)
     size = int(np.prod(owner.graph(model_id).input_shape))
     if x.size % size:

@@ -23,7 +23,8 @@ from he.context import PublicContext
 from he.graph import ModelGraph, Placement
 from he.linear import OpCounter
 from he.sparse import SparseMatrix
-from protocol.errors import ErrorCode, HeclaveError, ProtocolError, UnavailableError
+from protocol.curve import CurveKeys
+from protocol.errors import ErrorCode, ForbiddenError, HeclaveError, ProtocolError, QuotaError, UnavailableError
 from protocol.messages import Message, batch_size, field_of
 from protocol.transport import Client, dispatch
 from tee.execution import parse_values
@@ -36,6 +37,7 @@ from .worker import build_kernels, split_weights
 log = logging.getLogger(__name__)
 
 MAX_PENDING_UPLOADS = 256
+PENDING_PER_CLIENT = 8
 
 
 @dataclass
@@ -93,30 +95,40 @@ class Server:
         executor: Executor,
         store: BundleStore | None = None,
         enclave_timeout_s: float = 60.0,
+        enclave_key: bytes | None = None,
+        client_keys: CurveKeys | None = None,
     ) -> None:
         self.enclave_endpoint, self.enclave_timeout_s = enclave_endpoint, enclave_timeout_s
+        # The enclave's CURVE public key, and the server's own pair it allows (``parties.serving``).
+        self.enclave_key, self.client_keys = enclave_key, client_keys
         self.executor = executor
-        self._registered: OrderedDict[str, tuple[ModelGraph, bytes]] = OrderedDict()
+        self._registered: OrderedDict[str, tuple[ModelGraph, bytes, str]] = OrderedDict()
         self._deployments: dict[str, Deployment] = {}
         self._store = store
         self._local = threading.local()
         self._handlers = {
             "evidence": self._relay,
             "open_session": self._relay,
+            "confirm_session": self._relay,
             "model_info": self._relay,
+            "grant": self._relay,
+            "undeploy": self._undeploy,
             "register": self._register,
             "deploy": self._deploy,
             "infer": self._infer,
         }
 
-    def handle(self, request: Message, lane: int = 0) -> Message:
-        """Answer one request on ``lane``; call it from that lane's thread only."""
-        return dispatch({t: functools.partial(h, lane=lane) for t, h in self._handlers.items()}, request, "server")
+    def handle(self, request: Message, lane: int = 0, client: str = "") -> Message:
+        """Answer one request on ``lane`` from the transport's ``client`` key; call it from that lane's thread."""
+        handlers = {t: functools.partial(h, lane=lane, client=client) for t, h in self._handlers.items()}
+        return dispatch(handlers, request, "server")
 
     def _enclave(self) -> Client:
         # A ZeroMQ socket belongs to one thread: each lane's thread makes its own.
         if not hasattr(self._local, "enclave"):
-            self._local.enclave = Client(self.enclave_endpoint, timeout_s=self.enclave_timeout_s)
+            self._local.enclave = Client(
+                self.enclave_endpoint, self.enclave_key, self.enclave_timeout_s, client_keys=self.client_keys
+            )
         return self._local.enclave
 
     def _ask_enclave(self, message: Message, stats: RequestStats | None = None) -> Message:
@@ -138,7 +150,7 @@ class Server:
             stats.enclave_bytes += enclave.bytes_sent + enclave.bytes_received - before
         return reply
 
-    def _relay(self, request: Message, lane: int) -> Message:
+    def _relay(self, request: Message, lane: int, client: str = "") -> Message:
         reply = self._ask_enclave(Message(request.type, dict(request.content), request.buffers))
         return request.reply(reply.content, reply.buffers)
 
@@ -153,28 +165,38 @@ class Server:
                 log.error("cannot restore model %s: %s", bundle.model_id, exc.message)
         return len(self._deployments)
 
-    def _register(self, request: Message, lane: int) -> Message:
-        """Relay a model owner's registration; keep the graph and the model's public context for its upload."""
+    def _register(self, request: Message, lane: int, client: str = "") -> Message:
+        """Relay a model owner's registration; keep the graph and the model's public context for its upload,
+        which only the same transport client may make."""
         graph_bytes = field_of(request.content, "graph", bytes)
+        if sum(1 for *_, who in self._registered.values() if who == client) >= PENDING_PER_CLIENT:
+            raise QuotaError(
+                f"This client has {PENDING_PER_CLIENT} registered models whose weights never came; upload those "
+                "first ('deploy'), or wait until they are forgotten."
+            )
         graph = ModelGraph.from_bytes(graph_bytes)
         content = {"graph": graph_bytes, "session_id": field_of(request.content, "session_id", bytes)}
         reply = self._ask_enclave(Message("register_model", content, request.buffers))
         model_id = field_of(reply.content, "model_id", str)
         if len(reply.buffers) != 1:
             raise ProtocolError("The enclave registered a model without its public context.", ErrorCode.INTERNAL)
-        self._registered[model_id] = (graph, reply.buffers[0])
+        self._registered[model_id] = (graph, reply.buffers[0], client)
         # Registrations whose weights never came are forgotten, oldest first, like the enclave's model limit.
         while len(self._registered) > MAX_PENDING_UPLOADS:
             self._registered.popitem(last=False)
         return request.reply(reply.content, reply.buffers)
 
-    def _deploy(self, request: Message, lane: int) -> Message:
+    def _deploy(self, request: Message, lane: int, client: str = "") -> Message:
         """A registered model's weights, encrypted under its own public context: checked, stored, served."""
         model_id = field_of(request.content, "model_id", str)
         registered = self._registered.get(model_id)
         if registered is None:
             raise HeclaveError(f"Model {model_id!r} is not registered; register it first.", ErrorCode.UNKNOWN_MODEL)
-        graph, context = registered
+        graph, context, registrant = registered
+        if registrant != client:
+            raise ForbiddenError(
+                f"Model {model_id!r} was registered by another client; only it may upload the weights."
+            )
         masks, weights = field_of(request.content, "masks", list), list(request.buffers)
         build_kernels(graph, PublicContext.from_bytes(context).toolkit, masks, weights)
         bundle = Bundle(model_id, graph.to_bytes(), context, masks, weights)
@@ -185,6 +207,17 @@ class Server:
         log.info("deployed model %s with %s weights", model_id, graph.weight_form.value)
         return request.reply({"model_id": model_id, "context_mb": len(context) / 1e6})
 
+    def _undeploy(self, request: Message, lane: int, client: str = "") -> Message:
+        """Relay an owner's undeploy; once the enclave has removed the model, stop serving its bundle."""
+        reply = self._relay(request, lane)
+        model_id = field_of(request.content, "model_id", str)
+        self._registered.pop(model_id, None)
+        # Only an id this server serves names a file: the client's string never reaches the filesystem.
+        if self._deployments.pop(model_id, None) is not None and self._store is not None:
+            self._store.delete(model_id)
+        log.info("undeployed model %s", model_id)
+        return reply
+
     def _deployment(self, content: dict) -> tuple[str, Deployment]:
         model_id = field_of(content, "model_id", str)
         deployment = self._deployments.get(model_id)
@@ -192,7 +225,7 @@ class Server:
             raise HeclaveError(f"Unknown model {model_id!r}; deploy it first.", ErrorCode.UNKNOWN_MODEL)
         return model_id, deployment
 
-    def _infer(self, request: Message, lane: int) -> Message:
+    def _infer(self, request: Message, lane: int, client: str = "") -> Message:
         model_id, deployment = self._deployment(request.content)
         stages = deployment.graph.stages
         batch = batch_size(request.content)

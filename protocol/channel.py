@@ -1,78 +1,55 @@
 """The secure channel between an owner and the enclave, through an untrusted server.
 
-Key agreement is X25519 between the owner's fresh key and the enclave's attested
-identity key. Both sides derive their keys with HKDF-SHA256 from the shared
-secret, salted with a hash of the transcript (both public keys and the evidence
-hash), so a key is bound to the exact enclave the owner verified. Envelopes are
-AES-256-GCM with one key and one strictly increasing counter per direction; the
-counter is the nonce and part of the associated data. An envelope that is
-replayed, reordered, truncated or altered is refused, and the channel does not
-resynchronise: the owner opens a new session.
+A session is a ``Noise_XK_25519_AESGCM_SHA256`` handshake (``protocol.noise``):
+the owner (initiator) knows the enclave's attested identity key in advance,
+the enclave answers with a fresh ephemeral key, and only the third message
+reveals and proves the owner's identity key, bound to that ephemeral key. So
+every session's keys are new on both sides, a replayed first or third message
+opens nothing, and the enclave learns who it talks to. The prologue binds the
+label and the hash of the evidence the owner verified, so keys are bound to the
+exact enclave the owner accepted.
+
+Envelopes are the handshake's transport ciphers (AES-256-GCM, one key and one
+counter per direction) with a header ``session id || counter`` as associated
+data, plus a purpose string the caller chooses (``b"infer:" + request id``...).
+An envelope that is replayed, reordered, truncated or altered is refused, and
+the channel does not resynchronise: the owner opens a new session.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .errors import ChannelError
+from .noise import XK, CipherState, HandshakeState
 
-LABEL = b"heclave/v1/channel"
-TO_ENCLAVE = 0
-TO_OWNER = 1
-_HEADER = struct.Struct(">16sBQ")
-
-
-def raw_public(key: X25519PublicKey) -> bytes:
-    """The 32 raw bytes of an X25519 public key."""
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+PROTOCOL_NAME = b"Noise_XK_25519_AESGCM_SHA256"
+LABEL = b"heclave/v2/channel"
+_HEADER = struct.Struct(">16sQ")
+_REFUSED = "Envelope authentication failed; open a new session."
 
 
-def load_public(data: bytes) -> X25519PublicKey:
-    """Parse 32 raw bytes as an X25519 public key, or raise :class:`ChannelError`."""
-    if len(data) != 32:
-        raise ChannelError("An X25519 public key is exactly 32 bytes.")
-    return X25519PublicKey.from_public_bytes(data)
-
-
-def transcript(owner_public: bytes, enclave_public: bytes, evidence_hash: bytes) -> bytes:
-    """What both sides bind their keys to: the label, both public keys, the evidence hash."""
-    return LABEL + owner_public + enclave_public + evidence_hash
+def prologue(evidence_hash: bytes) -> bytes:
+    """What both sides bind the handshake to besides the keys: the label and the verified evidence."""
+    return LABEL + evidence_hash
 
 
 @dataclass
 class Session:
-    """One side's state of a channel: two keys, two counters, and the session id."""
+    """One side's state of an established channel: the peer's identity and the two transport ciphers."""
 
     session_id: bytes
-    send_key: bytes
-    recv_key: bytes
-    send_direction: int
-    confirm_key: bytes
-    transcript_hash: bytes
-    sent: int = 0
-    received: int = 0
-    _send_aead: AESGCM = field(init=False, repr=False)
-    _recv_aead: AESGCM = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._send_aead = AESGCM(self.send_key)
-        self._recv_aead = AESGCM(self.recv_key)
+    peer: bytes
+    send: CipherState = field(repr=False)
+    recv: CipherState = field(repr=False)
 
     def seal(self, plaintext: bytes, associated: bytes = b"") -> bytes:
         """Encrypt and authenticate the next envelope in this side's direction."""
-        header = _HEADER.pack(self.session_id, self.send_direction, self.sent)
-        nonce = struct.pack(">IQ", self.send_direction, self.sent)
-        self.sent += 1
-        return header + self._send_aead.encrypt(nonce, plaintext, header + associated)
+        header = _HEADER.pack(self.session_id, self.send.nonce)
+        return header + self.send.encrypt_with_ad(header + associated, plaintext)
 
     def open(self, envelope: bytes, associated: bytes = b"") -> bytes:
         """Authenticate and decrypt the next envelope from the other side.
@@ -80,52 +57,53 @@ class Session:
         Raises :class:`ChannelError` for any envelope that is not exactly the
         next one, unmodified, with the same associated data.
         """
-        if len(envelope) < _HEADER.size + 16:
-            raise ChannelError("Envelope authentication failed; open a new session.")
+        if not isinstance(envelope, bytes) or len(envelope) < _HEADER.size + 16:
+            raise ChannelError(_REFUSED)
         header = envelope[: _HEADER.size]
-        session_id, direction, counter = _HEADER.unpack(header)
-        expected_direction = 1 - self.send_direction
-        if session_id != self.session_id or direction != expected_direction or counter != self.received:
-            raise ChannelError("Envelope authentication failed; open a new session.")
-        nonce = struct.pack(">IQ", direction, counter)
-        try:
-            plaintext = self._recv_aead.decrypt(nonce, envelope[_HEADER.size :], header + associated)
-        except InvalidTag:
-            raise ChannelError("Envelope authentication failed; open a new session.") from None
-        self.received += 1
-        return plaintext
-
-    def confirmation(self) -> bytes:
-        """A tag proving knowledge of the session keys, hence of the identity key."""
-        return hmac.new(self.confirm_key, b"confirm" + self.transcript_hash, hashlib.sha256).digest()
+        session_id, counter = _HEADER.unpack(header)
+        if session_id != self.session_id or counter != self.recv.nonce:
+            raise ChannelError(_REFUSED)
+        return self.recv.decrypt_with_ad(header + associated, envelope[_HEADER.size :])
 
 
-def _derive(shared: bytes, transcript_bytes: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
-    digest = hashlib.sha256(transcript_bytes).digest()
-    material = HKDF(hashes.SHA256(), 96, salt=digest, info=LABEL + b"/keys").derive(shared)
-    return material[:32], material[32:64], material[64:96], digest[:16], digest
+def _established(handshake: HandshakeState) -> Session:
+    send, recv = handshake.split()
+    return Session(handshake.handshake_hash[:16], handshake.rs, send, recv)
 
 
-def open_owner_session(enclave_public: bytes, evidence_hash: bytes) -> tuple[Session, bytes]:
-    """The owner's side: a fresh key pair; returns the session and the public key to send."""
-    own = X25519PrivateKey.generate()
-    own_public = raw_public(own.public_key())
-    shared = own.exchange(load_public(enclave_public))
-    to_enclave, to_owner, confirm, sid, digest = _derive(shared, transcript(own_public, enclave_public, evidence_hash))
-    return Session(sid, to_enclave, to_owner, TO_ENCLAVE, confirm, digest), own_public
+class OwnerHandshake:
+    """The owner's side: :meth:`first` to send, then :meth:`finish` with the enclave's answer."""
+
+    def __init__(self, identity: X25519PrivateKey, enclave_public: bytes, evidence_hash: bytes) -> None:
+        if len(enclave_public) != 32:
+            raise ChannelError("The enclave's identity key must be 32 bytes.")
+        self._state = HandshakeState(
+            XK, PROTOCOL_NAME, True, prologue(evidence_hash), static=identity, remote_static=enclave_public
+        )
+
+    def first(self) -> bytes:
+        """Message 1: a fresh ephemeral key, mixed with the enclave's identity key."""
+        return self._state.write_message()
+
+    def finish(self, answer: bytes) -> tuple[bytes, Session]:
+        """Read the enclave's message 2; return message 3 (this owner's identity, proven) and the session."""
+        self._state.read_message(answer)
+        third = self._state.write_message()
+        return third, _established(self._state)
 
 
-def accept_owner_session(identity: X25519PrivateKey, owner_public: bytes, evidence_hash: bytes) -> Session:
-    """The enclave's side of a session an owner opened with its public key."""
-    shared = identity.exchange(load_public(owner_public))
-    enclave_public = raw_public(identity.public_key())
-    to_enclave, to_owner, confirm, sid, digest = _derive(
-        shared, transcript(owner_public, enclave_public, evidence_hash)
-    )
-    return Session(sid, to_owner, to_enclave, TO_OWNER, confirm, digest)
+class EnclaveHandshake:
+    """The enclave's side: answer a first message with a fresh ephemeral key, then accept the third."""
 
+    def __init__(self, identity: X25519PrivateKey, evidence_hash: bytes) -> None:
+        self._state = HandshakeState(XK, PROTOCOL_NAME, False, prologue(evidence_hash), static=identity)
 
-def check_confirmation(session: Session, tag: bytes) -> None:
-    """Refuse a session whose enclave could not prove it holds the identity key."""
-    if not hmac.compare_digest(session.confirmation(), tag):
-        raise ChannelError("The enclave did not prove possession of its attested identity key.")
+    def answer(self, first: bytes) -> bytes:
+        """Read message 1 and write message 2."""
+        self._state.read_message(first)
+        return self._state.write_message()
+
+    def accept(self, third: bytes) -> Session:
+        """Read message 3: the session, and (as its ``peer``) the identity that proved its key."""
+        self._state.read_message(third)
+        return _established(self._state)

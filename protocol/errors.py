@@ -31,6 +31,8 @@ class ErrorCode(str, Enum):
     ENCLAVE_UNAVAILABLE = "enclave_unavailable"
     TIMEOUT = "timeout"
     BUSY = "busy"
+    QUOTA = "quota"
+    FORBIDDEN = "forbidden"
     INTERNAL = "internal"
 
 
@@ -92,6 +94,19 @@ class IntegrityError(HeclaveError):
     code = ErrorCode.INTEGRITY
 
 
+class QuotaError(HeclaveError):
+    """An identity reached its own limit (sessions, models, requests in flight) or the enclave its ceiling."""
+
+    code = ErrorCode.QUOTA
+
+
+class ForbiddenError(HeclaveError):
+    """The identity behind the session may not do this (query a model it is not listed for, undeploy
+    another identity's model)."""
+
+    code = ErrorCode.FORBIDDEN
+
+
 class RemoteError(HeclaveError):
     """An error reply received from another process, re-raised locally."""
 
@@ -112,6 +127,8 @@ _BY_CODE: dict[ErrorCode, type[HeclaveError]] = {
     ErrorCode.PLAN: PlanError,
     ErrorCode.BAD_CIPHERTEXT: CiphertextError,
     ErrorCode.INTEGRITY: IntegrityError,
+    ErrorCode.QUOTA: QuotaError,
+    ErrorCode.FORBIDDEN: ForbiddenError,
     ErrorCode.TIMEOUT: UnavailableError,
     ErrorCode.ENCLAVE_UNAVAILABLE: UnavailableError,
 }

@@ -1,17 +1,22 @@
 """The enclave program: the only holder of each model's CKKS secret key.
 
-It answers six requests, all relayed by the untrusted server, and believes
+It answers these requests, all relayed by the untrusted server, and believes
 nothing the server says that it cannot check:
 
 - ``evidence``: its attestation evidence and the CKKS parameters it binds;
-- ``open_session``: an owner's secure channel (see ``protocol.channel``);
+- ``open_session`` and ``confirm_session``: the two halves of an owner's
+  handshake (``protocol.channel``), which prove the owner's identity key;
+  sessions are counted per identity (``tee.sessions``);
 - ``register_model``: a model graph and the secrets its owner sealed to the
   enclave (the graph's hash, the weights it needs for its own stages and for
-  checking the server's, the biases); the enclave makes the model's own CKKS
-  key set and answers with its public context (Galois keys for exactly the
-  rotations the graph uses) and a binding sealed to the owner;
+  checking the server's, the biases, who may query the model); the enclave
+  makes the model's own CKKS key set and answers with its public context
+  (Galois keys for exactly the rotations the graph uses) and a binding sealed
+  to the owner. The model belongs to the registering identity (``tee.models``);
+- ``grant`` and ``undeploy``: its owner, and only its owner, changes who may
+  query a model or removes it, key set and sealed record included;
 - ``model_info``: the graph and public context of a model, bound in a sealed
-  reply to a data owner who asked through its session;
+  reply to a data owner who may query it and asked through its session;
 - ``begin``: a data owner's authorisation (model, batch and the input itself,
   sealed in its session), which opens a request (``tee.requests``);
 - ``activate``: the server's result for the request's next stage, in graph
@@ -26,9 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,22 +42,22 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from he.context import CkksParams, SecretKeySet, public_parameters
 from he.graph import ModelGraph, Placement
-from protocol.channel import Session, accept_owner_session, raw_public
+from protocol.channel import Session
 from protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from protocol.evidence import Runtime
 from protocol.messages import Message, batch_size, field_of
+from protocol.noise import public_bytes
 from protocol.transport import dispatch
 
 from .execution import Form, ModelRuntime
+from .models import ModelTable, Rights
 from .release import FLOOD, seal_result
 from .requests import Request, RequestTable
 from .runtime import collect_evidence, detect
+from .sessions import SessionTable
 from .state import EnclaveState
 
 log = logging.getLogger(__name__)
-
-MAX_SESSIONS = 4096
-MAX_MODELS = 256
 
 
 class Enclave:
@@ -77,33 +80,25 @@ class Enclave:
         self.identity = self._state.identity() if self._state is not None else X25519PrivateKey.generate()
         self.runtime = runtime or detect()
         self.public_parameters = public_parameters(params)
-        self.evidence = collect_evidence(raw_public(self.identity.public_key()), self.public_parameters, self.runtime)
-        self._evidence_hash = self.evidence.digest()
+        self.evidence = collect_evidence(public_bytes(self.identity), self.public_parameters, self.runtime)
         self._verify = not insecure_skip_verification
         if not self._verify:
             log.warning("INSECURE: layer results are not verified; use this only to measure what verifying costs")
-        self._sessions: OrderedDict[bytes, Session] = OrderedDict()
-        self._models: OrderedDict[str, ModelRuntime] = OrderedDict()
+        self._models = ModelTable(self._state, self._runtime)
+        self._models.restore()
+        self._sessions = SessionTable(self.identity, self.evidence.digest(), self._models.standing)
         self._requests = RequestTable()
-        self._restore()
         self._handlers = {
             "evidence": self._evidence,
             "open_session": self._open_session,
+            "confirm_session": self._confirm_session,
             "register_model": self._register_model,
+            "grant": self._grant,
+            "undeploy": self._undeploy,
             "model_info": self._model_info,
             "begin": self._begin,
             "activate": self._activate,
         }
-
-    def _restore(self) -> None:
-        if self._state is None:
-            return
-        for model_id, (graph, vouched, keys) in self._state.models().items():
-            try:
-                key_set = SecretKeySet(CkksParams.from_wire(keys["params"]), keys)
-                self._models[model_id] = self._runtime(ModelGraph.from_bytes(graph), key_set, vouched)
-            except (HeclaveError, KeyError, TypeError) as exc:
-                log.error("cannot restore model %s; deploy it again: %s", model_id, getattr(exc, "message", exc))
 
     def _runtime(self, graph: ModelGraph, keys: SecretKeySet, vouched: dict) -> ModelRuntime:
         return ModelRuntime.from_secrets(graph, keys, vouched, self._verify)
@@ -122,32 +117,25 @@ class Enclave:
             runtime = self._models.get(state.model_id)
             if runtime is not None and runtime.prepare(state):
                 return True
-        return any(runtime.refill() for runtime in list(self._models.values()))
+        return any(runtime.refill() for runtime in self._models)
 
     def _evidence(self, request: Message) -> Message:
         return request.reply({"evidence": self.evidence.to_wire()}, [self.public_parameters])
 
     def _open_session(self, request: Message) -> Message:
-        owner_public = field_of(request.content, "owner_public", bytes)
-        session = accept_owner_session(self.identity, owner_public, self._evidence_hash)
-        self._sessions[session.session_id] = session
-        while len(self._sessions) > MAX_SESSIONS:
-            self._sessions.popitem(last=False)
-        return request.reply({"session_id": session.session_id, "confirm": session.confirmation()})
+        handshake_id, second = self._sessions.answer(field_of(request.content, "handshake", bytes))
+        return request.reply({"handshake_id": handshake_id, "handshake": second})
+
+    def _confirm_session(self, request: Message) -> Message:
+        handshake_id = field_of(request.content, "handshake_id", bytes)
+        session = self._sessions.accept(handshake_id, field_of(request.content, "handshake", bytes))
+        return request.reply({"session_id": session.session_id})
 
     def _session(self, content: dict) -> Session:
-        sid = field_of(content, "session_id", bytes)
-        session = self._sessions.get(sid)
-        if session is None:
-            raise HeclaveError("Unknown or expired session; open a new session.", ErrorCode.UNKNOWN_SESSION)
-        return session
+        return self._sessions.get(field_of(content, "session_id", bytes))
 
-    def _model(self, content: dict) -> tuple[str, ModelRuntime]:
-        model_id = field_of(content, "model_id", str)
-        runtime = self._models.get(model_id)
-        if runtime is None:
-            raise HeclaveError(f"Unknown model {model_id!r}; deploy it again.", ErrorCode.UNKNOWN_MODEL)
-        return model_id, runtime
+    def _sealed(self, request: Message, session: Session, purpose: bytes) -> dict:
+        return _unpack_map(session.open(field_of(request.content, "envelope", bytes), purpose))
 
     def _register_model(self, request: Message) -> Message:
         graph_bytes = field_of(request.content, "graph", bytes)
@@ -162,14 +150,9 @@ class Enclave:
         graph = ModelGraph.from_bytes(graph_bytes)
         if graph.params != self.params:
             raise PlanError(f"The graph is planned for CKKS parameters {graph.params}, the enclave uses {self.params}.")
-        if len(self._models) >= MAX_MODELS:
-            raise HeclaveError(f"The enclave holds its limit of {MAX_MODELS} models.", ErrorCode.BUSY)
+        rights = Rights.granted(session.peer, vouched)
         keys = SecretKeySet(self.params)
-        runtime = self._runtime(graph, keys, vouched)
-        model_id = secrets.token_hex(16)
-        self._models[model_id] = runtime
-        if self._state is not None:
-            self._state.save_model(model_id, graph_bytes, vouched, keys.export())
+        model_id = self._models.register(graph_bytes, keys, vouched, rights)
         steps = graph.rotation_steps
         context = keys.public.with_galois(keys.galois_keys(steps), steps).to_bytes()
         binding = {"model_id": model_id, "context": hashlib.sha256(context).digest()}
@@ -177,10 +160,32 @@ class Enclave:
         log.info("registered model %s (%d stages, %d rotation steps)", model_id, len(graph.stages), len(steps))
         return request.reply({"model_id": model_id, "binding": sealed}, [context])
 
+    def _grant(self, request: Message) -> Message:
+        """The owner names who may query its model (the list replaces the previous one)."""
+        session, model_id = self._session(request.content), field_of(request.content, "model_id", str)
+        asked = self._sealed(request, session, b"grant:" + model_id.encode())
+        if asked.get("model_id") != model_id:
+            raise ChannelError("The model owner did not ask to change this model.")
+        rights = self._models.set_rights(model_id, session.peer, asked)
+        done = {"model_id": model_id, "readers": len(rights.readers), "anyone": rights.anyone}
+        return request.reply({"ack": session.seal(msgpack.packb(done), b"granted:" + model_id.encode())})
+
+    def _undeploy(self, request: Message) -> Message:
+        """The owner removes its model: key set, secrets and sealed record; its open requests end."""
+        session, model_id = self._session(request.content), field_of(request.content, "model_id", str)
+        asked = self._sealed(request, session, b"undeploy:" + model_id.encode())
+        if asked.get("model_id") != model_id:
+            raise ChannelError("The model owner did not ask to undeploy this model.")
+        self._models.remove(model_id, session.peer)
+        self._requests.close_model(model_id)
+        log.info("undeployed model %s", model_id)
+        done = session.seal(msgpack.packb({"model_id": model_id}), b"undeployed:" + model_id.encode())
+        return request.reply({"ack": done})
+
     def _model_info(self, request: Message) -> Message:
-        session = self._session(request.content)
-        asked = _unpack_map(session.open(field_of(request.content, "envelope", bytes), b"model_info"))
-        model_id, runtime = self._model(request.content)
+        session, model_id = self._session(request.content), field_of(request.content, "model_id", str)
+        asked = self._sealed(request, session, b"model_info")
+        runtime = self._models.for_reader(model_id, session.peer)
         if asked.get("model_id") != model_id:
             raise ChannelError("The data owner did not ask about this model.")
         graph, context = runtime.graph.to_bytes(), runtime.keys.public.to_bytes()
@@ -196,9 +201,9 @@ class Enclave:
         """Open a request from the data owner's authorisation, and hand out its first server stage."""
         session = self._session(request.content)
         request_id = field_of(request.content, "request_id", str)
-        envelope = field_of(request.content, "envelope", bytes)
-        authorisation = _unpack_map(session.open(envelope, b"infer:" + request_id.encode()))
-        model_id, runtime = self._model(request.content)
+        authorisation = self._sealed(request, session, b"infer:" + request_id.encode())
+        model_id = field_of(request.content, "model_id", str)
+        runtime = self._models.for_reader(model_id, session.peer)
         batch = batch_size(request.content)
         if authorisation.get("model_id") != model_id or authorisation.get("batch") != batch:
             raise ChannelError("The data owner did not authorise this model and batch.")

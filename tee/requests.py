@@ -3,7 +3,8 @@
 A request exists only once a data owner's authorisation has opened it; it then
 accepts its model's server-computed stages in graph order, each exactly once,
 and ends at its release or at the first thing refused. The table is bounded
-(in flight and in age), so abandoned requests cannot pile up, and a request is
+(in flight and in age, and per data-owner identity, so one identity cannot
+fill it for others), abandoned requests cannot pile up, and a request is
 removed on every path out of it.
 """
 
@@ -17,11 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protocol.channel import Session
-from protocol.errors import ErrorCode, HeclaveError
+from protocol.errors import ErrorCode, HeclaveError, QuotaError
 
 from .verify import Expectation
 
 MAX_IN_FLIGHT = 256
+PER_IDENTITY = 32
 TIMEOUT_S = 600.0
 
 
@@ -55,8 +57,8 @@ class Request:
 class RequestTable:
     """The requests in flight, keyed by the data owner's session and its request id."""
 
-    def __init__(self, limit: int = MAX_IN_FLIGHT, timeout_s: float = TIMEOUT_S) -> None:
-        self._limit, self._timeout_s = limit, timeout_s
+    def __init__(self, limit: int = MAX_IN_FLIGHT, timeout_s: float = TIMEOUT_S, per_identity: int = PER_IDENTITY):
+        self._limit, self._timeout_s, self._per_identity = limit, timeout_s, per_identity
         self._requests: OrderedDict[tuple[bytes, str], Request] = OrderedDict()
 
     def __len__(self) -> int:
@@ -71,6 +73,11 @@ class RequestTable:
         key = (request.session.session_id, request.request_id)
         if key in self._requests:
             raise HeclaveError("This request is already open; a request id is used once.", ErrorCode.OUT_OF_ORDER)
+        peer = request.session.peer
+        if sum(1 for r in self._requests.values() if r.session.peer == peer) >= self._per_identity:
+            raise QuotaError(
+                f"This identity has {self._per_identity} requests in flight, its limit; wait for some to finish."
+            )
         if len(self._requests) >= self._limit:
             raise HeclaveError(
                 f"The enclave has {self._limit} requests in flight; retry when some have finished.", ErrorCode.BUSY
@@ -92,6 +99,12 @@ class RequestTable:
     def close(self, request: Request) -> None:
         """Forget a request (released, refused or failed)."""
         self._requests.pop((request.session.session_id, request.request_id), None)
+
+    def close_model(self, model_id: str) -> None:
+        """Forget every request of an undeployed model."""
+        for request in self:
+            if request.model_id == model_id:
+                self.close(request)
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -30,7 +30,7 @@ from .runtime import ATTESTATION_DIR
 
 log = logging.getLogger(__name__)
 
-SEALED_FORMAT = 1
+SEALED_FORMAT = 2
 DEV_KEY_FILE = "dev-sealing.key"
 _LABEL = b"heclave/v1/sealed/"
 
@@ -53,16 +53,17 @@ def _development_key(state_dir: Path) -> bytes:
     return path.read_bytes()
 
 
-def seal(key: bytes, kind: str, payload: dict) -> bytes:
-    """Encrypt and authenticate a state record; ``kind`` is bound as associated data."""
+def seal(key: bytes, kind: str, payload: dict, name: str = "") -> bytes:
+    """Encrypt and authenticate a state record; its ``kind`` and ``name`` (a model id) are associated data,
+    so the host can neither pass one kind of record for another nor swap two models' records."""
     nonce = secrets.token_bytes(12)
-    header = msgpack.packb({"format": SEALED_FORMAT, "kind": kind})
+    header = msgpack.packb({"format": SEALED_FORMAT, "kind": kind, "name": name})
     body = AESGCM(key).encrypt(nonce, msgpack.packb(payload, use_bin_type=True), _LABEL + header)
     return msgpack.packb({"header": header, "nonce": nonce, "body": body}, use_bin_type=True)
 
 
-def unseal(key: bytes, kind: str, blob: bytes, origin: Path) -> dict:
-    """Decrypt a record sealed by :func:`seal`, refusing another format, kind or key."""
+def unseal(key: bytes, kind: str, blob: bytes, origin: Path, name: str = "") -> dict:
+    """Decrypt a record sealed by :func:`seal`, refusing another format, kind, name or key."""
     try:
         outer = msgpack.unpackb(blob, raw=False)
         header = msgpack.unpackb(outer["header"], raw=False)
@@ -74,6 +75,8 @@ def unseal(key: bytes, kind: str, blob: bytes, origin: Path) -> dict:
             f"{kind!r} format {SEALED_FORMAT}. Move the state directory aside to start with fresh keys.",
             ErrorCode.INTERNAL,
         )
+    if header.get("name") != name:
+        raise AttestationError(f"{origin} holds the sealed record of another {kind} (moved or swapped by the host).")
     try:
         plain = AESGCM(key).decrypt(outer["nonce"], outer["body"], _LABEL + outer["header"])
     except (InvalidTag, KeyError, TypeError, ValueError):

@@ -1,10 +1,10 @@
 """The enclave's persistent state: its identity key and registered models, sealed on disk.
 
 A restarted enclave comes back with the same identity key (so owners' pinned
-evidence stays valid) and with every model registered before the restart,
-each with its own CKKS key set (so its encrypted bundle stays usable). A model
-record names its model id inside the sealed payload, so the host cannot swap
-two models' records.
+evidence stays valid) and with every model registered and not undeployed
+before the restart, each with its own CKKS key set (so its encrypted bundle
+stays usable), its owner and who may query it. A model record is sealed under
+its model id, so the host cannot swap two models' records.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from protocol.errors import HeclaveError
 from protocol.storage import write_atomic
 
 from .sealing import seal, sealing_key, unseal
@@ -48,18 +49,26 @@ class EnclaveState:
         log.info("created and sealed a new identity key in %s", path)
         return identity
 
-    def save_model(self, model_id: str, graph: bytes, secrets: dict, keys: dict) -> None:
-        """Seal a registered model: its graph, what its owner sealed to the enclave, and its key set."""
-        record = {"model_id": model_id, "graph": graph, "secrets": secrets, "keys": keys}
-        write_atomic(self.dir / MODELS_DIR / f"{model_id}.sealed", seal(self._key, "model", record))
+    def save_model(self, model_id: str, record: dict) -> None:
+        """Seal a registered model's record (graph, its owner's secrets, key set, rights) under its id."""
+        write_atomic(self.dir / MODELS_DIR / f"{model_id}.sealed", seal(self._key, "model", record, model_id))
 
-    def models(self) -> dict[str, tuple[bytes, dict, dict]]:
-        """The models registered before, by model id: graph, owner's secrets and key set."""
+    def delete_model(self, model_id: str) -> None:
+        """Forget an undeployed model: its sealed record, and with it its key set, leaves the state."""
+        (self.dir / MODELS_DIR / f"{model_id}.sealed").unlink(missing_ok=True)
+
+    def model(self, model_id: str) -> dict:
+        """One model's sealed record, checked against its id."""
+        path = self.dir / MODELS_DIR / f"{model_id}.sealed"
+        return unseal(self._key, "model", path.read_bytes(), path, model_id)
+
+    def models(self) -> dict[str, dict]:
+        """The records of the models registered before, by model id; a record the host moved, swapped or
+        altered is refused (logged, not restored)."""
         found = {}
         for path in sorted((self.dir / MODELS_DIR).glob("*.sealed")):
-            record = unseal(self._key, "model", path.read_bytes(), path)
-            if record.get("model_id") != path.stem:
-                log.error("%s holds another model's sealed record (moved or swapped); not restoring it", path)
-                continue
-            found[path.stem] = (record["graph"], record["secrets"], record["keys"])
+            try:
+                found[path.stem] = self.model(path.stem)
+            except HeclaveError as exc:
+                log.error("not restoring %s: %s", path.name, exc.message)
         return found

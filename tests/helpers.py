@@ -9,8 +9,14 @@ import zmq
 from he.context import SecretKeySet
 from he.graph import ModelGraph
 from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from protocol.identity import Identity
 from protocol.transport import CurveKeys, read_public_key
 from tee.nonlinear import apply_ops
+
+MODEL_OWNER = Identity.generate()
+"""The identity the tests deploy models under."""
+DATA_OWNER = Identity.generate()
+"""The identity the tests' models name as their reader."""
 
 
 def run_encrypted(keys: SecretKeySet, graph: ModelGraph, weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -65,3 +71,15 @@ def raw_socket(cluster) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cluster.endpoint)
     return sock
+
+
+def open_session(handle, evidence, identity: Identity = DATA_OWNER):
+    """An owner's session opened through ``handle`` (an enclave's ``handle`` or a client's ``request``)."""
+    from protocol.channel import OwnerHandshake
+    from protocol.messages import Message
+
+    handshake = OwnerHandshake(identity.static, evidence.identity_public, evidence.digest())
+    reply = handle(Message("open_session", {"handshake": handshake.first()}))
+    third, session = handshake.finish(reply.content["handshake"])
+    handle(Message("confirm_session", {"handshake_id": reply.content["handshake_id"], "handshake": third}))
+    return session

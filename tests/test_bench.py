@@ -66,7 +66,11 @@ def test_bench_placements_reports_every_strategy_with_what_it_exposes() -> None:
     assert set(by_name) == {"full-enclave", "slalom", "origami", "ennclave", "heclave-he"}
     for strategy in by_name.values():
         assert {"name", "latency_ms", "enclave_share", "exposes"} <= strategy.keys()
-        assert strategy["agreement"] == 1.0
+        # Verified server layers add flooding noise to the logits (reported); an untrained network's top two
+        # logits can lie closer than that, so only noise-free strategies must agree on every label.
+        noise = strategy["release_noise_sd"]
+        assert strategy["max_abs_logit_error"] < max(1e-3, 8 * noise), strategy
+        assert strategy["agreement"] == 1.0 or noise > 0, strategy
     assert by_name["heclave-he"]["exposes"] == [] and by_name["full-enclave"]["exposes"] == []
     assert any("input" in item for item in by_name["ennclave"]["exposes"])
     assert by_name["full-enclave"]["enclave_share"] == 1.0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from protocol.identity import Identity
 from tests.test_measure import sigstruct
 
 HECLAVE = str(Path(sys.executable).parent / "heclave")
@@ -37,6 +38,8 @@ def test_gramine_runtime_refuses_unmeasured_arguments():
 def test_owner_commands_refuse_a_malformed_pinned_measurement(tmp_path):
     key = tmp_path / "server.key"
     key.write_text("x" * 40)
+    identity = tmp_path / "me.key"
+    Identity.generate().save(identity)
     done = run(
         "data-owner",
         "infer",
@@ -44,6 +47,8 @@ def test_owner_commands_refuse_a_malformed_pinned_measurement(tmp_path):
         "tcp://127.0.0.1:1",
         "--server-key",
         str(key),
+        "--identity",
+        str(identity),
         "--mrenclave",
         "abc",
         "--model-id",

@@ -23,13 +23,36 @@ from protocol.evidence import VerifierPolicy
 from protocol.messages import PROTOCOL_VERSION, Message, decode, encode
 from protocol.transport import Client, handle_frames, read_public_key
 from tee.enclave import Enclave
-from tests.helpers import layer_output, raw_socket
+from tests.helpers import DATA_OWNER, MODEL_OWNER, layer_output, raw_socket
 
 EXAMPLES = int(os.environ.get("HECLAVE_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 CODES = {c.value for c in ErrorCode}
-FIELDS = ["model_id", "session_id", "request_id", "envelope", "graph", "masks", "stage", "batch", "owner_public"]
-TYPES = ["evidence", "open_session", "register_model", "activate", "deploy", "model_info", "infer", "x"]
+FIELDS = [
+    "model_id",
+    "session_id",
+    "request_id",
+    "envelope",
+    "graph",
+    "masks",
+    "stage",
+    "batch",
+    "handshake",
+    "handshake_id",
+]
+TYPES = [
+    "evidence",
+    "open_session",
+    "confirm_session",
+    "register_model",
+    "grant",
+    "undeploy",
+    "activate",
+    "deploy",
+    "model_info",
+    "infer",
+    "x",
+]
 
 KNOWN_MODELS: list[str] = []
 _VALID_CT = SecretKeySet(CkksParams()).public.encrypt(np.linspace(-1, 1, 64))
@@ -99,8 +122,8 @@ def test_enclave_handler_answers_anything_with_one_reply(enclave, frames):
 @pytest.fixture(scope="module")
 def deployed(cluster):
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, VerifierPolicy(allow_unattested=True))
-    KNOWN_MODELS.append(owner.deploy(owner.plan(model, (6,), "encrypted")))
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, VerifierPolicy(allow_unattested=True))
+    KNOWN_MODELS.append(owner.deploy(owner.plan(model, (6,), "encrypted"), readers=[DATA_OWNER.public]))
     owner.close()
     yield KNOWN_MODELS[-1]
     KNOWN_MODELS.clear()
@@ -121,7 +144,7 @@ def test_server_process_answers_anything_and_keeps_serving(cluster, deployed, fr
 def test_server_still_serves_after_the_fuzzing(cluster, deployed):
     with Client(cluster.endpoint, read_public_key(cluster.server_key_file), timeout_s=30) as client:
         assert client.request(Message("evidence")).content["evidence"]["runtime"] == "native"
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, VerifierPolicy(allow_unattested=True))
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, VerifierPolicy(allow_unattested=True))
     assert len(owner.infer(deployed, np.ones(6)).logits) == 3
     owner.close()
     cluster.check()

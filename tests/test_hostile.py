@@ -12,7 +12,7 @@ from parties.model_owner import ModelOwner
 from protocol.errors import ChannelError, HeclaveError
 from protocol.evidence import VerifierPolicy
 from protocol.messages import MAX_BUFFER_BYTES, Message, decode, encode
-from tests.helpers import raw_socket
+from tests.helpers import DATA_OWNER, MODEL_OWNER, raw_socket
 
 DEV = VerifierPolicy(allow_unattested=True)
 
@@ -21,15 +21,15 @@ DEV = VerifierPolicy(allow_unattested=True)
 def model(cluster):
     torch.manual_seed(7)
     net = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 4))
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
-    model_id = owner.deploy(owner.plan(net, (12,), "encrypted"))
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
+    model_id = owner.deploy(owner.plan(net, (12,), "encrypted"), readers=[DATA_OWNER.public])
     owner.close()
     return model_id, net.double().eval()
 
 
 @pytest.fixture
 def attacker(cluster):
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     yield owner
     owner.close()
 
@@ -37,7 +37,7 @@ def attacker(cluster):
 def _good_request_succeeds(cluster, model) -> None:
     model_id, net = model
     x = np.random.default_rng().normal(size=12)
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     inference = owner.infer(model_id, x)
     owner.close()
     want = net(torch.from_numpy(x)[None]).detach().numpy()[0]

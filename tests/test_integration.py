@@ -14,7 +14,7 @@ from protocol.errors import AttestationError, CiphertextError, HeclaveError, Una
 from protocol.evidence import VerifierPolicy
 from protocol.messages import Message, decode, encode
 from protocol.transport import Client, CurveKeys, read_public_key
-from tests.helpers import raw_socket
+from tests.helpers import DATA_OWNER, MODEL_OWNER, raw_socket
 
 DEV = VerifierPolicy(allow_unattested=True)
 
@@ -29,15 +29,15 @@ def trained():
 
 @pytest.fixture(scope="module")
 def deployed(cluster, trained):
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
-    model_id = owner.deploy(owner.plan(trained[0], INPUT_SHAPE, "encrypted"))
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
+    model_id = owner.deploy(owner.plan(trained[0], INPUT_SHAPE, "encrypted"), readers=[DATA_OWNER.public])
     yield model_id
     owner.close()
 
 
 @pytest.fixture
 def data_owner(cluster):
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     yield owner
     owner.close()
 
@@ -70,20 +70,20 @@ def test_encrypted_weights_agree_with_plaintext_on_30_digits(deployed, data_owne
 
 def test_plain_weights_agree_with_plaintext(cluster, data_owner, trained):
     model, x, reference = trained
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
-    model_id = owner.deploy(owner.plan(model, INPUT_SHAPE, "plain"))
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
+    model_id = owner.deploy(owner.plan(model, INPUT_SHAPE, "plain"), readers=[DATA_OWNER.public])
     owner.close()
     _check_agreement(data_owner, model_id, x[:10], reference[:10])
 
 
 def test_default_policy_refuses_the_unattested_enclave(cluster):
     with pytest.raises(AttestationError, match="runtime"):
-        DataOwner(cluster.endpoint, cluster.server_key_file)
+        DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER)
 
 
 def test_wrong_pinned_server_key_never_connects(cluster):
     with pytest.raises(UnavailableError):
-        DataOwner(cluster.endpoint, CurveKeys.generate().public, DEV, timeout_s=2)
+        DataOwner(cluster.endpoint, CurveKeys.generate().public, DATA_OWNER, DEV, timeout_s=2)
 
 
 @pytest.mark.parametrize(
@@ -132,11 +132,11 @@ def test_forged_release_authorisation_is_refused(deployed, data_owner, trained):
 
 
 def test_restarted_enclave_keeps_keys_and_serves_a_model_deployed_before(cluster, deployed, trained):
-    before = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    before = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     evidence = before.connection.evidence
     before.close()
     cluster.restart_enclave()
-    after = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    after = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     assert after.connection.evidence == evidence, "a restarted enclave must present the same keys"
     _, x, reference = trained
     _check_agreement(after, deployed, x[:3], reference[:3])
@@ -145,12 +145,12 @@ def test_restarted_enclave_keeps_keys_and_serves_a_model_deployed_before(cluster
 
 def test_batches_packed_several_queries_per_ciphertext_agree(cluster, trained):
     model, x, reference = trained
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
     plan = owner.plan(model, INPUT_SHAPE, "encrypted", batch=8)
     assert any(stage.geometry.queries > 1 for stage in plan.graph.stages), "throughput mode packed nothing"
-    model_id = owner.deploy(plan)
+    model_id = owner.deploy(plan, readers=[DATA_OWNER.public])
     owner.close()
-    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     pick = np.random.default_rng().choice(len(x), 11, replace=False)
     for batch in (x[pick[:8]], x[pick[8:]]):  # a full batch, and a partial one
         got = data_owner.infer_batch(model_id, batch).batch_logits
@@ -164,7 +164,7 @@ def test_restarted_server_keeps_its_key_and_serves_models_deployed_before(cluste
     key_before = read_public_key(cluster.server_key_file)
     cluster.restart_server()
     assert read_public_key(cluster.server_key_file) == key_before, "owners' pinned server key must stay valid"
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     _, x, reference = trained
     _check_agreement(owner, deployed, x[:3], reference[:3])
     owner.close()

@@ -15,6 +15,7 @@ from parties.data_owner import DataOwner
 from parties.model_owner import ModelOwner
 from protocol.errors import PlanError
 from protocol.evidence import VerifierPolicy
+from tests.helpers import DATA_OWNER, MODEL_OWNER
 
 DEV = VerifierPolicy(allow_unattested=True)
 
@@ -51,12 +52,14 @@ def model() -> nn.Module:
 
 @pytest.mark.parametrize("name", PLANS)
 def test_placement_plan_matches_plaintext(cluster, model, name):
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
-    model_id = owner.deploy(owner.plan(model, (1, 8, 8), "encrypted", placements=PLANS[name]))
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
+    model_id = owner.deploy(
+        owner.plan(model, (1, 8, 8), "encrypted", placements=PLANS[name]), readers=[DATA_OWNER.public]
+    )
     owner.close()
     x = np.random.default_rng().uniform(0, 1, (3, 1, 8, 8))
     want = model.double()(torch.from_numpy(x)).detach().numpy()
-    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV, allow_plain_input=True)
+    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV, allow_plain_input=True)
     inference = data_owner.infer_batch(model_id, x)
     got = inference.batch_logits
     data_owner.close()
@@ -70,7 +73,7 @@ def test_placement_plan_matches_plaintext(cluster, model, name):
 
 
 def test_wrong_number_of_placements_is_refused(cluster, model):
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
     with pytest.raises(PlanError, match="3 stages but 2 placements"):
         owner.plan(model, (1, 8, 8), placements=["he", "plain"])
     with pytest.raises(PlanError, match="Unknown placement"):

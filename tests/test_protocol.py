@@ -6,10 +6,11 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from protocol.channel import accept_owner_session, check_confirmation, open_owner_session, raw_public
+from protocol.channel import EnclaveHandshake, OwnerHandshake
 from protocol.errors import AttestationError, ChannelError, ErrorCode, ProtocolError, RemoteError, error_from_reply
 from protocol.evidence import Evidence, Runtime, VerifierPolicy, report_data
 from protocol.messages import PROTOCOL_VERSION, Message, decode, encode
+from protocol.noise import public_bytes
 from protocol.transport import handle_frames
 
 
@@ -70,23 +71,38 @@ def test_handler_failures_become_exactly_one_error_reply():
     assert garbage.type == "error" and garbage.content["code"] == "bad_message"
 
 
-def _pair():
-    identity = X25519PrivateKey.generate()
-    owner, owner_public = open_owner_session(raw_public(identity.public_key()), b"e" * 32)
-    enclave = accept_owner_session(identity, owner_public, b"e" * 32)
-    return owner, enclave
+def _pair(evidence: bytes = b"e" * 32, seen: bytes = b"e" * 32):
+    """Owner and enclave after a full handshake; the owner verified ``seen``, the enclave has ``evidence``."""
+    enclave_identity, owner_identity = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    owner = OwnerHandshake(owner_identity, public_bytes(enclave_identity), seen)
+    enclave = EnclaveHandshake(enclave_identity, evidence)
+    third, owner_session = owner.finish(enclave.answer(owner.first()))
+    return owner_session, enclave.accept(third), public_bytes(owner_identity)
 
 
-def test_channel_round_trip_both_directions_and_confirmation():
-    owner, enclave = _pair()
-    check_confirmation(owner, enclave.confirmation())
+def test_channel_round_trip_both_directions_and_the_enclave_learns_the_owner():
+    owner, enclave, owner_public = _pair()
+    assert enclave.peer == owner_public and enclave.session_id == owner.session_id
     for i in range(3):
         assert enclave.open(owner.seal(b"to enclave %d" % i, b"ad"), b"ad") == b"to enclave %d" % i
         assert owner.open(enclave.seal(b"to owner %d" % i)) == b"to owner %d" % i
 
 
+def test_every_handshake_gives_new_keys_even_for_the_same_first_message():
+    enclave_identity, owner_identity = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    owner = OwnerHandshake(owner_identity, public_bytes(enclave_identity), b"e" * 32)
+    first = owner.first()
+    answers = [EnclaveHandshake(enclave_identity, b"e" * 32).answer(first) for _ in range(2)]
+    assert answers[0][:32] != answers[1][:32], "the enclave's ephemeral key must be fresh per handshake"
+    third, session = owner.finish(answers[0])
+    replayed = EnclaveHandshake(enclave_identity, b"e" * 32)
+    replayed.answer(first)
+    with pytest.raises(ChannelError):
+        replayed.accept(third)  # the third message is bound to the first answer's ephemeral key
+
+
 def test_channel_refuses_replay_reorder_alteration_truncation_and_wrong_ad():
-    owner, enclave = _pair()
+    owner, enclave, _ = _pair()
     first, second = owner.seal(b"one"), owner.seal(b"two")
     with pytest.raises(ChannelError):
         enclave.open(second)  # reordered
@@ -104,13 +120,8 @@ def test_channel_refuses_replay_reorder_alteration_truncation_and_wrong_ad():
 
 
 def test_channel_bound_to_evidence_hash():
-    identity = X25519PrivateKey.generate()
-    owner, owner_public = open_owner_session(raw_public(identity.public_key()), b"a" * 32)
-    enclave = accept_owner_session(identity, owner_public, b"b" * 32)
     with pytest.raises(ChannelError):
-        check_confirmation(owner, enclave.confirmation())
-    with pytest.raises(ChannelError):
-        enclave.open(owner.seal(b"x"))
+        _pair(evidence=b"a" * 32, seen=b"b" * 32)
 
 
 def test_evidence_policy_refuses_unattested_by_default_and_substituted_keys():

@@ -18,7 +18,7 @@ from parties.processes import Cluster
 from protocol.errors import HeclaveError
 from protocol.evidence import VerifierPolicy
 from protocol.messages import Message, decode, encode
-from tests.helpers import raw_socket
+from tests.helpers import DATA_OWNER, MODEL_OWNER, raw_socket
 
 DEV = VerifierPolicy(allow_unattested=True)
 
@@ -28,8 +28,8 @@ def _deploy_digits(cluster: Cluster, seed: int, weights: str, count: int) -> tup
     model, x, _ = train_digits_cnn(epochs=2, seed=seed)
     with torch.no_grad():
         reference = model.double()(torch.from_numpy(x[:count]).double()).numpy()
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
-    model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, weights))
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
+    model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, weights), readers=[DATA_OWNER.public])
     owner.close()
     return model_id, x[:count], reference
 
@@ -49,7 +49,7 @@ def _sockets(cluster, n):
 
 def test_a_burst_beyond_the_queue_gets_busy_and_good_requests_still_succeed(small_cluster):
     cluster, model_id, x, reference = small_cluster
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     graph = owner.graph(model_id)
     frames = [owner.context(model_id).encrypt(r) for r in graph.stages[0].geometry.gather_batch(x[:1])]
     socks = _sockets(cluster, 8)
@@ -71,7 +71,7 @@ def test_a_burst_beyond_the_queue_gets_busy_and_good_requests_still_succeed(smal
 
 def test_a_dead_enclave_fails_the_request_in_bounded_time_and_service_resumes(small_cluster):
     cluster, model_id, x, reference = small_cluster
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV, timeout_s=30)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV, timeout_s=30)
     owner.graph(model_id)
     enclave = cluster.children[0].process
     killer = threading.Timer(0.01, enclave.kill)
@@ -85,7 +85,7 @@ def test_a_dead_enclave_fails_the_request_in_bounded_time_and_service_resumes(sm
     assert time.monotonic() - started < 25
     assert info.value.code.value == "enclave_unavailable" and "Retry" in info.value.message, info.value
     cluster.restart_enclave()
-    fresh = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    fresh = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     got = fresh.infer(model_id, x[2]).logits
     assert np.argmax(got) == np.argmax(reference[2])
     fresh.close()
@@ -98,7 +98,7 @@ def test_a_supervising_server_restarts_its_enclave_and_keeps_serving_without_red
         deadline = time.monotonic() + 60
         while True:
             try:
-                data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV, timeout_s=60)
+                data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV, timeout_s=60)
                 inference = data_owner.infer(model_id, x[0])
                 break
             except HeclaveError:

@@ -13,6 +13,7 @@ from parties.data_owner import DataOwner
 from parties.model_owner import ModelOwner
 from parties.processes import Cluster
 from protocol.evidence import VerifierPolicy
+from tests.helpers import DATA_OWNER, MODEL_OWNER
 
 DEV = VerifierPolicy(allow_unattested=True)
 
@@ -32,13 +33,13 @@ def test_two_workers_serve_concurrent_owners_exactly(tmp_path, trained, server_a
     model, x, reference = trained
     with Cluster(tmp_path, server_args=server_args) as cluster:
         assert cluster.children[1].wait_ready()["lanes"] == 2
-        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
-        model_id = owner.deploy(owner.plan(model, INPUT_SHAPE, "encrypted", batch=4))
+        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
+        model_id = owner.deploy(owner.plan(model, INPUT_SHAPE, "encrypted", batch=4), readers=[DATA_OWNER.public])
         owner.close()
         results: dict[int, np.ndarray] = {}
 
         def client(part: int) -> None:
-            data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+            data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
             for start in range(part * 6, part * 6 + 6, 3):
                 logits = data_owner.infer_batch(model_id, x[start : start + 3]).batch_logits
                 for i, row in enumerate(logits):

@@ -6,29 +6,40 @@ import msgpack
 import pytest
 
 from he.context import CkksParams, SecretKeySet
-from protocol.channel import open_owner_session
 from protocol.errors import AttestationError, HeclaveError
 from tee.sealing import seal, sealing_key, unseal
 from tee.state import KEYS_FILE, MODELS_DIR, EnclaveState
+from tests.helpers import DATA_OWNER, open_session
 
 
 def test_state_restores_the_same_identity_and_models(tmp_path):
     identity = EnclaveState(tmp_path).identity()
     keys = SecretKeySet(CkksParams())
-    EnclaveState(tmp_path).save_model("m1", b"graph bytes", {"weights": {"2": b"w"}}, keys.export())
+    record = {"graph": b"graph bytes", "secrets": {"weights": {"2": b"w"}}, "keys": keys.export(), "owner": b"o" * 32}
+    EnclaveState(tmp_path).save_model("m1", record)
     identity_again = EnclaveState(tmp_path).identity()
     assert identity_again.public_key().public_bytes_raw() == identity.public_key().public_bytes_raw()
-    graph, secrets, exported = EnclaveState(tmp_path).models()["m1"]
-    assert (graph, secrets) == (b"graph bytes", {"weights": {"2": b"w"}})
-    again = SecretKeySet(CkksParams(), exported)
+    restored = EnclaveState(tmp_path).models()["m1"]
+    assert {k: restored[k] for k in ("graph", "secrets", "owner")} == {
+        k: record[k] for k in ("graph", "secrets", "owner")
+    }
+    again = SecretKeySet(CkksParams(), restored["keys"])
     assert again.public.to_bytes() == keys.public.to_bytes()
 
 
 def test_a_model_record_moved_under_another_model_id_is_not_restored(tmp_path):
     state = EnclaveState(tmp_path)
-    state.save_model("victim", b"g", {}, SecretKeySet(CkksParams()).export())
-    (tmp_path / MODELS_DIR / "victim.sealed").rename(tmp_path / MODELS_DIR / "attacker.sealed")
-    assert EnclaveState(tmp_path).models() == {}
+    state.save_model("victim", {"graph": b"g"})
+    state.save_model("attacker", {"graph": b"a"})
+    models = tmp_path / MODELS_DIR
+    (models / "victim.sealed").replace(models / "attacker.sealed")
+    assert EnclaveState(tmp_path).models() == {}, "a record sealed under one id must not load under another"
+
+
+def test_a_record_sealed_under_one_name_is_refused_under_another(tmp_path):
+    key = sealing_key(tmp_path)
+    with pytest.raises(AttestationError, match="another model"):
+        unseal(key, "model", seal(key, "model", {}, "a"), tmp_path / "b.sealed", "b")
 
 
 def test_altered_sealed_identity_is_refused(tmp_path):
@@ -74,12 +85,13 @@ def test_enclave_starts_and_serves_when_a_sealed_model_no_longer_loads(tmp_path)
     planned = plan_pytorch(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval(), (4,))
     keys = SecretKeySet(CkksParams()).export()
     state = EnclaveState(tmp_path)
-    state.save_model("stale", b"a graph of an older format", {}, keys)
-    state.save_model("unsealed-bias", planned.graph.to_bytes(), {"weights": {}, "biases": {}, "masks": [b""]}, keys)
+    rights = {"owner": DATA_OWNER.public, "readers": [], "anyone": False}
+    state.save_model("stale", {"graph": b"a graph of an older format", "secrets": {}, "keys": keys, **rights})
+    secrets = {"weights": {}, "biases": {}, "masks": [b""]}
+    state.save_model("unsealed-bias", {"graph": planned.graph.to_bytes(), "secrets": secrets, "keys": keys, **rights})
     enclave = Enclave(state_dir=tmp_path)
     assert enclave.handle(Message("evidence")).type == OK
-    session, own_public = open_owner_session(enclave.evidence.identity_public, enclave.evidence.digest())
-    enclave.handle(Message("open_session", {"owner_public": own_public}))
+    session = open_session(enclave.handle, enclave.evidence)
     for model_id in ("stale", "unsealed-bias"):
         envelope = session.seal(msgpack.packb({"model_id": model_id}), b"model_info")
         content = {"model_id": model_id, "session_id": session.session_id, "envelope": envelope}

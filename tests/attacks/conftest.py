@@ -11,8 +11,9 @@ import torch
 from he.graph import Placement, ReleasePolicy
 from parties.data_owner import DataOwner
 from parties.processes import Cluster
+from tests.helpers import DATA_OWNER
 
-from .tools import DEV, INPUT, Deployed, LyingServer, Operator, assert_close, deploy, two_layers
+from .tools import ATTACKER, DEV, INPUT, Deployed, LyingServer, Operator, assert_close, deploy, two_layers
 
 
 @pytest.fixture(scope="package")
@@ -51,7 +52,7 @@ def operator(cluster):
 @pytest.fixture(scope="package")
 def honest(cluster):
     """An honest data owner, whose requests through the real server must keep working after every attack."""
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     yield owner
     owner.close()
 
@@ -59,7 +60,7 @@ def honest(cluster):
 @pytest.fixture(scope="package")
 def consenting(cluster):
     """An honest data owner who lets a model whose first layer is ``plain`` see its inputs."""
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV, allow_plain_input=True)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV, allow_plain_input=True)
     yield owner
     owner.close()
 
@@ -82,7 +83,7 @@ def still_serves(cluster, honest, consenting, victim) -> Callable[..., None]:
 @pytest.fixture
 def attacker(cluster):
     """The operator acting as a data owner, with a session of its own (fresh for each test)."""
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, ATTACKER, DEV)
     yield owner
     owner.close()
 
@@ -93,7 +94,7 @@ def lying_server(cluster, tmp_path):
     started: list[LyingServer] = []
 
     def start(**hooks) -> LyingServer:
-        server = LyingServer(cluster.enclave_endpoint, tmp_path, **hooks)
+        server = LyingServer(cluster, tmp_path, **hooks)
         started.append(server)
         return server
 

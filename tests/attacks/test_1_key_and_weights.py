@@ -12,6 +12,7 @@ from parties.data_owner import DataOwner
 from protocol.errors import ErrorCode, HeclaveError
 from tee.release import FLOOD
 from tee.verify import LinearCheck
+from tests.helpers import DATA_OWNER
 
 from .forge import (
     decrypt_with,
@@ -194,7 +195,7 @@ def test_the_server_cannot_recover_a_models_secret_key_before_a_plain_stage(
         key_slots[slots] = solution[1 : 1 + width] + 1j * solution[1 + width :]
     secret = codec.encode(key_slots, 1.0)
     # An honest data owner's input, as the server receives it.
-    victim = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    victim = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     try:
         x = np.random.default_rng().uniform(-1, 1, size=model.inputs)
         request = victim.prepare(model.model_id, x[None])

@@ -10,6 +10,7 @@ import pytest
 
 from parties.data_owner import DataOwner
 from protocol.errors import ErrorCode, HeclaveError
+from tests.helpers import DATA_OWNER
 
 from .forge import (
     with_coefficient_added,
@@ -72,7 +73,7 @@ def test_activate_without_begin_is_refused(operator, attacker, victim, still_ser
 def test_a_request_cannot_be_driven_from_another_session(cluster, operator, attacker, victim, still_serves):
     x = random_input(victim)
     probe = operator.begin(attacker, victim, x)
-    other = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    other = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     try:
         content = {**probe.ids, "session_id": other.connection.session.session_id, "stage": 0, "form": "partials"}
         with pytest.raises(HeclaveError) as info:

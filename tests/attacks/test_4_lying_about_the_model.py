@@ -15,6 +15,7 @@ from parties.data_owner import DataOwner
 from plan.exposure import exposure
 from protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError
 from protocol.messages import Message
+from tests.helpers import DATA_OWNER
 
 from .tools import (
     DEV,
@@ -40,12 +41,12 @@ def plain_first(cluster) -> Deployed:
 def test_the_lying_servers_faithful_relay_gives_the_data_owner_the_model(lying_server, victim, operator):
     """Control for the lies below: the relay itself works."""
     liar = lying_server()
-    owner = DataOwner(liar.endpoint, liar.key_file, DEV)
+    owner = DataOwner(liar.endpoint, liar.key_file, DATA_OWNER, DEV)
     try:
         assert owner.graph(victim.model_id).to_bytes() == victim.plan.graph.to_bytes()
     finally:
         owner.close()
-    assert liar.received == ["evidence", "open_session", "model_info"]
+    assert liar.received == ["evidence", "open_session", "confirm_session", "model_info"]
 
 
 LIES = [
@@ -82,7 +83,7 @@ def test_the_data_owner_sends_nothing_when_the_server_lies_about_the_model(
     owner (who would even accept a plain first layer) refuses the model before anything is encrypted or sent."""
     other_key = operator.bundle(twin.model_id).context
     liar = lying_server(**_hooks(lie, victim, plain_first, keys.public.to_bytes(), other_key))
-    owner = DataOwner(liar.endpoint, liar.key_file, DEV, allow_plain_input=True)
+    owner = DataOwner(liar.endpoint, liar.key_file, DATA_OWNER, DEV, allow_plain_input=True)
     try:
         with pytest.raises(ChannelError):
             owner.infer(victim.model_id, random_input(victim))
@@ -95,7 +96,7 @@ def test_the_data_owner_sends_nothing_when_the_server_lies_about_the_model(
 def test_the_data_owner_sends_nothing_to_a_plain_first_model_unless_it_allows_it(cluster, plain_first, still_serves):
     assert plain_first.plan.graph.stages[0].placement is Placement.PLAIN
     x = random_input()
-    careful = DataOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    careful = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     try:
         assert careful.graph(plain_first.model_id).stages[0].placement is Placement.PLAIN
         sent = careful.connection.client.bytes_sent
@@ -104,7 +105,7 @@ def test_the_data_owner_sends_nothing_to_a_plain_first_model_unless_it_allows_it
         assert careful.connection.client.bytes_sent == sent, "something was sent"
     finally:
         careful.close()
-    consenting = DataOwner(cluster.endpoint, cluster.server_key_file, DEV, allow_plain_input=True)
+    consenting = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV, allow_plain_input=True)
     try:
         assert_close(consenting.infer(plain_first.model_id, x).result, plain_first.reference(x)[0])
     finally:
@@ -144,7 +145,7 @@ def test_a_plain_stages_result_is_the_servers_word_and_the_plan_says_so(operator
     """A plain layer is computed unchecked (the README's threat model): what the server chooses is used, and the
     plan's exposure list tells the model owner so before deployment."""
     assert any("no one checks" in item for item in exposure(plain_first.plan.graph))
-    consenting = DataOwner(cluster.endpoint, cluster.server_key_file, DEV, allow_plain_input=True)
+    consenting = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV, allow_plain_input=True)
     try:
         probe = operator.begin(consenting, plain_first, random_input())
         assert probe.expected == 0 and probe.form == "plain"

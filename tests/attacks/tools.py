@@ -28,19 +28,25 @@ from he.graph import ModelGraph, Placement
 from parties.bundles import SUFFIX, Bundle
 from parties.data_owner import DataOwner
 from parties.model_owner import ModelOwner
+from parties.processes import Cluster
 from parties.server import Deployment
 from parties.worker import HeWorker
 from plan import Plan
 from protocol.errors import ErrorCode, HeclaveError, ProtocolError
 from protocol.evidence import VerifierPolicy
+from protocol.identity import Identity
 from protocol.messages import Message
 from protocol.transport import Client, CurveKeys, handle_frames, router, write_public_key
 from tee.nonlinear import apply_ops
+from tests.helpers import DATA_OWNER, MODEL_OWNER
 
 from .forge import parse_output
 
 DEV = VerifierPolicy(allow_unattested=True)
 INPUT = 16
+ATTACKER = Identity.generate()
+"""The operator's own identity as a data owner. The suite's models name it as a reader, the strongest case:
+a model owner who lets the operator query its model."""
 
 
 @dataclass
@@ -69,10 +75,10 @@ def assert_close(released: dict, want: np.ndarray) -> None:
 
 def deploy(cluster, net: torch.nn.Module, input_shape: tuple[int, ...] = (INPUT,), **options) -> Deployed:
     """Plan and deploy ``net`` (encrypted weights) as an honest model owner would."""
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, DEV)
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
     try:
         plan = owner.plan(net, input_shape, "encrypted", **options)
-        model_id = owner.deploy(plan)
+        model_id = owner.deploy(plan, readers=[DATA_OWNER.public, ATTACKER.public])
     finally:
         owner.close()
     return Deployed(model_id, net.double().eval(), plan)
@@ -88,7 +94,7 @@ class Operator:
 
     def __init__(self, cluster) -> None:
         self.models_dir = Path(cluster.workdir) / "server-state" / "models"
-        self.enclave = Client(cluster.enclave_endpoint, timeout_s=60)
+        self.enclave = cluster.enclave_client(timeout_s=60)
         self.worker = HeWorker()
         self._bundles: dict[str, Bundle] = {}
         self._contexts: dict[str, PublicContext] = {}
@@ -236,13 +242,13 @@ class LyingServer:
 
     ``rewrite`` changes a ``model_info`` request before it goes to the enclave,
     ``tamper`` the enclave's reply (content and buffers) before the owner gets
-    it. It serves ``evidence``, ``open_session`` and ``model_info`` only, and
+    it. It serves ``evidence``, the two handshake messages and ``model_info`` only, and
     records the type of every message an owner sent it.
     """
 
     def __init__(
         self,
-        enclave_endpoint: str,
+        cluster: Cluster,
         workdir: Path,
         tamper: Callable[[dict, list[bytes]], tuple[dict, list[bytes]]] | None = None,
         rewrite: Callable[[Message], Message] | None = None,
@@ -252,14 +258,14 @@ class LyingServer:
         curve = CurveKeys.generate()
         self.key_file = workdir / f"liar-{secrets.token_hex(4)}.key"
         write_public_key(self.key_file, curve.public)
-        self._enclave_endpoint = enclave_endpoint
+        self._cluster = cluster
         self._sock, self.endpoint = router("tcp://127.0.0.1:*", curve)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True, name="lying-server")
         self._thread.start()
 
     def _serve(self) -> None:
-        enclave = Client(self._enclave_endpoint, timeout_s=60)
+        enclave = self._cluster.enclave_client(timeout_s=60)
         try:
             while not self._stop.is_set():
                 if not self._sock.poll(50):
@@ -273,7 +279,7 @@ class LyingServer:
 
     def _handle(self, enclave: Client, request: Message) -> Message:
         self.received.append(request.type)
-        if request.type not in ("evidence", "open_session", "model_info"):
+        if request.type not in ("evidence", "open_session", "confirm_session", "model_info"):
             raise ProtocolError(f"This server does not handle {request.type!r}.", ErrorCode.UNKNOWN_TYPE)
         relayed = Message(request.type, dict(request.content), list(request.buffers))
         if self.rewrite is not None and request.type == "model_info":
