@@ -9,6 +9,7 @@ target and fsyncs the directory, so the rename itself survives a crash.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -40,9 +41,17 @@ def write_atomic(path: Path, data: bytes, mode: int = SECRET_MODE) -> None:
 
 
 def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable: until the directory is synced, a crash can undo it."""
+    """Make a rename in ``directory`` durable: until the directory is synced, a crash can undo it.
+
+    Some file systems cannot sync a directory (they answer EINVAL or ENOTSUP:
+    FUSE mounts, and possibly Gramine's); there the file itself is synced and
+    nothing more can be done.
+    """
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS):
+            raise
     finally:
         os.close(fd)

@@ -59,11 +59,13 @@ VARIABLES = {
     "venv_site": VENV_SITE,
     "project_dir": APP,
     "sealed_dir": "/srv/heclave/tee/gramine/sealed",
+    "keys_dir": "/srv/heclave/tee/gramine/keys",
     "enclave_size": "2G",
     "max_threads": "16",
     "isvprodid": "1",
     "isvsvn": "3",
-    "enclave_args": "--bind tcp://127.0.0.1:5556 --state-dir /sealed --runtime gramine-sgx",
+    "enclave_args": "--bind tcp://127.0.0.1:5556 --state-dir /sealed --runtime gramine-sgx "
+    "--key-file /keys/enclave.key --allow-clients /keys/server.key",
 }
 
 
@@ -224,6 +226,21 @@ def test_makefile_state_dir_is_the_encrypted_mount(manifest):
     assert re.search(r"^ARGS \?= .*--state-dir \$\(STATE_DIR\)", text, re.M)
     encrypted = next(m for m in manifest["fs"]["mounts"] if m.get("type") == "encrypted")
     assert state_dir == encrypted["path"]
+
+
+def test_the_enclave_admits_only_the_key_in_the_hosts_keys_directory(manifest):
+    """Under SGX the enclave's socket admits the server's key: read from a mounted host directory that is
+    allowed (neither hashed nor encrypted: public keys), and never among the trusted code."""
+    text = MAKEFILE.read_text()
+    assert re.search(
+        r"^ARGS \?= [^\n]*\\\n\s*--key-file /keys/enclave.key --allow-clients /keys/server.key$", text, re.M
+    )
+    keys = next(m for m in manifest["fs"]["mounts"] if m["path"] == "/keys")
+    assert keys["uri"] == "file:" + VARIABLES["keys_dir"] and "type" not in keys
+    assert manifest["sgx"]["allowed_files"] == ["file:" + VARIABLES["keys_dir"] + "/"]
+    assert not covered(trusted(manifest), VARIABLES["keys_dir"] + "/server.key")
+    argv = manifest["loader"]["argv"]
+    assert argv[argv.index("--allow-clients") + 1].startswith("/keys/")
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
