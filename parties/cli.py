@@ -46,7 +46,7 @@ GRAMINE_DIR = Path(__file__).resolve().parents[1] / "tee" / "gramine"
 @click.option("--gramine-dir", type=click.Path(path_type=Path), default=GRAMINE_DIR, show_default=True)
 @click.pass_context
 def enclave(ctx: click.Context, runtime: str, measure: bool, policy_out: Path | None, gramine_dir: Path) -> None:
-    """Run the enclave process (native options such as --bind, --state-dir, --allow-clients: `python -m tee -h`)."""
+    """Run the enclave process (native options such as --bind, --state-dir, --link-token: `python -m tee -h`)."""
     if policy_out is not None and not measure:
         raise click.UsageError("--policy-out writes what --measure reads: give both.")
     if measure:
@@ -88,9 +88,9 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, policy_out: Path | 
 @click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, help="Endpoint for the parties (CURVE).")
 @click.option("--enclave", "enclave_endpoint", default="tcp://127.0.0.1:5556", show_default=True)
 @click.option(
-    "--enclave-key",
+    "--enclave-token",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The enclave's CURVE public key (the file its --key-file wrote); not needed with --spawn-enclave.",
+    help="The enclave's link token (the file its --link-token wrote); not needed with --spawn-enclave.",
 )
 @click.option(
     "--allow-clients",
@@ -135,7 +135,7 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, policy_out: Path | 
 def server(
     bind: str,
     enclave_endpoint: str,
-    enclave_key: Path | None,
+    enclave_token: Path | None,
     allow_clients: tuple[Path, ...],
     key_file: Path,
     state_dir: Path | None,
@@ -151,8 +151,8 @@ def server(
     """Run the untrusted server: CKKS linear layers, relaying to the enclave."""
     from parties.serving import ServerConfig, run_server
 
-    if enclave_key is None and not spawn_enclave:
-        raise click.UsageError("Give the enclave's CURVE public key with --enclave-key FILE, or use --spawn-enclave.")
+    if enclave_token is None and not spawn_enclave:
+        raise click.UsageError("Give the enclave's link token with --enclave-token FILE, or use --spawn-enclave.")
     configure_logging(True if ready_file else verbose)
     should_stop = stop_requested()
     config = ServerConfig(
@@ -167,7 +167,7 @@ def server(
         spawn_enclave,
         workers,
         ray_address,
-        enclave_key,
+        enclave_token,
         allow_clients,
     )
     click.echo(f"server starting on {bind}; its CURVE public key goes to {key_file}", err=True)

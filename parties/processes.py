@@ -14,14 +14,15 @@ import threading
 import time
 from pathlib import Path
 
-from protocol.curve import CurveKeys
+from protocol import link
 from protocol.errors import ErrorCode, UnavailableError
-from protocol.transport import Client, read_public_key, write_public_key
+from protocol.transport import Client
 
 log = logging.getLogger(__name__)
 
 # The server's CURVE secret key in its state directory: its identity to the parties and to the enclave.
 SERVER_CURVE_SECRET = "server-curve.secret"
+LINK_TOKEN = "enclave-link.token"
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -96,21 +97,19 @@ class Child:
 class EnclaveSupervisor:
     """The enclave as a child of the server, restarted on the same endpoint whenever it dies.
 
-    Its sealed state brings back the same keys (its CURVE key among them) and
-    registered models, so a restart needs no redeployment; requests in flight
-    when it died fail with a clear error after the server's enclave timeout.
-    The enclave accepts only ``allowed_key``, the server's CURVE public key, and
-    :attr:`public_key` is the enclave's own, from its ready file.
+    Its sealed state brings back the same keys and registered models, so a
+    restart needs no redeployment; requests in flight when it died fail with a
+    clear error after the server's enclave timeout. The enclave admits only
+    clients presenting the token in :attr:`token_file` (``protocol.link``), which
+    survives its restarts.
     """
 
-    def __init__(self, workdir: Path, state_dir: Path, allowed_key: bytes, check_interval_s: float = 0.5) -> None:
+    def __init__(self, workdir: Path, state_dir: Path, check_interval_s: float = 0.5) -> None:
         self.workdir, self.state_dir, self.interval = workdir, state_dir, check_interval_s
-        self.allowed_file = workdir / "enclave-clients.keys"
+        self.token_file = workdir / LINK_TOKEN
         workdir.mkdir(parents=True, exist_ok=True)
-        write_public_key(self.allowed_file, allowed_key)
         self.child = self._spawn("tcp://127.0.0.1:*")
-        ready = self.child.wait_ready()
-        self.endpoint, self.public_key = ready["endpoint"], ready["public_key"].encode()
+        self.endpoint = self.child.wait_ready()["endpoint"]
         self.restarts = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="enclave-supervisor", daemon=True)
@@ -118,7 +117,7 @@ class EnclaveSupervisor:
 
     def _spawn(self, bind: str) -> Child:
         args = ["tee", "--bind", bind, "--state-dir", str(self.state_dir), "--exit-with-parent"]
-        return Child("enclave", [*args, "--allow-clients", str(self.allowed_file)], self.workdir)
+        return Child("enclave", [*args, "--link-token", str(self.token_file)], self.workdir)
 
     def _watch(self) -> None:
         while not self._stopping.wait(self.interval):
@@ -171,10 +170,7 @@ class Cluster:
         self.endpoint = ""
         self.enclave_endpoint = ""
         self.server_key_file = self.workdir / "server.key"
-        self.enclave_key_file = self.workdir / "enclave.key"
-        self.enclave_clients_file = self.workdir / "enclave-clients.keys"
-        self.server_keys = CurveKeys.load_or_create(self.workdir / "server-state" / SERVER_CURVE_SECRET)
-        write_public_key(self.enclave_clients_file, self.server_keys.public)
+        self.link_token_file = self.workdir / LINK_TOKEN
         self._stopping = False
 
     def __enter__(self) -> Cluster:
@@ -200,8 +196,8 @@ class Cluster:
             bind,
             "--enclave",
             self.enclave_endpoint,
-            "--enclave-key",
-            str(self.enclave_key_file),
+            "--enclave-token",
+            str(self.link_token_file),
             "--key-file",
             str(self.server_key_file),
             "--state-dir",
@@ -211,15 +207,14 @@ class Cluster:
 
     def _enclave_args(self, bind: str) -> list[str]:
         args = ["tee", "--bind", bind, "--state-dir", str(self.workdir / "enclave-state")]
-        args += ["--key-file", str(self.enclave_key_file), "--allow-clients", str(self.enclave_clients_file)]
+        args += ["--link-token", str(self.link_token_file)]
         if self.insecure_skip_verification:
             args.append("--insecure-skip-verification")
         return args
 
     def enclave_client(self, timeout_s: float = 60.0) -> Client:
-        """A client of the enclave's socket holding the server's keys: what the server, or its operator, uses."""
-        enclave_key = read_public_key(self.enclave_key_file)
-        return Client(self.enclave_endpoint, server_key=enclave_key, timeout_s=timeout_s, client_keys=self.server_keys)
+        """A client of the enclave's socket holding the link token: what the server, or its operator, uses."""
+        return Client(self.enclave_endpoint, timeout_s=timeout_s, link_token=link.read(self.link_token_file))
 
     def restart_enclave(self) -> None:
         """Kill the enclave and start it again on the same endpoint and sealed state, as a host might."""

@@ -23,7 +23,6 @@ from he.context import PublicContext
 from he.graph import ModelGraph, Placement
 from he.linear import OpCounter
 from he.sparse import SparseMatrix
-from protocol.curve import CurveKeys
 from protocol.errors import ErrorCode, ForbiddenError, HeclaveError, ProtocolError, QuotaError, UnavailableError
 from protocol.messages import Message, batch_size, field_of
 from protocol.transport import Client, dispatch
@@ -95,12 +94,11 @@ class Server:
         executor: Executor,
         store: BundleStore | None = None,
         enclave_timeout_s: float = 60.0,
-        enclave_key: bytes | None = None,
-        client_keys: CurveKeys | None = None,
+        link_token: bytes | None = None,
     ) -> None:
         self.enclave_endpoint, self.enclave_timeout_s = enclave_endpoint, enclave_timeout_s
         # The enclave's CURVE public key, and the server's own pair it allows (``parties.serving``).
-        self.enclave_key, self.client_keys = enclave_key, client_keys
+        self.link_token = link_token
         self.executor = executor
         self._registered: OrderedDict[str, tuple[ModelGraph, bytes, str]] = OrderedDict()
         self._deployments: dict[str, Deployment] = {}
@@ -127,7 +125,7 @@ class Server:
         # A ZeroMQ socket belongs to one thread: each lane's thread makes its own.
         if not hasattr(self._local, "enclave"):
             self._local.enclave = Client(
-                self.enclave_endpoint, self.enclave_key, self.enclave_timeout_s, client_keys=self.client_keys
+                self.enclave_endpoint, timeout_s=self.enclave_timeout_s, link_token=self.link_token
             )
         return self._local.enclave
 

@@ -9,10 +9,10 @@ its replies return to the front loop through an in-process socket, because a
 ZeroMQ socket belongs to one thread. A request that waited in the queue longer
 than its deadline is answered ``busy`` instead of being run for nobody.
 
-Both of the server's sockets use its one CURVE key pair (kept in the state
-directory): parties pin its public key, and the enclave allows only that key
-on its own socket. With ``allow_clients`` the parties' socket completes a
-handshake only with the listed client keys; without, it is open to any key.
+The parties' socket is CURVE with the server's key pair (kept in the state
+directory), whose public key parties pin; with ``allow_clients`` it completes
+a handshake only with the listed client keys, without, it is open to any key.
+The link to the enclave presents the enclave's link token (``protocol.link``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from pathlib import Path
 
 import zmq
 
+from protocol import link
 from protocol.curve import AllowedKeys, CurveKeys
 from protocol.errors import ErrorCode, HeclaveError
 from protocol.messages import Message, decode, encode, error_message, try_parse_id
 from protocol.storage import write_atomic
-from protocol.transport import Received, handle_frames, read_public_key, receive, router, write_public_key
+from protocol.transport import Received, handle_frames, receive, router, write_public_key
 
 from .bundles import BundleStore
 from .executors import Executor, InlineExecutor, ProcessExecutor
@@ -61,7 +62,7 @@ class ServerConfig:
     spawn_enclave: bool = False
     workers: int | None = None
     ray: str | None = None
-    enclave_key: Path | None = None
+    enclave_token: Path | None = None
     allow_clients: tuple[Path, ...] = ()
 
 
@@ -131,16 +132,16 @@ def run_server(config: ServerConfig, should_stop: Callable[[], bool]) -> None:
     keys = curve_keys(config.state_dir)
     supervisor = None
     if config.spawn_enclave:
-        supervisor = EnclaveSupervisor(state / "enclave-run", state / "enclave-state", keys.public)
-        enclave_key = supervisor.public_key
+        supervisor = EnclaveSupervisor(state / "enclave-run", state / "enclave-state")
+        token = link.read(supervisor.token_file)
         config = dataclasses.replace(config, enclave=supervisor.endpoint)
         log.info("supervising the enclave (pid %d) on %s", supervisor.pid(), supervisor.endpoint)
-    elif config.enclave_key is not None:
-        enclave_key = read_public_key(config.enclave_key)
+    elif config.enclave_token is not None:
+        token = link.read(config.enclave_token)
     else:
         raise HeclaveError(
-            "The enclave's socket takes CURVE clients only: give its public key with --enclave-key FILE "
-            "(the enclave writes it with --key-file and logs it), or let the server run it with --spawn-enclave.",
+            "The enclave admits only the server: give the token file its --link-token wrote with "
+            "--enclave-token FILE, or let the server run it with --spawn-enclave.",
             ErrorCode.BAD_FIELD,
         )
     executor = make_executor(config, state / "workers")
@@ -148,7 +149,7 @@ def run_server(config: ServerConfig, should_stop: Callable[[], bool]) -> None:
         status = {"lanes": executor.lanes, **({"enclave_pid": supervisor.pid()} if supervisor else {})}
         if isinstance(executor, ProcessExecutor):
             status["worker_pids"] = executor.pids()
-        _serve(config, keys, enclave_key, executor, should_stop, status)
+        _serve(config, keys, token, executor, should_stop, status)
     finally:
         executor.close()
         if supervisor is not None:
@@ -158,7 +159,7 @@ def run_server(config: ServerConfig, should_stop: Callable[[], bool]) -> None:
 def _serve(
     config: ServerConfig,
     keys: CurveKeys,
-    enclave_key: bytes,
+    token: bytes,
     executor: Executor,
     should_stop: Callable[[], bool],
     status: dict,
@@ -170,7 +171,7 @@ def _serve(
         log.warning("open to any client key (no --allow-clients): anyone who can reach %s may connect", endpoint)
     write_public_key(config.key_file, keys.public)
     store = BundleStore(config.state_dir / "models") if config.state_dir else None
-    server = Server(config.enclave, executor, store, config.enclave_timeout_s, enclave_key, keys)
+    server = Server(config.enclave, executor, store, config.enclave_timeout_s, token)
     restored = server.restore()
     if restored:
         log.info("serving %d model(s) restored from disk", restored)

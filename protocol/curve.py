@@ -185,11 +185,11 @@ def vet_clients(sock: zmq.Socket, allow: AllowedKeys | None) -> None:
     Call it before the socket binds, so that no client ever skips the check.
     """
     domain = f"heclave-{next(_domains)}"
-    _authenticator(sock.context).configure_curve_callback(domain, allow or _AnyKey())
+    zap_handler(sock.context).configure_curve_callback(domain, allow or _AnyKey())
     sock.zap_domain = domain.encode()
 
 
-def _authenticator(context: zmq.Context) -> ThreadAuthenticator:
+def zap_handler(context: zmq.Context) -> ThreadAuthenticator:
     """The context's ZAP handler, started on first use: libzmq allows one per context, so sockets share
     it and each gets a ZAP domain of its own."""
     with _zap_lock:

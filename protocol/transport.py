@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import zmq
 
+from . import link
 from .curve import AllowedKeys, CurveKeys, client_key, vet_clients
 from .errors import ErrorCode, HeclaveError, NoReplyError, ProtocolError
 from .messages import (
@@ -63,7 +64,9 @@ class Client:
 
     With ``server_key`` it speaks CURVE to a server holding that (pinned) key,
     authenticating as ``client_keys`` where the server keeps an allow list, or
-    as a throwaway pair made here when the server accepts any client.
+    as a throwaway pair made here when the server accepts any client. With
+    ``link_token`` it presents that token instead (the server's link to the
+    enclave, ``protocol.link``).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         context: zmq.Context | None = None,
         client_keys: CurveKeys | None = None,
+        link_token: bytes | None = None,
     ) -> None:
         if client_keys is not None and server_key is None:
             raise ProtocolError(
@@ -90,6 +94,8 @@ class Client:
             self._socket.curve_serverkey = server_key
             self._socket.curve_publickey = own.public
             self._socket.curve_secretkey = own.secret
+        elif link_token is not None:
+            link.present(self._socket, link_token)
         self._socket.connect(endpoint)
 
     def request(self, message: Message, timeout_s: float | None = None) -> Message:
@@ -141,6 +147,7 @@ def router(
     curve: CurveKeys | None = None,
     context: zmq.Context | None = None,
     allow: AllowedKeys | None = None,
+    link_token: bytes | None = None,
 ) -> tuple[zmq.Socket, str]:
     """Bind a ROUTER socket; return it and its real endpoint.
 
@@ -148,7 +155,8 @@ def router(
     ``zmq.auth``) vets each client's key at the handshake: only the keys in
     ``allow``, or any key without it. A refused client gets no reply at all,
     and every accepted message carries its sender's key
-    (``protocol.curve.client_key``).
+    (``protocol.curve.client_key``). With ``link_token`` instead it admits
+    only clients presenting that token (``protocol.link``).
     """
     if allow is not None and curve is None:
         raise ProtocolError("An allow list needs CURVE: pass the socket's curve keys.", ErrorCode.BAD_FIELD)
@@ -161,6 +169,8 @@ def router(
         sock.curve_server = True
         sock.curve_publickey = curve.public
         sock.curve_secretkey = curve.secret
+    elif link_token is not None:
+        link.guard(sock, link_token)
     sock.bind(endpoint)
     return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
 

@@ -133,7 +133,7 @@ def test_client_keys_without_a_server_key_are_refused():
         Client("tcp://127.0.0.1:1", client_keys=CurveKeys.generate())
 
 
-def test_the_server_command_needs_the_enclaves_key_unless_it_runs_the_enclave(tmp_path):
+def test_the_server_command_needs_the_enclaves_link_token_unless_it_runs_the_enclave(tmp_path):
     done = CliRunner().invoke(main, ["server", "--key-file", str(tmp_path / "server.key")])
-    assert done.exit_code == 2 and "--enclave-key" in done.output
+    assert done.exit_code == 2 and "--enclave-token" in done.output
     assert not (tmp_path / "server.key").exists()

@@ -65,7 +65,7 @@ VARIABLES = {
     "isvprodid": "1",
     "isvsvn": "3",
     "enclave_args": "--bind tcp://127.0.0.1:5556 --state-dir /sealed --runtime gramine-sgx "
-    "--key-file /keys/enclave.key --allow-clients /keys/server.key",
+    "--link-token /keys/link.token",
 }
 
 
@@ -228,19 +228,19 @@ def test_makefile_state_dir_is_the_encrypted_mount(manifest):
     assert state_dir == encrypted["path"]
 
 
-def test_the_enclave_admits_only_the_key_in_the_hosts_keys_directory(manifest):
-    """Under SGX the enclave's socket admits the server's key: read from a mounted host directory that is
-    allowed (neither hashed nor encrypted: public keys), and never among the trusted code."""
+def test_the_enclave_admits_only_the_holder_of_the_token_in_the_hosts_keys_directory(manifest):
+    """Under SGX the enclave's socket admits the holder of the link token, kept in a mounted host directory
+    that is allowed (neither hashed nor encrypted: the host holds the token anyway), never trusted code."""
     text = MAKEFILE.read_text()
     assert re.search(
-        r"^ARGS \?= [^\n]*\\\n\s*--key-file /keys/enclave.key --allow-clients /keys/server.key$", text, re.M
+        r"^ARGS \?= .* --link-token /keys/link.token$", text, re.M
     )
     keys = next(m for m in manifest["fs"]["mounts"] if m["path"] == "/keys")
     assert keys["uri"] == "file:" + VARIABLES["keys_dir"] and "type" not in keys
     assert manifest["sgx"]["allowed_files"] == ["file:" + VARIABLES["keys_dir"] + "/"]
-    assert not covered(trusted(manifest), VARIABLES["keys_dir"] + "/server.key")
+    assert not covered(trusted(manifest), VARIABLES["keys_dir"] + "/link.token")
     argv = manifest["loader"]["argv"]
-    assert argv[argv.index("--allow-clients") + 1].startswith("/keys/")
+    assert argv[argv.index("--link-token") + 1].startswith("/keys/")
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from he.sealformat import COMPRESS_ZSTD, HEADER, MAGIC, seal_version
+from protocol import link
 from protocol.curve import CurveKeys
 from protocol.errors import ErrorCode
 from protocol.messages import MAX_BUFFER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode
@@ -54,11 +55,16 @@ def test_a_zstd_bomb_is_refused_with_the_enclaves_memory_flat(cluster, operator,
     still_serves()
 
 
-def _dealer(endpoint: str, server_key: bytes, own: CurveKeys) -> zmq.Socket:
-    """A raw CURVE DEALER, so the test can send more than fits in its own memory (one buffer, sent many times)."""
+def _dealer(endpoint: str, server_key: bytes | None = None, token: bytes | None = None) -> zmq.Socket:
+    """A raw DEALER (CURVE to ``server_key``, or presenting the enclave's link ``token``), so the test can send
+    more than fits in its own memory (one buffer, sent many times)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, own.public, own.secret
+    if server_key is not None:
+        own = CurveKeys.generate()
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, own.public, own.secret
+    else:
+        link.present(sock, token)
     sock.connect(endpoint)
     return sock
 
@@ -79,10 +85,10 @@ def _oversized(sock: zmq.Socket, mid: str) -> dict:
 
 @pytest.mark.parametrize("target", ["enclave", "server"])
 def test_a_message_over_the_total_limit_is_refused_and_serving_goes_on(cluster, target, still_serves):
-    if target == "enclave":  # the operator holds the server's keys, which the enclave's socket accepts
-        sock = _dealer(cluster.enclave_endpoint, read_public_key(cluster.enclave_key_file), cluster.server_keys)
+    if target == "enclave":  # the operator holds the server's link token, which the enclave's socket accepts
+        sock = _dealer(cluster.enclave_endpoint, token=link.read(cluster.link_token_file))
     else:
-        sock = _dealer(cluster.endpoint, read_public_key(cluster.server_key_file), CurveKeys.generate())
+        sock = _dealer(cluster.endpoint, read_public_key(cluster.server_key_file))
     try:
         reply = _oversized(sock, f"oversized-{target}")
     finally:

@@ -1,14 +1,17 @@
 """Who may connect at all: clients off the server's allow list, and other processes on the enclave's socket.
 
-Both refusals happen at the CURVE handshake, before any message is read: the
-refused side hears nothing at all (no error reply to learn from) and its
-request times out, while listed clients, and the server on the enclave's
-socket, carry on. The enclave's allow list comes from the host, so it keeps
-*other* host processes off its socket, not the operator, who holds the
-server's key (``Operator`` connects with it; everything it sends is checked).
+Both refusals happen at the handshake (CURVE on the server's socket, PLAIN
+with the link token on the enclave's), before any message is read: the refused
+side hears nothing at all (no error reply to learn from) and its request times
+out, while listed clients, and the server on the enclave's socket, carry on.
+The link token lives on the host, so it keeps *other* host processes off the
+enclave's socket, not the operator, who holds it (``Operator`` connects with
+it; everything it sends is checked).
 """
 
 from __future__ import annotations
+
+import secrets
 
 import pytest
 
@@ -63,21 +66,23 @@ def test_the_servers_allow_list_takes_effect_when_its_file_changes(guarded):
     assert "evidence" in _evidence(cluster.endpoint, server_key, listed).content
 
 
-def test_a_host_process_without_curve_gets_nothing_from_the_enclave(cluster, operator, still_serves):
-    with Client(cluster.enclave_endpoint, timeout_s=REFUSED_WITHIN_S) as plain, pytest.raises(NoReplyError):
-        plain.request(Message("evidence"))
-    assert "evidence" in operator.ask("evidence", {}).content  # the server's key is still let in
+def test_a_host_process_without_the_link_token_gets_nothing_from_the_enclave(cluster, operator, still_serves):
+    with Client(cluster.enclave_endpoint, timeout_s=REFUSED_WITHIN_S) as anonymous, pytest.raises(NoReplyError):
+        anonymous.request(Message("evidence"))
+    assert "evidence" in operator.ask("evidence", {}).content  # the server's token is still let in
     still_serves()
 
 
-@pytest.mark.parametrize("claim", ["its own key", "the server's public key with another secret"])
-def test_a_host_process_with_curve_but_not_the_servers_key_gets_nothing_from_the_enclave(
-    cluster, operator, claim, still_serves
+@pytest.mark.parametrize("credential", ["a guessed token", "a CURVE key"])
+def test_a_host_process_with_other_credentials_gets_nothing_from_the_enclave(
+    cluster, operator, credential, still_serves
 ):
-    own = CurveKeys.generate()
-    if claim != "its own key":
-        own = CurveKeys(cluster.server_keys.public, own.secret)  # it cannot prove it holds the server's secret
-    with pytest.raises(NoReplyError):
-        _evidence(cluster.enclave_endpoint, read_public_key(cluster.enclave_key_file), own)
+    if credential == "a guessed token":
+        client = Client(cluster.enclave_endpoint, timeout_s=REFUSED_WITHIN_S, link_token=secrets.token_hex(32).encode())
+    else:
+        own = CurveKeys.generate()
+        client = Client(cluster.enclave_endpoint, own.public, timeout_s=REFUSED_WITHIN_S, client_keys=own)
+    with client, pytest.raises(NoReplyError):
+        client.request(Message("evidence"))
     assert "evidence" in operator.ask("evidence", {}).content
     still_serves()
