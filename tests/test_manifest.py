@@ -232,9 +232,7 @@ def test_the_enclave_admits_only_the_holder_of_the_token_in_the_hosts_keys_direc
     """Under SGX the enclave's socket admits the holder of the link token, kept in a mounted host directory
     that is allowed (neither hashed nor encrypted: the host holds the token anyway), never trusted code."""
     text = MAKEFILE.read_text()
-    assert re.search(
-        r"^ARGS \?= .* --link-token /keys/link.token$", text, re.M
-    )
+    assert re.search(r"^ARGS \?= .* --link-token /keys/link.token$", text, re.M)
     keys = next(m for m in manifest["fs"]["mounts"] if m["path"] == "/keys")
     assert keys["uri"] == "file:" + VARIABLES["keys_dir"] and "type" not in keys
     assert manifest["sgx"]["allowed_files"] == ["file:" + VARIABLES["keys_dir"] + "/"]

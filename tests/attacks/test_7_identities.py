@@ -271,3 +271,23 @@ def test_a_flood_of_fresh_identities_is_refused_before_known_owners_are_touched(
     finally:
         known.close()
         operator.close()
+
+
+def test_sealed_records_swapped_on_the_host_are_refused_at_restart(fresh):
+    cluster, model = fresh
+    victim = deploy(cluster, two_layers(51))
+    other = deploy(cluster, two_layers(52))
+    sealed = cluster.workdir / "enclave-state" / "models"
+    first, second = sealed / f"{victim.model_id}.sealed", sealed / f"{other.model_id}.sealed"
+    swapped = second.read_bytes()
+    second.write_bytes(first.read_bytes())
+    first.write_bytes(swapped)
+    cluster.restart_enclave()
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
+    try:
+        for refused in (victim, other):  # neither model runs under the other's record (weights, keys, rights)
+            _refused(ErrorCode.UNKNOWN_MODEL, owner.graph, refused.model_id)
+    finally:
+        owner.close()
+    _still_served(cluster, model)
+    assert "another model" in cluster.children[0].log_path.read_text()
