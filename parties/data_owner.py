@@ -83,7 +83,12 @@ class Inference:
 
 
 class DataOwner:
-    """Sends private inputs to a deployed model; only this owner can open the results."""
+    """Sends private inputs to a deployed model; only this owner can open the results.
+
+    It talks to the enclave as ``identity`` (``Identity.load(path)`` of a file
+    from ``heclave keygen``): the model's owner must have named that identity,
+    or opened the model to anyone, for the enclave to serve it.
+    """
 
     def __init__(
         self,

@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 
 
 class ModelOwner:
-    """Deploys models to a server whose enclave passed this owner's policy."""
+    """Deploys models to a server whose enclave passed this owner's policy.
+
+    The models belong to ``identity``: only a ``ModelOwner`` with the same
+    identity can later change who may query them or undeploy them.
+    """
 
     def __init__(
         self,

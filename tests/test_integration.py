@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgpack
 import numpy as np
 import pytest
@@ -168,3 +170,43 @@ def test_restarted_server_keeps_its_key_and_serves_models_deployed_before(cluste
     _, x, reference = trained
     _check_agreement(owner, deployed, x[:3], reference[:3])
     owner.close()
+
+
+def test_the_owner_commands_grant_and_undeploy_under_their_identities(cluster, tmp_path):
+    """``heclave model-owner grant`` and ``undeploy`` do what they say, for the identity in --identity only."""
+    from click.testing import CliRunner
+
+    from parties.cli import main
+    from protocol.identity import Identity
+
+    owner_file, stranger_file = tmp_path / "owner.key", tmp_path / "stranger.key"
+    MODEL_OWNER.save(owner_file)
+    Identity.generate().save(stranger_file)
+    torch.manual_seed(5)
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
+    model_id = owner.deploy(owner.plan(torch.nn.Sequential(torch.nn.Linear(6, 3)), (6,), "encrypted"))
+    owner.close()
+    common = ["--server", cluster.endpoint, "--server-key", str(cluster.server_key_file), "--allow-unattested"]
+
+    def run(command: str, identity: Path, *extra: str):
+        return CliRunner().invoke(main, ["model-owner", command, *common, "--identity", str(identity), *extra])
+
+    reader = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
+    try:
+        with pytest.raises(HeclaveError, match="may not query"):
+            reader.graph(model_id)
+        granted = run("grant", owner_file, "--model-id", model_id, "--reader", DATA_OWNER.public_hex)
+        assert granted.exit_code == 0, granted.output
+        assert reader.graph(model_id).input_shape == (6,)
+        refused = run("undeploy", stranger_file, "--model-id", model_id)
+        assert refused.exit_code != 0 and "Only the identity that deployed" in str(refused.exception)
+        removed = run("undeploy", owner_file, "--model-id", model_id)
+        assert removed.exit_code == 0 and model_id in removed.output
+    finally:
+        reader.close()
+    after = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
+    try:
+        with pytest.raises(HeclaveError, match="Unknown model"):
+            after.graph(model_id)
+    finally:
+        after.close()
