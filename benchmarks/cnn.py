@@ -35,16 +35,15 @@ import numpy as np
 import tenseal as ts
 import torch
 import torch.nn as nn
-
-from he.context import SecretKeySet
-from he.linear import WeightForm
-from parties.accounting import WorkSplit
-from parties.data_owner import DataOwner, Inference
-from parties.model_owner import ModelOwner
-from parties.processes import Cluster
-from protocol.errors import HeclaveError, PlanError
-from protocol.evidence import VerifierPolicy
-from protocol.identity import Identity
+from heclave.he.context import SecretKeySet
+from heclave.he.linear import WeightForm
+from heclave.parties.accounting import WorkSplit
+from heclave.parties.data_owner import DataOwner, Inference
+from heclave.parties.model_owner import ModelOwner
+from heclave.parties.processes import Cluster
+from heclave.protocol.errors import HeclaveError, PlanError
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.identity import Identity
 
 INPUT_SHAPE = (1, 28, 28)
 KERNEL, STRIDE = 7, 3

@@ -24,13 +24,12 @@ from statistics import median
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi as seal
-
-from he.context import CkksParams, PublicContext, SecretKeySet
-from he.layout import Layout
-from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
-from plan.calibration import median_ms
-from plan.layouts import choose_layout
-from protocol.errors import PlanError
+from heclave.he.context import CkksParams, PublicContext, SecretKeySet
+from heclave.he.layout import Layout
+from heclave.he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from heclave.plan.calibration import median_ms
+from heclave.plan.layouts import choose_layout
+from heclave.protocol.errors import PlanError
 
 UNIT_REPEATS = 4
 

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from examples.digits import INPUT_SHAPE, train_digits_cnn
-from parties.data_owner import DataOwner
-from parties.model_owner import ModelOwner
-from parties.processes import Cluster, peak_rss_mb
-from protocol.errors import HeclaveError, NoReplyError
-from protocol.evidence import VerifierPolicy
-from protocol.identity import Identity
+from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
+from heclave.parties.data_owner import DataOwner
+from heclave.parties.model_owner import ModelOwner
+from heclave.parties.processes import Cluster, peak_rss_mb
+from heclave.protocol.errors import HeclaveError, NoReplyError
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.identity import Identity
 
 from .concurrent import run_clients
 

@@ -17,14 +17,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-
-from parties.accounting import WorkSplit
-from parties.data_owner import DataOwner
-from parties.model_owner import ModelOwner
-from parties.processes import Cluster
-from plan.exposure import exposure
-from protocol.evidence import VerifierPolicy
-from protocol.identity import Identity
+from heclave.parties.accounting import WorkSplit
+from heclave.parties.data_owner import DataOwner
+from heclave.parties.model_owner import ModelOwner
+from heclave.parties.processes import Cluster
+from heclave.plan.exposure import exposure
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.identity import Identity
 
 from .scale import vgg_small
 

@@ -15,13 +15,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-
-from parties.accounting import WorkSplit
-from parties.data_owner import DataOwner, Inference
-from parties.model_owner import ModelOwner
-from parties.processes import Cluster
-from protocol.evidence import VerifierPolicy
-from protocol.identity import Identity
+from heclave.parties.accounting import WorkSplit
+from heclave.parties.data_owner import DataOwner, Inference
+from heclave.parties.model_owner import ModelOwner
+from heclave.parties.processes import Cluster
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.identity import Identity
 
 from .cnn import tutorial_cnn
 from .concurrent import run_clients

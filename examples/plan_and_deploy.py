@@ -11,19 +11,18 @@ import argparse
 
 import numpy as np
 import torch
-
-from he.linear import WeightForm
-from parties.data_owner import DataOwner
-from parties.model_owner import ModelOwner
-from parties.processes import Cluster
-from plan import from_pytorch
-from plan.assessment import Budget, assess
-from plan.calibration import Calibration
-from plan.exposure import exposure
-from plan.planner import plan_model
-from plan.search import cheapest
-from protocol.evidence import VerifierPolicy
-from protocol.identity import Identity
+from heclave.he.linear import WeightForm
+from heclave.parties.data_owner import DataOwner
+from heclave.parties.model_owner import ModelOwner
+from heclave.parties.processes import Cluster
+from heclave.plan import from_pytorch
+from heclave.plan.assessment import Budget, assess
+from heclave.plan.calibration import Calibration
+from heclave.plan.exposure import exposure
+from heclave.plan.planner import plan_model
+from heclave.plan.search import cheapest
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.identity import Identity
 
 from .digits import INPUT_SHAPE, digits_split, train_digits_cnn
 

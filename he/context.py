@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 import tenseal.sealapi as seal
-
-from protocol.errors import CiphertextError, ErrorCode, ProtocolError
+from heclave.protocol.errors import CiphertextError, ErrorCode, ProtocolError
 
 from .rns import Limb, limb, shoup
 from .sampling import centered_binomial, uniform_residues

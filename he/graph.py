@@ -15,8 +15,7 @@ from enum import Enum
 from typing import Any
 
 import msgpack
-
-from protocol.errors import ErrorCode, PlanError, ProtocolError
+from heclave.protocol.errors import ErrorCode, PlanError, ProtocolError
 
 from .context import CkksParams
 from .layout import Layout

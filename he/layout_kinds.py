@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocol.errors import PlanError
+from heclave.protocol.errors import PlanError
 
 from .cyclic import LinearGeometry
 from .grouped import GroupedLayout

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-
-from protocol.errors import PlanError
+from heclave.protocol.errors import PlanError
 
 from .layout import Layout
 

@@ -15,8 +15,7 @@ from functools import cache
 from typing import Protocol
 
 import tenseal.sealapi as seal
-
-from protocol.errors import CiphertextError
+from heclave.protocol.errors import CiphertextError
 
 
 class _Saveable(Protocol):

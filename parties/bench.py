@@ -9,10 +9,9 @@ import platform
 import time
 
 import click
+from heclave.he.linear import WeightForm
 from rich.console import Console
 from rich.table import Table
-
-from he.linear import WeightForm
 
 WEIGHT_CHOICE = click.Choice([f.value for f in WeightForm])
 
@@ -61,7 +60,7 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def linear(n_in: int, n_out: int, weights: str, runs: int, tenseal_runs: int, seed: int, as_json: bool) -> None:
     """One encrypted dense layer: heclave's kernel, TenSEAL's CKKSVector.matmul, and the rotation/multiply floor."""
-    from benchmarks.linear import bench_linear
+    from heclave.benchmarks.linear import bench_linear
 
     with Console(stderr=True).status(f"timing a {n_out}x{n_in} dense layer"):
         r = bench_linear(n_in, n_out, WeightForm(weights), runs, tenseal_runs, seed)
@@ -116,7 +115,7 @@ def cnn(
 
     DEVELOPMENT RUN: the enclave runs natively and presents no SGX quote; the owners accept it only here.
     """
-    from benchmarks.cnn import bench_cnn
+    from heclave.benchmarks.cnn import bench_cnn
 
     with Console(stderr=True).status("starting") as status:
         r = bench_cnn(WeightForm(weights), samples, batch, tenseal_runs, seed, verification_rounds, say=status.update)
@@ -194,7 +193,7 @@ def scale(
     as_json: bool,
 ) -> None:
     """Throughput and latency against the number of HE workers, on local processes and on Ray."""
-    from benchmarks.scale import bench_scale
+    from heclave.benchmarks.scale import bench_scale
 
     counts = [int(w) for w in workers.split(",")]
     with Console(stderr=True).status("starting") as status:
@@ -235,9 +234,9 @@ def scale(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def placements(requests: int, weights: str, as_json: bool) -> None:
     """The seed systems' partitions of one VGG-style model, side by side through the real processes."""
-    from benchmarks.placements import bench_placements
+    from heclave.benchmarks.placements import bench_placements
 
-    logging.getLogger("parties.model_owner").setLevel(logging.ERROR)
+    logging.getLogger("heclave.parties.model_owner").setLevel(logging.ERROR)
     with Console(stderr=True).status("starting") as status:
         report = bench_placements(requests, weights, say=status.update)
     if as_json:

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
-
-from protocol.errors import ErrorCode, HeclaveError
-from protocol.storage import write_atomic
+from heclave.protocol.errors import ErrorCode, HeclaveError
+from heclave.protocol.storage import write_atomic
 
 log = logging.getLogger(__name__)
 

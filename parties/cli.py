@@ -10,15 +10,14 @@ import sys
 from pathlib import Path
 
 import click
-
-from he.linear import WeightForm
-from parties.bench import bench
-from parties.options import configure_logging
-from parties.owner_commands import data_owner, keygen, model_owner
-from parties.planning_commands import assess, calibrate, plan_command
-from protocol.errors import HeclaveError
-from protocol.evidence import Runtime
-from protocol.transport import stop_requested
+from heclave.he.linear import WeightForm
+from heclave.parties.bench import bench
+from heclave.parties.options import configure_logging
+from heclave.parties.owner_commands import data_owner, keygen, model_owner
+from heclave.parties.planning_commands import assess, calibrate, plan_command
+from heclave.protocol.errors import HeclaveError
+from heclave.protocol.evidence import Runtime
+from heclave.protocol.transport import stop_requested
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,12 +45,12 @@ GRAMINE_DIR = Path(__file__).resolve().parents[1] / "tee" / "gramine"
 @click.option("--gramine-dir", type=click.Path(path_type=Path), default=GRAMINE_DIR, show_default=True)
 @click.pass_context
 def enclave(ctx: click.Context, runtime: str, measure: bool, policy_out: Path | None, gramine_dir: Path) -> None:
-    """Run the enclave process (native options such as --bind, --state-dir, --link-token: `python -m tee -h`)."""
+    """Run the enclave process (its own options, such as --bind and --link-token: `python -m heclave.tee -h`)."""
     if policy_out is not None and not measure:
         raise click.UsageError("--policy-out writes what --measure reads: give both.")
     if measure:
-        from protocol.storage import PUBLIC_MODE, write_atomic
-        from tee.measure import policy_text, read_sigstruct
+        from heclave.protocol.storage import PUBLIC_MODE, write_atomic
+        from heclave.tee.measure import policy_text, read_sigstruct
 
         sig = read_sigstruct(gramine_dir)
         click.echo(
@@ -72,7 +71,7 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, policy_out: Path | 
                 click.echo("WARNING: a debug enclave, which the policy refuses; build it without DEBUG=1.", err=True)
         return
     if runtime == Runtime.NATIVE.value:
-        os.execv(sys.executable, [sys.executable, "-m", "tee", "--runtime", runtime, *ctx.args])
+        os.execv(sys.executable, [sys.executable, "-m", "heclave.tee", "--runtime", runtime, *ctx.args])
     if ctx.args:
         raise click.UsageError(
             "Under Gramine the enclave's arguments are part of its measured manifest: set them when building, "
@@ -149,7 +148,7 @@ def server(
     verbose: bool,
 ) -> None:
     """Run the untrusted server: CKKS linear layers, relaying to the enclave."""
-    from parties.serving import ServerConfig, run_server
+    from heclave.parties.serving import ServerConfig, run_server
 
     if enclave_token is None and not spawn_enclave:
         raise click.UsageError("Give the enclave's link token with --enclave-token FILE, or use --spawn-enclave.")
@@ -186,7 +185,7 @@ def server(
 )
 def demo(samples: int, weights: str, as_json: bool, require_attestation: bool) -> None:
     """Train a CNN on digits, start an enclave and a server, deploy, classify, report."""
-    from parties.demo import run_demo
+    from heclave.parties.demo import run_demo
 
     run_demo(samples, WeightForm(weights), as_json, require_attestation)
 
@@ -202,13 +201,12 @@ for command in (bench, keygen, model_owner, data_owner, assess, calibrate, plan_
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def loadtest_command(clients: int, requests: int, weights: str, as_json: bool) -> None:
     """Start the processes, run many data owners at once, and check every answer against plaintext."""
+    from heclave.benchmarks.loadtest import loadtest
     from rich.console import Console
     from rich.table import Table
 
-    from benchmarks.loadtest import loadtest
-
     configure_logging(False)
-    logging.getLogger("protocol.evidence").setLevel(logging.ERROR)
+    logging.getLogger("heclave.protocol.evidence").setLevel(logging.ERROR)
     with Console(stderr=True).status("load test") as status:
         report = loadtest(clients, requests, weights, say=status.update)
     if as_json:

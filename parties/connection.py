@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from he.context import parameters_from_bytes
-from protocol.channel import OwnerHandshake, Session
-from protocol.errors import ChannelError
-from protocol.evidence import Evidence, VerifierPolicy
-from protocol.identity import Identity
-from protocol.messages import Message, field_of
-from protocol.transport import Client, read_public_key
+from heclave.he.context import parameters_from_bytes
+from heclave.protocol.channel import OwnerHandshake, Session
+from heclave.protocol.errors import ChannelError
+from heclave.protocol.evidence import Evidence, VerifierPolicy
+from heclave.protocol.identity import Identity
+from heclave.protocol.messages import Message, field_of
+from heclave.protocol.transport import Client, read_public_key
 
 log = logging.getLogger(__name__)
 

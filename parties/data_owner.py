@@ -17,13 +17,12 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
-
-from he.context import PublicContext
-from he.graph import ModelGraph, Placement
-from protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError
-from protocol.evidence import VerifierPolicy
-from protocol.identity import Identity
-from protocol.messages import MAX_BATCH, Message, field_of
+from heclave.he.context import PublicContext
+from heclave.he.graph import ModelGraph, Placement
+from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.identity import Identity
+from heclave.protocol.messages import MAX_BATCH, Message, field_of
 
 from .connection import AttestedConnection
 

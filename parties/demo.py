@@ -9,15 +9,14 @@ import time
 
 import numpy as np
 import torch
+from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
+from heclave.he.linear import WeightForm
+from heclave.protocol.errors import AttestationError, HeclaveError
+from heclave.protocol.evidence import PINNING, VerifierPolicy
+from heclave.protocol.identity import Identity
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-
-from examples.digits import INPUT_SHAPE, train_digits_cnn
-from he.linear import WeightForm
-from protocol.errors import AttestationError, HeclaveError
-from protocol.evidence import PINNING, VerifierPolicy
-from protocol.identity import Identity
 
 from .accounting import WorkSplit
 from .data_owner import DataOwner
@@ -92,7 +91,7 @@ def _table(report: dict) -> Table:
 
 def pinned_policy() -> VerifierPolicy:
     """``--require-attestation``'s policy: it pins the SGX enclave signed in ``tee/gramine``, or nothing runs."""
-    from tee.measure import GRAMINE_DIR, pinning_policy, read_sigstruct
+    from heclave.tee.measure import GRAMINE_DIR, pinning_policy, read_sigstruct
 
     try:
         return pinning_policy(read_sigstruct(GRAMINE_DIR))

@@ -15,9 +15,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
-from he.linear import OpCounter
-from protocol.messages import Message
-from protocol.transport import Client
+from heclave.he.linear import OpCounter
+from heclave.protocol.messages import Message
+from heclave.protocol.transport import Client
 
 from .bundles import Bundle
 from .processes import Child
@@ -66,7 +66,9 @@ class ProcessExecutor(Executor):
     def __init__(self, lanes: int, workdir: Path, timeout_s: float = 120.0) -> None:
         self.lanes = lanes
         workdir.mkdir(parents=True, exist_ok=True)
-        self._children = [Child(f"worker-{i}", ["parties.worker", "--exit-with-parent"], workdir) for i in range(lanes)]
+        self._children = [
+            Child(f"worker-{i}", ["heclave.parties.worker", "--exit-with-parent"], workdir) for i in range(lanes)
+        ]
         self._endpoints = [child.wait_ready()["endpoint"] for child in self._children]
         self._timeout_s = timeout_s
         self._local = threading.local()

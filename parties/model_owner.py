@@ -10,17 +10,16 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import torch.nn as nn
-
-from he.blinding import quantize
-from he.context import PublicContext
-from he.graph import Placement, ReleasePolicy
-from he.linear import WeightForm, diagonal_mask, encrypt_diagonals, pack_mask, unpack_mask
-from he.sparse import SparseMatrix
-from plan import Plan, plan_pytorch
-from protocol.errors import ChannelError
-from protocol.evidence import VerifierPolicy
-from protocol.identity import Identity, parse_public
-from protocol.messages import Message, field_of
+from heclave.he.blinding import quantize
+from heclave.he.context import PublicContext
+from heclave.he.graph import Placement, ReleasePolicy
+from heclave.he.linear import WeightForm, diagonal_mask, encrypt_diagonals, pack_mask, unpack_mask
+from heclave.he.sparse import SparseMatrix
+from heclave.plan import Plan, plan_pytorch
+from heclave.protocol.errors import ChannelError
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.identity import Identity, parse_public
+from heclave.protocol.messages import Message, field_of
 
 from .connection import AttestedConnection
 

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import click
-
-from protocol.evidence import VerifierPolicy
-from protocol.identity import Identity, IdentityError
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.identity import Identity, IdentityError
 
 
 def configure_logging(verbose: bool) -> None:

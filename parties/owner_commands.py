@@ -8,11 +8,10 @@ from pathlib import Path
 
 import click
 import numpy as np
-
-from he.graph import ReleaseMode, ReleasePolicy
-from he.linear import WeightForm
-from protocol.evidence import VerifierPolicy
-from protocol.identity import Identity, IdentityError, parse_public
+from heclave.he.graph import ReleaseMode, ReleasePolicy
+from heclave.he.linear import WeightForm
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.identity import Identity, IdentityError, parse_public
 
 from .options import client_options, configure_logging, load_model, parse_shape
 
@@ -94,7 +93,7 @@ def deploy(
     """Plan a torch model and deploy it under your identity; prints the model id.
 
     Only you, the --reader identities and, with --anyone, every identity may query it."""
-    from parties.model_owner import ModelOwner
+    from heclave.parties.model_owner import ModelOwner
 
     configure_logging(False)
     placements = None
@@ -137,7 +136,7 @@ def grant(
     anyone: bool,
 ) -> None:
     """Replace who may query one of your models (you always may)."""
-    from parties.model_owner import ModelOwner
+    from heclave.parties.model_owner import ModelOwner
 
     configure_logging(False)
     ModelOwner(endpoint, server_key, identity, policy).grant(model_id, [parse_reader(r) for r in readers], anyone)
@@ -149,7 +148,7 @@ def grant(
 @click.option("--model-id", required=True)
 def undeploy(endpoint: str, server_key: Path, policy: VerifierPolicy, identity: Identity, model_id: str) -> None:
     """Remove one of your models: the enclave forgets its keys, the server stops serving it."""
-    from parties.model_owner import ModelOwner
+    from heclave.parties.model_owner import ModelOwner
 
     configure_logging(False)
     ModelOwner(endpoint, server_key, identity, policy).undeploy(model_id)
@@ -188,7 +187,7 @@ def infer(
     allow_plain_input: bool,
 ) -> None:
     """Classify private inputs; prints one JSON result per input."""
-    from parties.data_owner import DataOwner
+    from heclave.parties.data_owner import DataOwner
 
     configure_logging(False)
     owner = DataOwner(endpoint, server_key, identity, policy, allow_plain_input=allow_plain_input)

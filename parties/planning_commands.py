@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import click
-
-from he.costs import ENCLAVE_FACTOR
-from he.linear import WeightForm
+from heclave.he.costs import ENCLAVE_FACTOR
+from heclave.he.linear import WeightForm
 
 from .options import configure_logging, load_model, parse_shape
 
@@ -50,13 +49,12 @@ def assess(
 
     MODEL is FILE.py:NAME or MODULE:NAME, or `digits-cnn` to train the demo's CNN first.
     """
+    from heclave.examples.digits import INPUT_SHAPE, digits_split, train_digits_cnn
+    from heclave.plan import from_pytorch
+    from heclave.plan.assessment import Budget, figure
+    from heclave.plan.assessment import assess as run_assessment
     from rich.console import Console
     from rich.table import Table
-
-    from examples.digits import INPUT_SHAPE, digits_split, train_digits_cnn
-    from plan import from_pytorch
-    from plan.assessment import Budget, figure
-    from plan.assessment import assess as run_assessment
 
     configure_logging(False)
     x_train, x_test, _, _ = digits_split()
@@ -110,8 +108,8 @@ def assess(
 )
 def calibrate(enclave_factor: float, out: Path | None) -> None:
     """Measure the cost model's unit costs on this machine and store them for `heclave plan`."""
-    from plan.calibration import DEFAULT_PATH
-    from plan.calibration import calibrate as measure
+    from heclave.plan.calibration import DEFAULT_PATH
+    from heclave.plan.calibration import calibrate as measure
 
     with click.progressbar(length=1, label="measuring", file=sys.stderr) as bar:
         calibration = measure(enclave_factor)
@@ -165,12 +163,12 @@ def plan_command(
     as_json: bool,
 ) -> None:
     """The cheapest placement of every layer of MODEL that meets the protections asked for."""
-    from examples.digits import digits_split, train_digits_cnn
-    from plan import from_pytorch
-    from plan.calibration import DEFAULT_PATH, Calibration
-    from plan.exposure import exposure
-    from plan.planner import plan_model
-    from plan.search import cheapest
+    from heclave.examples.digits import digits_split, train_digits_cnn
+    from heclave.plan import from_pytorch
+    from heclave.plan.calibration import DEFAULT_PATH, Calibration
+    from heclave.plan.exposure import exposure
+    from heclave.plan.planner import plan_model
+    from heclave.plan.search import cheapest
 
     configure_logging(False)
     shape = parse_shape(input_shape)
@@ -178,8 +176,8 @@ def plan_command(
     imported = from_pytorch(model, shape)
     cut_ssim = None
     if ssim_threshold is not None:
-        from plan.assessment import Budget
-        from plan.assessment import assess as run_assessment
+        from heclave.plan.assessment import Budget
+        from heclave.plan.assessment import assess as run_assessment
 
         x_train, x_test, _, _ = digits_split()
         report = run_assessment(imported, x_train, x_test, Budget(decoder_epochs=20, rmle_steps=100))

@@ -14,9 +14,9 @@ import threading
 import time
 from pathlib import Path
 
-from protocol import link
-from protocol.errors import ErrorCode, UnavailableError
-from protocol.transport import Client
+from heclave.protocol import link
+from heclave.protocol.errors import ErrorCode, UnavailableError
+from heclave.protocol.transport import Client
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class EnclaveSupervisor:
         self._thread.start()
 
     def _spawn(self, bind: str) -> Child:
-        args = ["tee", "--bind", bind, "--state-dir", str(self.state_dir), "--exit-with-parent"]
+        args = ["heclave.tee", "--bind", bind, "--state-dir", str(self.state_dir), "--exit-with-parent"]
         return Child("enclave", [*args, "--link-token", str(self.token_file)], self.workdir)
 
     def _watch(self) -> None:
@@ -151,7 +151,7 @@ class Cluster:
     server the enclave's public key (:meth:`enclave_client` connects the same way).
 
     ``insecure_skip_verification`` starts the enclave without its checks of the
-    server's layer results (``python -m tee --insecure-skip-verification``): only
+    server's layer results (``python -m heclave.tee --insecure-skip-verification``): only
     for measuring what they cost, as ``heclave bench cnn`` does.
     """
 
@@ -190,7 +190,7 @@ class Cluster:
 
     def _server_args(self, bind: str) -> list[str]:
         return [
-            "parties.cli",
+            "heclave.parties.cli",
             "server",
             "--bind",
             bind,
@@ -206,7 +206,7 @@ class Cluster:
         ]
 
     def _enclave_args(self, bind: str) -> list[str]:
-        args = ["tee", "--bind", bind, "--state-dir", str(self.workdir / "enclave-state")]
+        args = ["heclave.tee", "--bind", bind, "--state-dir", str(self.workdir / "enclave-state")]
         args += ["--link-token", str(self.link_token_file)]
         if self.insecure_skip_verification:
             args.append("--insecure-skip-verification")

@@ -18,7 +18,7 @@ import logging
 import threading
 from pathlib import Path
 
-from he.linear import OpCounter
+from heclave.he.linear import OpCounter
 
 from .bundles import Bundle
 from .executors import BundleSource, Executor

@@ -18,16 +18,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from he.context import PublicContext
-from he.graph import ModelGraph, Placement
-from he.linear import OpCounter
-from he.sparse import SparseMatrix
-from protocol.errors import ErrorCode, ForbiddenError, HeclaveError, ProtocolError, QuotaError, UnavailableError
-from protocol.messages import Message, batch_size, field_of
-from protocol.transport import Client, dispatch
-from tee.execution import parse_values
-from tee.nonlinear import apply_ops
+from heclave.he.context import PublicContext
+from heclave.he.graph import ModelGraph, Placement
+from heclave.he.linear import OpCounter
+from heclave.he.sparse import SparseMatrix
+from heclave.protocol.errors import ErrorCode, ForbiddenError, HeclaveError, ProtocolError, QuotaError, UnavailableError
+from heclave.protocol.messages import Message, batch_size, field_of
+from heclave.protocol.transport import Client, dispatch
+from heclave.tee.execution import parse_values
+from heclave.tee.nonlinear import apply_ops
 
 from .bundles import Bundle, BundleStore
 from .executors import Executor

@@ -31,13 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
-
-from protocol import link
-from protocol.curve import AllowedKeys, CurveKeys
-from protocol.errors import ErrorCode, HeclaveError
-from protocol.messages import Message, decode, encode, error_message, try_parse_id
-from protocol.storage import write_atomic
-from protocol.transport import Received, handle_frames, receive, router, write_public_key
+from heclave.protocol import link
+from heclave.protocol.curve import AllowedKeys, CurveKeys
+from heclave.protocol.errors import ErrorCode, HeclaveError
+from heclave.protocol.messages import Message, decode, encode, error_message, try_parse_id
+from heclave.protocol.storage import write_atomic
+from heclave.protocol.transport import Received, handle_frames, receive, router, write_public_key
 
 from .bundles import BundleStore
 from .executors import Executor, InlineExecutor, ProcessExecutor

@@ -3,7 +3,7 @@
 A worker receives only public material: a model's public CKKS context (with
 the Galois keys the enclave issued for it) and its weights in the form the
 owner chose. The same :class:`HeWorker` runs inside the server process, as a
-worker process of its own (``python -m parties.worker``, speaking heclave's
+worker process of its own (``python -m heclave.parties.worker``, speaking heclave's
 protocol over loopback) or inside a Ray actor; the server's request pipeline
 does not care which.
 """
@@ -19,15 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from he.context import PublicContext, Toolkit
-from he.graph import ModelGraph, Placement
-from he.linear import LinearKernel, OpCounter, WeightForm, unpack_mask
-from he.serialize import to_bytes
-from protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
-from protocol.messages import Message, batch_size, field_of
-from protocol.storage import write_atomic
-from protocol.transport import dispatch, router, serve, stop_requested
+from heclave.he.context import PublicContext, Toolkit
+from heclave.he.graph import ModelGraph, Placement
+from heclave.he.linear import LinearKernel, OpCounter, WeightForm, unpack_mask
+from heclave.he.serialize import to_bytes
+from heclave.protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
+from heclave.protocol.messages import Message, batch_size, field_of
+from heclave.protocol.storage import write_atomic
+from heclave.protocol.transport import dispatch, router, serve, stop_requested
 
 from .bundles import Bundle
 
@@ -161,7 +160,9 @@ class WorkerService:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m parties.worker", description="A heclave HE worker process.")
+    parser = argparse.ArgumentParser(
+        prog="python -m heclave.parties.worker", description="A heclave HE worker process."
+    )
     parser.add_argument("--bind", default="tcp://127.0.0.1:*")
     parser.add_argument("--ready-file", type=Path)
     parser.add_argument(

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from he.graph import OpKind
+from heclave.he.graph import OpKind
 
 from .importer import ImportedModel
 

@@ -19,13 +19,12 @@ from statistics import median
 
 import numpy as np
 import tenseal.sealapi as seal
-
-from he.blinding import P
-from he.context import CkksParams, SecretKeySet
-from he.costs import ENCLAVE_FACTOR, UnitCosts
-from he.serialize import to_bytes
-from he.sparse import SparseMatrix
-from protocol.errors import PlanError
+from heclave.he.blinding import P
+from heclave.he.context import CkksParams, SecretKeySet
+from heclave.he.costs import ENCLAVE_FACTOR, UnitCosts
+from heclave.he.serialize import to_bytes
+from heclave.he.sparse import SparseMatrix
+from heclave.protocol.errors import PlanError
 
 CALIBRATION_FORMAT = 1
 DEFAULT_PATH = Path.home() / ".config" / "heclave" / "costs.json"

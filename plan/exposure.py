@@ -6,8 +6,8 @@ The enclave verifies every ``he`` and ``blinded`` layer the server computes
 
 from __future__ import annotations
 
-from he.graph import ModelGraph, Placement
-from he.linear import WeightForm
+from heclave.he.graph import ModelGraph, Placement
+from heclave.he.linear import WeightForm
 
 
 def exposure(graph: ModelGraph) -> list[str]:

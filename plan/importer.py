@@ -24,9 +24,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-
-from he.graph import EnclaveOp, OpKind
-from protocol.errors import PlanError
+from heclave.he.graph import EnclaveOp, OpKind
+from heclave.protocol.errors import PlanError
 
 AFFINE_MODULES = (
     nn.Linear,

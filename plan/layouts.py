@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from he.costs import UnitCosts, estimate_ms
-from he.cyclic import LinearGeometry
-from he.grouped import GroupedLayout, support_groups
-from he.layout import LANES, Layout, best_split
-from he.paired import PairedRows, paired_support
-from protocol.errors import PlanError
+from heclave.he.costs import UnitCosts, estimate_ms
+from heclave.he.cyclic import LinearGeometry
+from heclave.he.grouped import GroupedLayout, support_groups
+from heclave.he.layout import LANES, Layout, best_split
+from heclave.he.paired import PairedRows, paired_support
+from heclave.protocol.errors import PlanError
 
 MAX_BLOCK_K = 64
 

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch.nn as nn
-
-from he.blinding import weight_scale
-from he.context import CkksParams
-from he.costs import UnitCosts
-from he.graph import ModelGraph, Placement, ReleasePolicy, Stage
-from he.linear import WeightForm
-from protocol.errors import PlanError
+from heclave.he.blinding import weight_scale
+from heclave.he.context import CkksParams
+from heclave.he.costs import UnitCosts
+from heclave.he.graph import ModelGraph, Placement, ReleasePolicy, Stage
+from heclave.he.linear import WeightForm
+from heclave.protocol.errors import PlanError
 
 from .importer import ImportedModel, from_pytorch
 from .layouts import choose_layout, unused_layout

@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from he.costs import estimate_parts
-from he.graph import Placement
-from he.linear import WeightForm
-from protocol.errors import PlanError
+from heclave.he.costs import estimate_parts
+from heclave.he.graph import Placement
+from heclave.he.linear import WeightForm
+from heclave.protocol.errors import PlanError
 
 from .calibration import Calibration
 from .importer import ImportedModel

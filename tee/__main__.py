@@ -1,4 +1,4 @@
-"""Entry point of the enclave process (``python -m tee``), also the Gramine manifest's entrypoint.
+"""Entry point of the enclave process (``python -m heclave.tee``), also the Gramine manifest's entrypoint.
 
 Deliberately stdlib-only on top of the enclave's own dependencies: ``heclave
 enclave`` replaces itself with this program, so the enclave's measured code is
@@ -22,11 +22,11 @@ import logging
 import sys
 from pathlib import Path
 
-from protocol import link
-from protocol.errors import HeclaveError
-from protocol.evidence import Runtime
-from protocol.storage import write_atomic
-from protocol.transport import router, serve, stop_requested
+from heclave.protocol import link
+from heclave.protocol.errors import HeclaveError
+from heclave.protocol.evidence import Runtime
+from heclave.protocol.storage import write_atomic
+from heclave.protocol.transport import router, serve, stop_requested
 
 from .enclave import Enclave
 from .runtime import detect

@@ -39,15 +39,14 @@ from pathlib import Path
 import msgpack
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-from he.context import CkksParams, SecretKeySet, public_parameters
-from he.graph import ModelGraph, Placement
-from protocol.channel import Session
-from protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError
-from protocol.evidence import Runtime
-from protocol.messages import Message, batch_size, field_of
-from protocol.noise import public_bytes
-from protocol.transport import dispatch
+from heclave.he.context import CkksParams, SecretKeySet, public_parameters
+from heclave.he.graph import ModelGraph, Placement
+from heclave.protocol.channel import Session
+from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError
+from heclave.protocol.evidence import Runtime
+from heclave.protocol.messages import Message, batch_size, field_of
+from heclave.protocol.noise import public_bytes
+from heclave.protocol.transport import dispatch
 
 from .execution import Form, ModelRuntime
 from .models import ModelTable, Rights

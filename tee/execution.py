@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
-
-from he.blinding import P, activation_scale, centred
-from he.context import SecretKeySet
-from he.graph import ModelGraph, Placement
-from he.linear import WeightForm, unpack_mask
-from he.sampling import uniform_residues
-from he.sparse import SparseMatrix
-from protocol.errors import CiphertextError, ErrorCode, IntegrityError, PlanError, ProtocolError
+from heclave.he.blinding import P, activation_scale, centred
+from heclave.he.context import SecretKeySet
+from heclave.he.graph import ModelGraph, Placement
+from heclave.he.linear import WeightForm, unpack_mask
+from heclave.he.sampling import uniform_residues
+from heclave.he.sparse import SparseMatrix
+from heclave.protocol.errors import CiphertextError, ErrorCode, IntegrityError, PlanError, ProtocolError
 
 from .nonlinear import apply_ops
 from .precompute import MaskPool, NoisePool

@@ -20,8 +20,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.errors import AttestationError
-from protocol.evidence import VerifierPolicy
+from heclave.protocol.errors import AttestationError
+from heclave.protocol.evidence import VerifierPolicy
 
 GRAMINE_DIR = Path(__file__).resolve().parent / "gramine"
 SIG_FILE = "heclave-enclave.sig"

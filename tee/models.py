@@ -17,9 +17,9 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from he.context import CkksParams, SecretKeySet
-from he.graph import ModelGraph
-from protocol.errors import ErrorCode, ForbiddenError, HeclaveError, ProtocolError, QuotaError
+from heclave.he.context import CkksParams, SecretKeySet
+from heclave.he.graph import ModelGraph
+from heclave.protocol.errors import ErrorCode, ForbiddenError, HeclaveError, ProtocolError, QuotaError
 
 from .execution import ModelRuntime
 from .state import EnclaveState

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from he.graph import EnclaveOp, OpKind
+from heclave.he.graph import EnclaveOp, OpKind
 
 
 def relu(x: np.ndarray) -> np.ndarray:

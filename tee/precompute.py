@@ -20,9 +20,8 @@ import time
 from collections import deque
 
 import numpy as np
-
-from he.context import SecretKeySet
-from he.sampling import gaussian
+from heclave.he.context import SecretKeySet
+from heclave.he.sampling import gaussian
 
 POOL_SIZE = 16
 NOISE_POOL = 4096

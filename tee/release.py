@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import msgpack
 import numpy as np
-
-from he.graph import ReleaseMode, ReleasePolicy
-from protocol.channel import Session
+from heclave.he.graph import ReleaseMode, ReleasePolicy
+from heclave.protocol.channel import Session
 
 
 def reduce_output(y: np.ndarray, policy: ReleasePolicy, noise_sd: float = 0.0) -> dict:

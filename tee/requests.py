@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from protocol.channel import Session
-from protocol.errors import ErrorCode, HeclaveError, QuotaError
+from heclave.protocol.channel import Session
+from heclave.protocol.errors import ErrorCode, HeclaveError, QuotaError
 
 from .verify import Expectation
 

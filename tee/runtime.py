@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from protocol.errors import AttestationError
-from protocol.evidence import Evidence, Runtime, report_data
+from heclave.protocol.errors import AttestationError
+from heclave.protocol.evidence import Evidence, Runtime, report_data
 
 ATTESTATION_DIR = Path("/dev/attestation")
 

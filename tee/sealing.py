@@ -22,9 +22,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-from protocol.errors import AttestationError, ErrorCode, HeclaveError
-from protocol.storage import write_atomic
+from heclave.protocol.errors import AttestationError, ErrorCode, HeclaveError
+from heclave.protocol.storage import write_atomic
 
 from .runtime import ATTESTATION_DIR
 

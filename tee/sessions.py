@@ -21,9 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-from protocol.channel import EnclaveHandshake, Session
-from protocol.errors import ChannelError, ErrorCode, HeclaveError, QuotaError
+from heclave.protocol.channel import EnclaveHandshake, Session
+from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, QuotaError
 
 PENDING_LIMIT = 1024
 PENDING_TTL_S = 60.0

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-from protocol.errors import HeclaveError
-from protocol.storage import write_atomic
+from heclave.protocol.errors import HeclaveError
+from heclave.protocol.storage import write_atomic
 
 from .sealing import seal, sealing_key, unseal
 

@@ -34,12 +34,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from he.blinding import P
-from he.context import CkksParams
-from he.layout import Layout
-from he.sampling import NOISE_VARIANCE, random_words, uniform_residues
-from he.sparse import SparseMatrix
+from heclave.he.blinding import P
+from heclave.he.context import CkksParams
+from heclave.he.layout import Layout
+from heclave.he.sampling import NOISE_VARIANCE, random_words, uniform_residues
+from heclave.he.sparse import SparseMatrix
 
 VECTORS = 40
 FIELD_VECTORS = 2

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from he.context import CkksParams, SecretKeySet
-from parties.processes import Cluster
+from heclave.he.context import CkksParams, SecretKeySet
+from heclave.parties.processes import Cluster
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import tenseal.sealapi as seal
 import zmq
-
-from he.context import SecretKeySet
-from he.graph import ModelGraph
-from he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
-from protocol.identity import Identity
-from protocol.transport import CurveKeys, read_public_key
-from tee.nonlinear import apply_ops
+from heclave.he.context import SecretKeySet
+from heclave.he.graph import ModelGraph
+from heclave.he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from heclave.protocol.identity import Identity
+from heclave.protocol.transport import CurveKeys, read_public_key
+from heclave.tee.nonlinear import apply_ops
 
 MODEL_OWNER = Identity.generate()
 """The identity the tests deploy models under."""
@@ -75,8 +74,8 @@ def raw_socket(cluster) -> zmq.Socket:
 
 def open_session(handle, evidence, identity: Identity = DATA_OWNER):
     """An owner's session opened through ``handle`` (an enclave's ``handle`` or a client's ``request``)."""
-    from protocol.channel import OwnerHandshake
-    from protocol.messages import Message
+    from heclave.protocol.channel import OwnerHandshake
+    from heclave.protocol.messages import Message
 
     handshake = OwnerHandshake(identity.static, evidence.identity_public, evidence.digest())
     reply = handle(Message("open_session", {"handshake": handshake.first()}))

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-
-from examples.digits import INPUT_SHAPE, digits_split
-from plan import from_pytorch
-from plan.assessment import Budget, assess, psnr, ssim
+from heclave.examples.digits import INPUT_SHAPE, digits_split
+from heclave.plan import from_pytorch
+from heclave.plan.assessment import Budget, assess, psnr, ssim
 
 
 def test_ssim_and_psnr_behave_at_the_extremes():

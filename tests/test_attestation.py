@@ -10,9 +10,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-
-from protocol.errors import AttestationError
-from protocol.evidence import Evidence, QuoteFields, Runtime, VerifierPolicy, report_data
+from heclave.protocol.errors import AttestationError
+from heclave.protocol.evidence import Evidence, QuoteFields, Runtime, VerifierPolicy, report_data
 
 IDENTITY = bytes(range(32))
 CONTEXT = b"the public CKKS context"
@@ -112,7 +111,7 @@ def test_policy_file_and_flags(tmp_path):
 @pytest.fixture
 def signature_checks(monkeypatch) -> list[bytes]:
     """The quotes that reached the signature check; reaching it ends verification there (no dcap extra)."""
-    import protocol.quote_verify
+    from heclave.protocol import quote_verify
 
     reached: list[bytes] = []
 
@@ -120,7 +119,7 @@ def signature_checks(monkeypatch) -> list[bytes]:
         reached.append(quote)
         raise AttestationError("signature check reached (dcap not exercised)")
 
-    monkeypatch.setattr(protocol.quote_verify, "verify_quote_signature", check)
+    monkeypatch.setattr(quote_verify, "verify_quote_signature", check)
     return reached
 
 

@@ -6,8 +6,7 @@ import json
 import math
 
 from click.testing import CliRunner
-
-from parties.cli import main
+from heclave.parties.cli import main
 
 VERIFICATION_KEYS = {
     "latency_ms_verified",

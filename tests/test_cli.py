@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from protocol.identity import Identity
+from heclave.protocol.identity import Identity
+
 from tests.test_measure import sigstruct
 
 HECLAVE = str(Path(sys.executable).parent / "heclave")

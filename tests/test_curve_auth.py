@@ -9,12 +9,11 @@ import threading
 import pytest
 import zmq
 from click.testing import CliRunner
-
-from parties.cli import main
-from protocol.curve import AllowedKeys, CurveKeys, client_key
-from protocol.errors import NoReplyError, ProtocolError
-from protocol.messages import Message, decode, encode
-from protocol.transport import Client, router, write_public_key
+from heclave.parties.cli import main
+from heclave.protocol.curve import AllowedKeys, CurveKeys, client_key
+from heclave.protocol.errors import NoReplyError, ProtocolError
+from heclave.protocol.messages import Message, decode, encode
+from heclave.protocol.transport import Client, router, write_public_key
 
 REFUSED_WITHIN_S = 1.0
 

@@ -11,18 +11,18 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from heclave.he.context import CkksParams, SecretKeySet
+from heclave.he.serialize import to_bytes
+from heclave.parties.data_owner import DataOwner
+from heclave.parties.model_owner import ModelOwner
+from heclave.protocol.errors import CiphertextError, ErrorCode
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.messages import PROTOCOL_VERSION, Message, decode, encode
+from heclave.protocol.transport import Client, handle_frames, read_public_key
+from heclave.tee.enclave import Enclave
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from he.context import CkksParams, SecretKeySet
-from he.serialize import to_bytes
-from parties.data_owner import DataOwner
-from parties.model_owner import ModelOwner
-from protocol.errors import CiphertextError, ErrorCode
-from protocol.evidence import VerifierPolicy
-from protocol.messages import PROTOCOL_VERSION, Message, decode, encode
-from protocol.transport import Client, handle_frames, read_public_key
-from tee.enclave import Enclave
 from tests.helpers import DATA_OWNER, MODEL_OWNER, layer_output, raw_socket
 
 EXAMPLES = int(os.environ.get("HECLAVE_FUZZ_EXAMPLES", "150"))

@@ -7,9 +7,8 @@ import stat
 
 import pytest
 from click.testing import CliRunner
-
-from parties.cli import main
-from protocol.identity import Identity, IdentityError, parse_public
+from heclave.parties.cli import main
+from heclave.protocol.identity import Identity, IdentityError, parse_public
 
 
 def test_an_identity_round_trips_with_owner_only_permissions(tmp_path):

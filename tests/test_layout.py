@@ -13,17 +13,17 @@ import math
 import msgpack
 import numpy as np
 import pytest
+from heclave.he.cyclic import LinearGeometry
+from heclave.he.grouped import GroupedLayout
+from heclave.he.layout import Layout
+from heclave.he.layout_kinds import layout_from_wire
+from heclave.he.linear import LinearKernel, OpCounter, WeightForm
+from heclave.he.paired import PairedRows
+from heclave.plan.layouts import choose_geometry
+from heclave.protocol.errors import HeclaveError, PlanError
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from he.cyclic import LinearGeometry
-from he.grouped import GroupedLayout
-from he.layout import Layout
-from he.layout_kinds import layout_from_wire
-from he.linear import LinearKernel, OpCounter, WeightForm
-from he.paired import PairedRows
-from plan.layouts import choose_geometry
-from protocol.errors import HeclaveError, PlanError
 from tests.helpers import deployed_kernel
 
 SLOTS = 4096
@@ -131,7 +131,7 @@ def _random_support(rng: np.random.Generator, rows: int, cols: int) -> np.ndarra
 
 def paired_layouts(support: np.ndarray, slots: int) -> list[PairedRows]:
     """Every base family over the pairs' joint support, wrapped to pair rows."""
-    from he.paired import paired_support
+    from heclave.he.paired import paired_support
 
     joint = paired_support(support)
     half, cols = joint.shape

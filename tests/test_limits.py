@@ -21,16 +21,15 @@ import torch.nn as nn
 import zmq
 import zstandard
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from heclave.he.blinding import P
+from heclave.he.sealformat import COMPRESS_ZSTD, HEADER, MAGIC, parse_ciphertext, seal_version
+from heclave.he.serialize import to_bytes
+from heclave.protocol import storage, transport
+from heclave.protocol.errors import CiphertextError, ErrorCode
+from heclave.protocol.messages import MAX_BUFFERS, PROTOCOL_VERSION, decode
+from heclave.protocol.storage import write_atomic
+from heclave.protocol.transport import Received, receive, write_public_key
 
-import protocol.storage
-import protocol.transport
-from he.blinding import P
-from he.sealformat import COMPRESS_ZSTD, HEADER, MAGIC, parse_ciphertext, seal_version
-from he.serialize import to_bytes
-from protocol.errors import CiphertextError, ErrorCode
-from protocol.messages import MAX_BUFFERS, PROTOCOL_VERSION, decode
-from protocol.storage import write_atomic
-from protocol.transport import Received, receive, write_public_key
 from tests.helpers import layer_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,10 +96,9 @@ def test_seals_own_compressed_ciphertexts_still_parse(keys):
 
 def _blinded_runtime(keys):
     import torch
-
-    from parties.model_owner import ModelOwner
-    from plan import plan_pytorch
-    from tee.execution import ModelRuntime
+    from heclave.parties.model_owner import ModelOwner
+    from heclave.plan import plan_pytorch
+    from heclave.tee.execution import ModelRuntime
 
     torch.manual_seed(3)
     planned = plan_pytorch(
@@ -122,11 +120,11 @@ def _in_fresh_thread(action):
 
 
 def test_blinded_pads_are_the_aes_ctr_keystream_and_never_numpys(keys, monkeypatch):
-    import he.sampling
+    from heclave.he import sampling
 
     runtime = _blinded_runtime(keys)
     key = bytes(range(32))
-    monkeypatch.setattr(he.sampling, "os", SimpleNamespace(urandom=lambda n: key[:n]))
+    monkeypatch.setattr(sampling, "os", SimpleNamespace(urandom=lambda n: key[:n]))
     monkeypatch.setattr(np.random, "default_rng", lambda *a, **k: pytest.fail("a pad drawn from numpy's generator"))
     pad, product = _in_fresh_thread(lambda: runtime._new_pad(0))
     # What he.sampling draws: AES-256-CTR under the urandom key, 64-bit words masked to 31 bits, rejected at p.
@@ -188,7 +186,7 @@ def _receive(router) -> Received:
 
 def test_a_message_over_the_total_limit_is_refused_keeping_only_its_header(pair, monkeypatch):
     router, dealer = pair
-    monkeypatch.setattr(protocol.transport, "MAX_MESSAGE_BYTES", 1 << 20)
+    monkeypatch.setattr(transport, "MAX_MESSAGE_BYTES", 1 << 20)
     chunk = bytes(300_000)
     dealer.send_multipart([_header(5), *[chunk] * 5])  # 1.5 MB in five buffers, each well within its own limit
     identity, frames, refusal, _ = _receive(router)
@@ -219,10 +217,10 @@ def test_a_message_within_the_limits_arrives_whole(pair):
 
 
 def test_decode_refuses_a_whole_message_over_the_limit(monkeypatch):
-    import protocol.messages
+    from heclave.protocol import messages
 
-    monkeypatch.setattr(protocol.messages, "MAX_MESSAGE_BYTES", 1000)
-    with pytest.raises(protocol.messages.ProtocolError) as refused:
+    monkeypatch.setattr(messages, "MAX_MESSAGE_BYTES", 1000)
+    with pytest.raises(messages.ProtocolError) as refused:
         decode([_header(2), bytes(600), bytes(600)])
     assert refused.value.code is ErrorCode.TOO_LARGE
 
@@ -270,7 +268,7 @@ def test_public_keys_are_world_readable_and_secrets_owner_only_whatever_the_umas
 def test_a_link_planted_at_the_temporary_name_is_not_followed(tmp_path, monkeypatch):
     victim = tmp_path / "victim"
     victim.write_bytes(b"untouched")
-    monkeypatch.setattr(protocol.storage.secrets, "token_hex", lambda n: "0" * (2 * n))
+    monkeypatch.setattr(storage.secrets, "token_hex", lambda n: "0" * (2 * n))
     (tmp_path / f".server.key.{'0' * 16}.tmp").symlink_to(victim)
     with pytest.raises(FileExistsError):
         write_public_key(tmp_path / "server.key", b"k" * 40)

@@ -7,11 +7,10 @@ import stat
 import threading
 
 import pytest
-
-from protocol import link
-from protocol.errors import NoReplyError, ProtocolError
-from protocol.messages import Message
-from protocol.transport import Client, handle_frames, receive, router
+from heclave.protocol import link
+from heclave.protocol.errors import NoReplyError, ProtocolError
+from heclave.protocol.messages import Message
+from heclave.protocol.transport import Client, handle_frames, receive, router
 
 
 def test_the_token_is_made_once_owner_only_and_kept(tmp_path):

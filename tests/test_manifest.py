@@ -143,7 +143,7 @@ def test_entrypoint_runs_the_enclave_module(manifest):
     argv = manifest["loader"]["argv"]
     assert argv[0] == PYTHON_EXE
     i = argv.index("-m")
-    assert argv[i + 1] == "tee"
+    assert argv[i + 1] == "heclave.tee"
     assert argv[i + 2 :] == VARIABLES["enclave_args"].split()
 
 
@@ -198,9 +198,13 @@ def test_trusted_files_cover_interpreter_venv_and_enclave_code(manifest):
     assert covered(uris, VARIABLES["libpython"])
     assert covered(uris, VARIABLES["python_stdlib"] + "/os.py")
     assert covered(uris, VENV_SITE + "/numpy/__init__.py")
+    assert covered(uris, f"{APP}/heclave/__init__.py")
     for package in ("protocol", "he", "tee"):
-        assert covered(uris, f"{APP}/{package}/__init__.py"), package
-    assert not covered(uris, f"{APP}/plan/__init__.py"), "only protocol/, he/ and tee/ are enclave code"
+        assert covered(uris, f"{APP}/heclave/{package}/__init__.py"), package
+    for outside in ("plan", "parties"):
+        assert not covered(uris, f"{APP}/heclave/{outside}/__init__.py"), (
+            "only protocol/, he/ and tee/ are enclave code"
+        )
     assert covered(uris, GRAMINE_GLOBALS["gramine"].runtimedir() + "/libc.so.6")
 
 

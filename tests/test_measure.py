@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from heclave.protocol.errors import AttestationError
+from heclave.protocol.evidence import Evidence, Runtime, VerifierPolicy, report_data
+from heclave.tee.measure import SIG_FILE, Sigstruct, measure, pinning_policy, read_sigstruct
 
-from protocol.errors import AttestationError
-from protocol.evidence import Evidence, Runtime, VerifierPolicy, report_data
-from tee.measure import SIG_FILE, Sigstruct, measure, pinning_policy, read_sigstruct
 from tests.test_attestation import CONTEXT, IDENTITY, build_quote
 
 HEADER = bytes.fromhex("06000000e10000000000010000000000")
@@ -157,10 +157,10 @@ def test_policy_out_needs_measure_and_a_signed_enclave(tmp_path):
 
 
 def test_require_attestation_pins_the_signed_enclave_or_says_what_to_pin(tmp_path, monkeypatch):
-    import tee.measure
-    from parties.demo import pinned_policy
+    from heclave.parties.demo import pinned_policy
+    from heclave.tee import measure
 
-    monkeypatch.setattr(tee.measure, "GRAMINE_DIR", tmp_path)
+    monkeypatch.setattr(measure, "GRAMINE_DIR", tmp_path)
     with pytest.raises(AttestationError) as refused:
         pinned_policy()
     assert "mrenclave" in refused.value.message and "--policy-out" in refused.value.message

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from heclave.he.blinding import HALF, P, activation_scale, centred, quantize
+from heclave.he.sparse import SparseMatrix
+from heclave.parties.data_owner import DataOwner
+from heclave.parties.model_owner import ModelOwner
+from heclave.protocol.errors import PlanError
+from heclave.protocol.evidence import VerifierPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from he.blinding import HALF, P, activation_scale, centred, quantize
-from he.sparse import SparseMatrix
-from parties.data_owner import DataOwner
-from parties.model_owner import ModelOwner
-from protocol.errors import PlanError
-from protocol.evidence import VerifierPolicy
 from tests.helpers import DATA_OWNER, MODEL_OWNER
 
 DEV = VerifierPolicy(allow_unattested=True)
@@ -125,9 +125,9 @@ def _sealed_secrets(planned) -> dict:
 
 
 def test_pads_precomputed_between_requests_unblind_exactly(keys):
-    from plan import plan_pytorch
-    from tee.execution import POOL_SIZE, Form, ModelRuntime
-    from tee.requests import Request
+    from heclave.plan import plan_pytorch
+    from heclave.tee.execution import POOL_SIZE, Form, ModelRuntime
+    from heclave.tee.requests import Request
 
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
@@ -150,8 +150,8 @@ def test_pads_precomputed_between_requests_unblind_exactly(keys):
 
 @pytest.mark.parametrize("blob", [None, b"", np.zeros(4).tobytes()], ids=["missing", "empty", "short"])
 def test_enclave_refuses_an_he_stage_without_its_bias(keys, blob):
-    from plan import plan_pytorch
-    from tee.execution import ModelRuntime
+    from heclave.plan import plan_pytorch
+    from heclave.tee.execution import ModelRuntime
 
     planned = plan_pytorch(nn.Sequential(nn.Linear(6, 5)).eval(), (6,))
     secrets = _sealed_secrets(planned)
@@ -161,8 +161,8 @@ def test_enclave_refuses_an_he_stage_without_its_bias(keys, blob):
 
 
 def test_he_layouts_leave_the_bias_to_the_enclave(keys):
-    from plan import plan_pytorch
-    from tee.execution import ModelRuntime
+    from heclave.plan import plan_pytorch
+    from heclave.tee.execution import ModelRuntime
 
     torch.manual_seed(7)
     net = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 3)).eval()

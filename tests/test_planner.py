@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.nn as nn
-
-from he.costs import UnitCosts
-from he.graph import Placement
-from he.linear import WeightForm
-from plan import from_pytorch
-from plan.calibration import Calibration, PlaintextCosts
-from plan.search import cheapest
-from protocol.errors import PlanError
+from heclave.he.costs import UnitCosts
+from heclave.he.graph import Placement
+from heclave.he.linear import WeightForm
+from heclave.plan import from_pytorch
+from heclave.plan.calibration import Calibration, PlaintextCosts
+from heclave.plan.search import cheapest
+from heclave.protocol.errors import PlanError
 
 COSTS = Calibration(UnitCosts(), PlaintextCosts())
 
@@ -91,7 +90,7 @@ def test_plan_command_writes_a_plan_file_with_prediction_and_exposure(tmp_path):
 
 
 def test_calibration_measures_positive_costs_and_round_trips(tmp_path):
-    from plan.calibration import calibrate
+    from heclave.plan.calibration import calibrate
 
     measured = calibrate(enclave_factor=3.0)
     assert all(v > 0 for v in measured.he.__dict__.values()) and measured.he.enclave_factor == 3.0
@@ -102,9 +101,9 @@ def test_calibration_measures_positive_costs_and_round_trips(tmp_path):
 
 
 def test_encrypted_weight_mask_follows_the_architecture_not_trained_zeros():
-    from he.context import CkksParams, SecretKeySet
-    from he.cyclic import LinearGeometry
-    from he.linear import encrypt_weights
+    from heclave.he.context import CkksParams, SecretKeySet
+    from heclave.he.cyclic import LinearGeometry
+    from heclave.he.linear import encrypt_weights
 
     context = SecretKeySet(CkksParams()).public
     g = LinearGeometry(rows=4, cols=7, slots=4096, k=4, period=8, chunk=7, baby=4, giant=1)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from tee.precompute import NOISE_CHUNK, MaskPool, NoisePool
+from heclave.tee.precompute import NOISE_CHUNK, MaskPool, NoisePool
 
 
 def _decrypt(keys, data: bytes, n: int) -> np.ndarray:

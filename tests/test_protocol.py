@@ -5,13 +5,19 @@ from __future__ import annotations
 import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-from protocol.channel import EnclaveHandshake, OwnerHandshake
-from protocol.errors import AttestationError, ChannelError, ErrorCode, ProtocolError, RemoteError, error_from_reply
-from protocol.evidence import Evidence, Runtime, VerifierPolicy, report_data
-from protocol.messages import PROTOCOL_VERSION, Message, decode, encode
-from protocol.noise import public_bytes
-from protocol.transport import handle_frames
+from heclave.protocol.channel import EnclaveHandshake, OwnerHandshake
+from heclave.protocol.errors import (
+    AttestationError,
+    ChannelError,
+    ErrorCode,
+    ProtocolError,
+    RemoteError,
+    error_from_reply,
+)
+from heclave.protocol.evidence import Evidence, Runtime, VerifierPolicy, report_data
+from heclave.protocol.messages import PROTOCOL_VERSION, Message, decode, encode
+from heclave.protocol.noise import public_bytes
+from heclave.protocol.transport import handle_frames
 
 
 def test_message_round_trip_keeps_content_buffers_and_ids():

@@ -14,9 +14,8 @@ import sys
 import time
 
 import pytest
-
-from protocol.errors import AttestationError
-from protocol.quote_verify import verify_quote_signature
+from heclave.protocol.errors import AttestationError
+from heclave.protocol.quote_verify import verify_quote_signature
 
 UNREACHABLE_PCCS = "http://127.0.0.1:9/"  # the discard port: connection refused at once
 

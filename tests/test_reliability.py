@@ -10,14 +10,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
+from heclave.parties.data_owner import DataOwner
+from heclave.parties.model_owner import ModelOwner
+from heclave.parties.processes import Cluster
+from heclave.protocol.errors import HeclaveError
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.messages import Message, decode, encode
 
-from examples.digits import INPUT_SHAPE, train_digits_cnn
-from parties.data_owner import DataOwner
-from parties.model_owner import ModelOwner
-from parties.processes import Cluster
-from protocol.errors import HeclaveError
-from protocol.evidence import VerifierPolicy
-from protocol.messages import Message, decode, encode
 from tests.helpers import DATA_OWNER, MODEL_OWNER, raw_socket
 
 DEV = VerifierPolicy(allow_unattested=True)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from he.rns import limb
-from he.sampling import NOISE_PAIRS, centered_binomial, random_words, uniform_residues
-from he.sealformat import Level, parse_ciphertext
+from heclave.he.rns import limb
+from heclave.he.sampling import NOISE_PAIRS, centered_binomial, random_words, uniform_residues
+from heclave.he.sealformat import Level, parse_ciphertext
 
 
 def test_noise_is_the_centered_binomial_over_21_pairs():

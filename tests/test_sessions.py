@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-from protocol.channel import OwnerHandshake
-from protocol.errors import ChannelError, ErrorCode, HeclaveError, QuotaError
-from protocol.noise import public_bytes
-from tee import sessions
-from tee.sessions import SessionTable
+from heclave.protocol.channel import OwnerHandshake
+from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, QuotaError
+from heclave.protocol.noise import public_bytes
+from heclave.tee import sessions
+from heclave.tee.sessions import SessionTable
 
 EVIDENCE = b"e" * 32
 

@@ -1,4 +1,4 @@
-"""The enclave's trusted computing base stays small: tee, he, protocol and six libraries, never torch.
+"""The enclave's trusted computing base stays small: heclave's tee, he and protocol and six libraries, never torch.
 
 zstandard reads the server's SEAL frames, which SEAL compresses with zstd (``he.sealformat``).
 """
@@ -16,21 +16,22 @@ ALLOWED = {
     "tenseal",
     "zmq",
     "zstandard",
-    "he",
-    "protocol",
-    "tee",
+    "heclave",
     "cython_runtime",
 }
+ENCLAVE_CODE = {"heclave", "heclave.tee", "heclave.he", "heclave.protocol"}
 
 
 def test_the_enclave_program_imports_only_its_allowed_dependencies():
     probe = (
-        "import json, sys, tee.__main__, tee.enclave;"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules if not m.startswith('_')}"
-        " - set(sys.stdlib_module_names))))"
+        "import json, sys, heclave.tee.__main__, heclave.tee.enclave;"
+        "print(json.dumps(sorted(m for m in sys.modules if not m.startswith('_'))))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    imported = set(json.loads(done.stdout))
+    modules = set(json.loads(done.stdout))
+    imported = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names)
     assert imported <= ALLOWED, f"the enclave imports {sorted(imported - ALLOWED)}"
-    assert {"he", "protocol", "tee", "tenseal"} <= imported
+    ours = {".".join(m.split(".")[:2]) for m in modules if m.split(".")[0] == "heclave"}
+    assert ours <= ENCLAVE_CODE, f"the enclave imports {sorted(ours - ENCLAVE_CODE)}"
+    assert {"heclave.he", "heclave.protocol", "heclave.tee"} <= ours and "tenseal" in imported

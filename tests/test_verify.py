@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from heclave.he.blinding import P
+from heclave.he.grouped import GroupedLayout
+from heclave.he.layout import Layout
+from heclave.he.linear import OpCounter, WeightForm
+from heclave.he.paired import PairedRows
+from heclave.he.serialize import to_bytes
+from heclave.he.sparse import SparseMatrix
+from heclave.plan.layouts import choose_geometry, choose_layout
+from heclave.tee.verify import FieldCheck, LinearCheck
 
-from he.blinding import P
-from he.grouped import GroupedLayout
-from he.layout import Layout
-from he.linear import OpCounter, WeightForm
-from he.paired import PairedRows
-from he.serialize import to_bytes
-from he.sparse import SparseMatrix
-from plan.layouts import choose_geometry, choose_layout
-from tee.verify import FieldCheck, LinearCheck
 from tests.helpers import deployed_kernel
 
 SLOTS = 4096

@@ -10,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
-from he.context import PublicContext
-from he.rns import limb, shoup
-from he.sealformat import Level, RawCiphertext, parse_ciphertext
-from he.slots import SlotCodec
+from heclave.he.context import PublicContext
+from heclave.he.rns import limb, shoup
+from heclave.he.sealformat import Level, RawCiphertext, parse_ciphertext
+from heclave.he.slots import SlotCodec
 
 
 def levels(ctx: PublicContext) -> tuple[Level, Level]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from he.linear import LinearKernel, encrypt_weights
-from he.serialize import to_bytes
-from protocol.errors import ErrorCode
+from heclave.he.linear import LinearKernel, encrypt_weights
+from heclave.he.serialize import to_bytes
+from heclave.protocol.errors import ErrorCode
 
 from .forge import (
     levels,

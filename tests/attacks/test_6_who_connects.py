@@ -14,12 +14,11 @@ from __future__ import annotations
 import secrets
 
 import pytest
-
-from parties.processes import Cluster
-from protocol.curve import CurveKeys
-from protocol.errors import NoReplyError
-from protocol.messages import Message
-from protocol.transport import Client, read_public_key, write_public_key
+from heclave.parties.processes import Cluster
+from heclave.protocol.curve import CurveKeys
+from heclave.protocol.errors import NoReplyError
+from heclave.protocol.messages import Message
+from heclave.protocol.transport import Client, read_public_key, write_public_key
 
 REFUSED_WITHIN_S = 1.0
 

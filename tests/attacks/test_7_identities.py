@@ -9,18 +9,18 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from heclave.parties import server
+from heclave.parties.data_owner import DataOwner
+from heclave.parties.model_owner import ModelOwner
+from heclave.parties.processes import Cluster
+from heclave.protocol.channel import OwnerHandshake, Session
+from heclave.protocol.errors import ErrorCode, HeclaveError
+from heclave.protocol.evidence import Evidence
+from heclave.protocol.identity import Identity
+from heclave.protocol.messages import Message
+from heclave.protocol.transport import Client, read_public_key
+from heclave.tee import models, requests, sessions
 
-from parties import server
-from parties.data_owner import DataOwner
-from parties.model_owner import ModelOwner
-from parties.processes import Cluster
-from protocol.channel import OwnerHandshake, Session
-from protocol.errors import ErrorCode, HeclaveError
-from protocol.evidence import Evidence
-from protocol.identity import Identity
-from protocol.messages import Message
-from protocol.transport import Client, read_public_key
-from tee import models, requests, sessions
 from tests.helpers import DATA_OWNER, MODEL_OWNER
 
 from .tools import ATTACKER, DEV, Operator, assert_close, deploy, random_input, two_layers

@@ -22,22 +22,22 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from heclave.he.context import PublicContext
+from heclave.he.graph import ModelGraph, Placement
+from heclave.parties.bundles import SUFFIX, Bundle
+from heclave.parties.data_owner import DataOwner
+from heclave.parties.model_owner import ModelOwner
+from heclave.parties.processes import Cluster
+from heclave.parties.server import Deployment
+from heclave.parties.worker import HeWorker
+from heclave.plan import Plan
+from heclave.protocol.errors import ErrorCode, HeclaveError, ProtocolError
+from heclave.protocol.evidence import VerifierPolicy
+from heclave.protocol.identity import Identity
+from heclave.protocol.messages import Message
+from heclave.protocol.transport import Client, CurveKeys, handle_frames, router, write_public_key
+from heclave.tee.nonlinear import apply_ops
 
-from he.context import PublicContext
-from he.graph import ModelGraph, Placement
-from parties.bundles import SUFFIX, Bundle
-from parties.data_owner import DataOwner
-from parties.model_owner import ModelOwner
-from parties.processes import Cluster
-from parties.server import Deployment
-from parties.worker import HeWorker
-from plan import Plan
-from protocol.errors import ErrorCode, HeclaveError, ProtocolError
-from protocol.evidence import VerifierPolicy
-from protocol.identity import Identity
-from protocol.messages import Message
-from protocol.transport import Client, CurveKeys, handle_frames, router, write_public_key
-from tee.nonlinear import apply_ops
 from tests.helpers import DATA_OWNER, MODEL_OWNER
 
 from .forge import parse_output
