@@ -35,6 +35,7 @@ import numpy as np
 import tenseal as ts
 import torch
 import torch.nn as nn
+
 from heclave.he.context import SecretKeySet
 from heclave.he.linear import WeightForm
 from heclave.parties.accounting import WorkSplit
@@ -49,7 +50,6 @@ INPUT_SHAPE = (1, 28, 28)
 KERNEL, STRIDE = 7, 3
 TENSEAL_SCALE_BITS = 26
 # The enclave runs natively here and presents no SGX quote: acceptable for a benchmark only.
-BENCH_POLICY = VerifierPolicy(allow_unattested=True)
 MODEL_OWNER, DATA_OWNER = Identity.generate(), Identity.generate()  # this run's two parties
 # What verifying every server-computed layer may cost: latency and enclave ms per image, as ratios - 1.
 LATENCY_BOUND, ENCLAVE_BOUND = 0.05, 0.10
@@ -152,7 +152,7 @@ class _Pipeline:
 
 def _deploy(cluster: Cluster, model: nn.Module, weights: WeightForm, batch: int) -> tuple[_Pipeline, dict]:
     """Plan and deploy on ``cluster``, and connect a data owner; with the deployment's sizes and time."""
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, BENCH_POLICY)
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, VerifierPolicy.development())
     try:
         started = time.perf_counter()
         plan = owner.plan(model, INPUT_SHAPE, weights, name="tenseal-tutorial-cnn", batch=batch)
@@ -171,7 +171,7 @@ def _deploy(cluster: Cluster, model: nn.Module, weights: WeightForm, batch: int)
         "galois_steps": len(plan.graph.rotation_steps),
         "stages": plan.summary(),
     }
-    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, BENCH_POLICY)
+    data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, VerifierPolicy.development())
     return _Pipeline(cluster, data_owner, model_id), deployment
 
 

@@ -24,6 +24,7 @@ from statistics import median
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi as seal
+
 from heclave.he.context import CkksParams, PublicContext, SecretKeySet
 from heclave.he.layout import Layout
 from heclave.he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights

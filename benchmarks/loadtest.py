@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
@@ -24,8 +25,6 @@ from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity
 
 from .concurrent import run_clients
-
-LOAD_POLICY = VerifierPolicy(allow_unattested=True)
 
 
 @dataclass
@@ -53,7 +52,7 @@ def _client(
     offset: int,
     tally: _Tally,
 ) -> None:
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, identity, LOAD_POLICY, timeout_s=120)
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, identity, VerifierPolicy.development(), timeout_s=120)
     spread = float(reference.max() - reference.min())
     try:
         for r in range(requests):
@@ -88,7 +87,7 @@ def loadtest(clients: int, requests: int, weights: str = "encrypted", say: Calla
         reference = model.double()(torch.from_numpy(x).double()).numpy()
     say("starting enclave and server")
     with Cluster() as cluster:
-        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, Identity.generate(), LOAD_POLICY)
+        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, Identity.generate(), VerifierPolicy.development())
         readers = [Identity.generate() for _ in range(clients)]  # one identity per data owner
         model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, weights), readers=[r.public for r in readers])
         owner.close()

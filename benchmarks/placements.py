@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
 from heclave.parties.accounting import WorkSplit
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
@@ -27,7 +28,6 @@ from heclave.protocol.identity import Identity
 
 from .scale import vgg_small
 
-POLICY = VerifierPolicy(allow_unattested=True)
 MODEL_OWNER, DATA_OWNER = Identity.generate(), Identity.generate()  # this run's two parties
 SHAPE = (3, 32, 32)
 STRATEGIES: dict[str, list[str]] = {
@@ -52,13 +52,17 @@ def bench_placements(
     with Cluster() as cluster:
         for name, placements in STRATEGIES.items():
             say(f"{name}: deploying")
-            owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, POLICY)
+            owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, VerifierPolicy.development())
             plan = owner.plan(model, SHAPE, weights, placements=placements, name=name)
             model_id = owner.deploy(plan, readers=[DATA_OWNER.public])
             owner.close()
             # The bench compares every strategy, the plain-first ones included: its data owner consents.
             data_owner = DataOwner(
-                cluster.endpoint, cluster.server_key_file, DATA_OWNER, POLICY, allow_plain_input=True
+                cluster.endpoint,
+                cluster.server_key_file,
+                DATA_OWNER,
+                VerifierPolicy.development(),
+                allow_plain_input=True,
             )
             say(f"{name}: {requests} requests")
             data_owner.infer(model_id, images[0])  # warm-up: the worker installs the model

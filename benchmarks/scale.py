@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+
 from heclave.parties.accounting import WorkSplit
 from heclave.parties.data_owner import DataOwner, Inference
 from heclave.parties.model_owner import ModelOwner
@@ -25,7 +26,6 @@ from heclave.protocol.identity import Identity
 from .cnn import tutorial_cnn
 from .concurrent import run_clients
 
-SCALE_POLICY = VerifierPolicy(allow_unattested=True)
 MODEL_OWNER, DATA_OWNER = Identity.generate(), Identity.generate()  # this run's two parties
 
 
@@ -63,11 +63,12 @@ def _run(
     with torch.no_grad():
         reference = model.double()(torch.from_numpy(images).double()).numpy()
     with Cluster(server_args=server_args) as cluster:
-        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, SCALE_POLICY)
+        owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, VerifierPolicy.development())
         model_id = owner.deploy(owner.plan(model.float(), shape, "encrypted", batch=batch), readers=[DATA_OWNER.public])
         owner.close()
         owners = [
-            DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, SCALE_POLICY) for _ in range(clients)
+            DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, VerifierPolicy.development())
+            for _ in range(clients)
         ]
         owners[0].infer_batch(model_id, images[:batch])  # warm-up: workers install the model
         for data_owner in owners[1:]:

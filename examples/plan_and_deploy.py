@@ -11,6 +11,7 @@ import argparse
 
 import numpy as np
 import torch
+
 from heclave.he.linear import WeightForm
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"plan: {placements}; predicted {best.latency_ms:.1f} ms, enclave share {best.enclave_share:.2f}")
     print("the server will see:", "; ".join(exposure(graph)) or "shapes, sizes and timings only")
 
-    policy = VerifierPolicy(allow_unattested=True)
+    policy = VerifierPolicy.development()
     model_owner, reader = Identity.generate(), Identity.generate()
     with Cluster() as cluster:
         owner = ModelOwner(cluster.endpoint, cluster.server_key_file, model_owner, policy)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from heclave.protocol.errors import PlanError
 
 P = 2_147_483_647  # 2**31 - 1, prime

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 import tenseal.sealapi as seal
+
 from heclave.protocol.errors import CiphertextError, ErrorCode, ProtocolError
 
 from .rns import Limb, limb, shoup

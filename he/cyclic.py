@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 
 import numpy as np
+
 from heclave.protocol.errors import PlanError
 
 from .layout import Layout, plausible, tile

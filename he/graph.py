@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any
 
 import msgpack
+
 from heclave.protocol.errors import ErrorCode, PlanError, ProtocolError
 
 from .context import CkksParams

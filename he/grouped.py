@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from heclave.protocol.errors import PlanError
 
 from .layout import Layout, best_split, pack, plausible, tile

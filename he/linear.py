@@ -17,6 +17,7 @@ from enum import Enum
 
 import numpy as np
 import tenseal.sealapi as seal
+
 from heclave.protocol.errors import CiphertextError, PlanError
 
 from .context import PublicContext, Toolkit

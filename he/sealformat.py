@@ -26,6 +26,7 @@ from functools import cache
 import numpy as np
 import tenseal.sealapi as seal
 import zstandard
+
 from heclave.protocol.errors import CiphertextError
 
 from .serialize import to_bytes

@@ -15,6 +15,7 @@ from functools import cache
 from typing import Protocol
 
 import tenseal.sealapi as seal
+
 from heclave.protocol.errors import CiphertextError
 
 

@@ -14,6 +14,7 @@ from functools import cached_property
 
 import msgpack
 import numpy as np
+
 from heclave.protocol.errors import ErrorCode, ProtocolError
 
 from .blinding import LIMB, P

@@ -9,9 +9,10 @@ import platform
 import time
 
 import click
-from heclave.he.linear import WeightForm
 from rich.console import Console
 from rich.table import Table
+
+from heclave.he.linear import WeightForm
 
 WEIGHT_CHOICE = click.Choice([f.value for f in WeightForm])
 

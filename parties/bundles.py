@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
+
 from heclave.protocol.errors import ErrorCode, HeclaveError
 from heclave.protocol.storage import write_atomic
 

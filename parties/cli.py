@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from heclave.he.linear import WeightForm
 from heclave.parties.bench import bench
 from heclave.parties.options import configure_logging
@@ -201,9 +202,10 @@ for command in (bench, keygen, model_owner, data_owner, assess, calibrate, plan_
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def loadtest_command(clients: int, requests: int, weights: str, as_json: bool) -> None:
     """Start the processes, run many data owners at once, and check every answer against plaintext."""
-    from heclave.benchmarks.loadtest import loadtest
     from rich.console import Console
     from rich.table import Table
+
+    from heclave.benchmarks.loadtest import loadtest
 
     configure_logging(False)
     logging.getLogger("heclave.protocol.evidence").setLevel(logging.ERROR)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+
 from heclave.he.context import PublicContext
 from heclave.he.graph import ModelGraph, Placement
 from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError

@@ -9,21 +9,20 @@ import time
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
 from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
 from heclave.he.linear import WeightForm
 from heclave.protocol.errors import AttestationError, HeclaveError
 from heclave.protocol.evidence import PINNING, VerifierPolicy
 from heclave.protocol.identity import Identity
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from .accounting import WorkSplit
 from .data_owner import DataOwner
 from .model_owner import ModelOwner
 from .processes import Cluster
-
-DEVELOPMENT_POLICY = VerifierPolicy(allow_unattested=True)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -106,7 +105,7 @@ def run_demo(samples: int, weights: WeightForm, as_json: bool, require_attestati
     """Run the whole demo; returns the report it prints."""
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
-    policy = pinned_policy() if require_attestation else DEVELOPMENT_POLICY
+    policy = pinned_policy() if require_attestation else VerifierPolicy.development()
     if not require_attestation:
         console.print(
             "[bold yellow]DEVELOPMENT RUN[/]: the enclave runs natively and presents no SGX quote; "

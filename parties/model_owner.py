@@ -10,6 +10,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import torch.nn as nn
+
 from heclave.he.blinding import quantize
 from heclave.he.context import PublicContext
 from heclave.he.graph import Placement, ReleasePolicy

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity, IdentityError
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+
 from heclave.he.graph import ReleaseMode, ReleasePolicy
 from heclave.he.linear import WeightForm
 from heclave.protocol.evidence import VerifierPolicy

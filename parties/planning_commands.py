@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from heclave.he.costs import ENCLAVE_FACTOR
 from heclave.he.linear import WeightForm
 
@@ -49,12 +50,13 @@ def assess(
 
     MODEL is FILE.py:NAME or MODULE:NAME, or `digits-cnn` to train the demo's CNN first.
     """
+    from rich.console import Console
+    from rich.table import Table
+
     from heclave.examples.digits import INPUT_SHAPE, digits_split, train_digits_cnn
     from heclave.plan import from_pytorch
     from heclave.plan.assessment import Budget, figure
     from heclave.plan.assessment import assess as run_assessment
-    from rich.console import Console
-    from rich.table import Table
 
     configure_logging(False)
     x_train, x_test, _, _ = digits_split()

@@ -18,15 +18,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from heclave.he.activations import Form, parse_values
 from heclave.he.context import PublicContext
 from heclave.he.graph import ModelGraph, Placement
 from heclave.he.linear import OpCounter
+from heclave.he.nonlinear import apply_ops
 from heclave.he.sparse import SparseMatrix
 from heclave.protocol.errors import ErrorCode, ForbiddenError, HeclaveError, ProtocolError, QuotaError, UnavailableError
 from heclave.protocol.messages import Message, batch_size, field_of
 from heclave.protocol.transport import Client, dispatch
-from heclave.tee.execution import parse_values
-from heclave.tee.nonlinear import apply_ops
 
 from .bundles import Bundle, BundleStore
 from .executors import Executor
@@ -261,7 +262,7 @@ class Server:
             stats.ops.add(ops)
             # The worker's own time: the hop to it is transport, as the enclave's hop is.
             stats.he_ms += ops.ms
-            return "partials", outputs
+            return Form.PARTIALS.value, outputs
         started = time.perf_counter()
         result = self._clear_stages(deployment, index, frames, batch)
         stats.he_ms += (time.perf_counter() - started) * 1e3
@@ -277,11 +278,11 @@ class Server:
             blinded = parse_values(frames, "<i8", (batch, g.cols), "blinded input")
             w_q = deployment.matrices[index]
             out = np.stack([w_q.apply_mod(row) for row in blinded])
-            return "blinded", [out.astype("<i8").tobytes()]
+            return Form.BLINDED.value, [out.astype("<i8").tobytes()]
         xs = parse_values(frames, "<f8", (batch, g.cols - 1), "plain activation")
         while True:  # a run of plain stages, their nonlinear steps included, all on the server
             ys = deployment.matrices[index].apply(np.concatenate([xs, np.ones((batch, 1))], axis=1))
             xs = np.stack([apply_ops(y, stages[index].ops) for y in ys])
             if index + 1 == len(stages) or stages[index + 1].placement is not Placement.PLAIN:
-                return "plain", [np.ascontiguousarray(xs, dtype="<f8").tobytes()]
+                return Form.PLAIN.value, [np.ascontiguousarray(xs, dtype="<f8").tobytes()]
             index += 1

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
+
 from heclave.protocol import link
 from heclave.protocol.curve import AllowedKeys, CurveKeys
 from heclave.protocol.errors import ErrorCode, HeclaveError

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from heclave.he.context import PublicContext, Toolkit
 from heclave.he.graph import ModelGraph, Placement
 from heclave.he.linear import LinearKernel, OpCounter, WeightForm, unpack_mask

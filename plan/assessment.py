@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from heclave.he.graph import OpKind
 
 from .importer import ImportedModel

@@ -19,6 +19,7 @@ from statistics import median
 
 import numpy as np
 import tenseal.sealapi as seal
+
 from heclave.he.blinding import P
 from heclave.he.context import CkksParams, SecretKeySet
 from heclave.he.costs import ENCLAVE_FACTOR, UnitCosts

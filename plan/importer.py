@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
 from heclave.he.graph import EnclaveOp, OpKind
 from heclave.protocol.errors import PlanError
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from heclave.he.costs import UnitCosts, estimate_ms
 from heclave.he.cyclic import LinearGeometry
 from heclave.he.grouped import GroupedLayout, support_groups

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch.nn as nn
+
 from heclave.he.blinding import weight_scale
 from heclave.he.context import CkksParams
 from heclave.he.costs import UnitCosts

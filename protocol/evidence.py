@@ -151,6 +151,12 @@ class VerifierPolicy:
         if not isinstance(self.allowed_tcb, tuple) or not all(isinstance(s, str) for s in self.allowed_tcb):
             _wrong("allowed_tcb", 'a list of TCB status strings such as ["UpToDate"]', self.allowed_tcb)
 
+    @classmethod
+    def development(cls) -> VerifierPolicy:
+        """The policy of a development run on a machine without SGX: it accepts an enclave that presents
+        no quote (and logs at every connection that nothing proves which code holds the keys)."""
+        return cls(allow_unattested=True)
+
     @property
     def pinned(self) -> bool:
         """Whether this policy names the enclave it trusts: MRENCLAVE, or MRSIGNER with ISV_PROD_ID."""

@@ -39,6 +39,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from heclave.he.activations import Form
 from heclave.he.context import CkksParams, SecretKeySet, public_parameters
 from heclave.he.graph import ModelGraph, Placement
 from heclave.protocol.channel import Session
@@ -48,7 +50,7 @@ from heclave.protocol.messages import Message, batch_size, field_of
 from heclave.protocol.noise import public_bytes
 from heclave.protocol.transport import dispatch
 
-from .execution import Form, ModelRuntime
+from .execution import ModelRuntime
 from .models import ModelTable, Rights
 from .release import FLOOD, seal_result
 from .requests import Request, RequestTable

@@ -17,18 +17,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
+
+from heclave.he.activations import Form, parse_values
 from heclave.he.blinding import P, activation_scale, centred
 from heclave.he.context import SecretKeySet
 from heclave.he.graph import ModelGraph, Placement
 from heclave.he.linear import WeightForm, unpack_mask
+from heclave.he.nonlinear import apply_ops
 from heclave.he.sampling import uniform_residues
 from heclave.he.sparse import SparseMatrix
 from heclave.protocol.errors import CiphertextError, ErrorCode, IntegrityError, PlanError, ProtocolError
 
-from .nonlinear import apply_ops
 from .precompute import MaskPool, NoisePool
 from .release import flood
 from .requests import Request
@@ -37,15 +38,6 @@ from .verify import FieldCheck, LinearCheck
 log = logging.getLogger(__name__)
 
 POOL_SIZE = 8
-
-
-class Form(str, Enum):
-    """How an activation crosses between the server and the enclave."""
-
-    PARTIALS = "partials"  # CKKS partial sums of an ``he`` stage
-    CIPHERTEXTS = "ciphertexts"  # fresh ciphertexts for the next ``he`` stage
-    BLINDED = "blinded"  # x + r mod p, or the server's W (x + r) mod p
-    PLAIN = "plain"  # a plaintext activation: the server sees it
 
 
 _ACCEPTS = {Placement.HE: Form.PARTIALS, Placement.BLINDED: Form.BLINDED, Placement.PLAIN: Form.PLAIN}
@@ -281,15 +273,6 @@ def _polynomials(graph: ModelGraph, index: int, packed: bytes) -> list[int]:
         return [2] * g.out_cts
     mask = unpack_mask(packed, g, f"Stage {index}")
     return [3 if mask[o, :, : g.baby].any() else 2 for o in range(g.out_cts)]
-
-
-def parse_values(buffers: tuple[bytes, ...] | list[bytes], dtype: str, shape: tuple[int, int], what: str) -> np.ndarray:
-    """One buffer holding a ``shape`` array of ``dtype``, or a :class:`ProtocolError` naming ``what``."""
-    if len(buffers) != 1 or len(buffers[0]) != shape[0] * shape[1] * 8:
-        raise ProtocolError(
-            f"The {what} must be one buffer of {shape[0]}x{shape[1]} 8-byte values.", ErrorCode.BAD_FIELD
-        )
-    return np.frombuffer(buffers[0], dtype=dtype).reshape(shape)
 
 
 def _size(shape: tuple[int, ...]) -> int:

@@ -20,6 +20,7 @@ import time
 from collections import deque
 
 import numpy as np
+
 from heclave.he.context import SecretKeySet
 from heclave.he.sampling import gaussian
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from heclave.protocol.channel import Session
 from heclave.protocol.errors import ErrorCode, HeclaveError, QuotaError
 

@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from heclave.protocol.errors import AttestationError, ErrorCode, HeclaveError
 from heclave.protocol.storage import write_atomic
 

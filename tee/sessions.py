@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from heclave.protocol.channel import EnclaveHandshake, Session
 from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, QuotaError
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from heclave.protocol.errors import HeclaveError
 from heclave.protocol.storage import write_atomic
 

@@ -34,6 +34,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from heclave.he.blinding import P
 from heclave.he.context import CkksParams
 from heclave.he.layout import Layout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from heclave.he.context import CkksParams, SecretKeySet
 from heclave.parties.processes import Cluster
 

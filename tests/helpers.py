@@ -5,13 +5,17 @@ from __future__ import annotations
 import numpy as np
 import tenseal.sealapi as seal
 import zmq
+
 from heclave.he.context import SecretKeySet
 from heclave.he.graph import ModelGraph
 from heclave.he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from heclave.he.nonlinear import apply_ops
+from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity
 from heclave.protocol.transport import CurveKeys, read_public_key
-from heclave.tee.nonlinear import apply_ops
 
+DEV = VerifierPolicy.development()
+"""The tests' verifier policy: this machine has no SGX."""
 MODEL_OWNER = Identity.generate()
 """The identity the tests deploy models under."""
 DATA_OWNER = Identity.generate()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+
 from heclave.examples.digits import INPUT_SHAPE, digits_split
 from heclave.plan import from_pytorch
 from heclave.plan.assessment import Budget, assess, psnr, ssim

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+
 from heclave.protocol.errors import AttestationError
 from heclave.protocol.evidence import Evidence, QuoteFields, Runtime, VerifierPolicy, report_data
 
@@ -91,7 +92,7 @@ def test_unattested_runtimes_are_refused_by_default():
         evidence = Evidence(runtime, IDENTITY, report_data(IDENTITY, CONTEXT))
         with pytest.raises(AttestationError, match="runtime"):
             VerifierPolicy().verify(evidence, CONTEXT)
-        VerifierPolicy(allow_unattested=True).verify(evidence, CONTEXT)
+        VerifierPolicy.development().verify(evidence, CONTEXT)
 
 
 def test_policy_file_and_flags(tmp_path):
@@ -160,7 +161,7 @@ def test_pinned_policies_check_the_quote_up_to_its_signature(policy, signature_c
 
 def test_unattested_development_runs_need_no_pinning():
     evidence = Evidence(Runtime.NATIVE, IDENTITY, report_data(IDENTITY, CONTEXT))
-    VerifierPolicy(allow_unattested=True).verify(evidence, CONTEXT)
+    VerifierPolicy.development().verify(evidence, CONTEXT)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import json
 import math
 
 from click.testing import CliRunner
+
 from heclave.parties.cli import main
 
 VERIFICATION_KEYS = {

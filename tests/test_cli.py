@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from heclave.protocol.identity import Identity
-
 from tests.test_measure import sigstruct
 
 HECLAVE = str(Path(sys.executable).parent / "heclave")

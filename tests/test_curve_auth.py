@@ -9,6 +9,7 @@ import threading
 import pytest
 import zmq
 from click.testing import CliRunner
+
 from heclave.parties.cli import main
 from heclave.protocol.curve import AllowedKeys, CurveKeys, client_key
 from heclave.protocol.errors import NoReplyError, ProtocolError

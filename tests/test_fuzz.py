@@ -11,19 +11,18 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from heclave.he.context import CkksParams, SecretKeySet
 from heclave.he.serialize import to_bytes
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.protocol.errors import CiphertextError, ErrorCode
-from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.messages import PROTOCOL_VERSION, Message, decode, encode
 from heclave.protocol.transport import Client, handle_frames, read_public_key
 from heclave.tee.enclave import Enclave
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from tests.helpers import DATA_OWNER, MODEL_OWNER, layer_output, raw_socket
+from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, layer_output, raw_socket
 
 EXAMPLES = int(os.environ.get("HECLAVE_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -122,7 +121,7 @@ def test_enclave_handler_answers_anything_with_one_reply(enclave, frames):
 @pytest.fixture(scope="module")
 def deployed(cluster):
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, VerifierPolicy(allow_unattested=True))
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
     KNOWN_MODELS.append(owner.deploy(owner.plan(model, (6,), "encrypted"), readers=[DATA_OWNER.public]))
     owner.close()
     yield KNOWN_MODELS[-1]
@@ -144,7 +143,7 @@ def test_server_process_answers_anything_and_keeps_serving(cluster, deployed, fr
 def test_server_still_serves_after_the_fuzzing(cluster, deployed):
     with Client(cluster.endpoint, read_public_key(cluster.server_key_file), timeout_s=30) as client:
         assert client.request(Message("evidence")).content["evidence"]["runtime"] == "native"
-    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, VerifierPolicy(allow_unattested=True))
+    owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     assert len(owner.infer(deployed, np.ones(6)).logits) == 3
     owner.close()
     cluster.check()

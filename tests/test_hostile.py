@@ -5,16 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from heclave.he.context import CkksParams, SecretKeySet
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.protocol.errors import ChannelError, HeclaveError
-from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.messages import MAX_BUFFER_BYTES, Message, decode, encode
-
-from tests.helpers import DATA_OWNER, MODEL_OWNER, raw_socket
-
-DEV = VerifierPolicy(allow_unattested=True)
+from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, raw_socket
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,14 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+
 from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.protocol.errors import AttestationError, CiphertextError, HeclaveError, UnavailableError
-from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.messages import Message, decode, encode
 from heclave.protocol.transport import Client, CurveKeys, read_public_key
-
-from tests.helpers import DATA_OWNER, MODEL_OWNER, raw_socket
-
-DEV = VerifierPolicy(allow_unattested=True)
+from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, raw_socket
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +172,7 @@ def test_restarted_server_keeps_its_key_and_serves_models_deployed_before(cluste
 def test_the_owner_commands_grant_and_undeploy_under_their_identities(cluster, tmp_path):
     """``heclave model-owner grant`` and ``undeploy`` do what they say, for the identity in --identity only."""
     from click.testing import CliRunner
+
     from heclave.parties.cli import main
     from heclave.protocol.identity import Identity
 

@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import run_encrypted
+
 from heclave.he.graph import OpKind
 from heclave.he.linear import WeightForm
+from heclave.he.nonlinear import apply_ops
 from heclave.plan import from_pytorch, plan_pytorch
 from heclave.protocol.errors import PlanError
-from heclave.tee.nonlinear import apply_ops
-from helpers import run_encrypted
 
 TARGET = 1e-4  # max abs error over max abs of the reference output
 FORMS = [WeightForm.PLAIN, WeightForm.ENCRYPTED]

@@ -13,6 +13,9 @@ import math
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
 from heclave.he.cyclic import LinearGeometry
 from heclave.he.grouped import GroupedLayout
 from heclave.he.layout import Layout
@@ -21,9 +24,6 @@ from heclave.he.linear import LinearKernel, OpCounter, WeightForm
 from heclave.he.paired import PairedRows
 from heclave.plan.layouts import choose_geometry
 from heclave.protocol.errors import HeclaveError, PlanError
-from hypothesis import HealthCheck, assume, example, given, settings
-from hypothesis import strategies as st
-
 from tests.helpers import deployed_kernel
 
 SLOTS = 4096

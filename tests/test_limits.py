@@ -21,6 +21,7 @@ import torch.nn as nn
 import zmq
 import zstandard
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
 from heclave.he.blinding import P
 from heclave.he.sealformat import COMPRESS_ZSTD, HEADER, MAGIC, parse_ciphertext, seal_version
 from heclave.he.serialize import to_bytes
@@ -29,7 +30,6 @@ from heclave.protocol.errors import CiphertextError, ErrorCode
 from heclave.protocol.messages import MAX_BUFFERS, PROTOCOL_VERSION, decode
 from heclave.protocol.storage import write_atomic
 from heclave.protocol.transport import Received, receive, write_public_key
-
 from tests.helpers import layer_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +96,7 @@ def test_seals_own_compressed_ciphertexts_still_parse(keys):
 
 def _blinded_runtime(keys):
     import torch
+
     from heclave.parties.model_owner import ModelOwner
     from heclave.plan import plan_pytorch
     from heclave.tee.execution import ModelRuntime

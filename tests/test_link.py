@@ -7,6 +7,7 @@ import stat
 import threading
 
 import pytest
+
 from heclave.protocol import link
 from heclave.protocol.errors import NoReplyError, ProtocolError
 from heclave.protocol.messages import Message

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from heclave.protocol.errors import AttestationError
 from heclave.protocol.evidence import Evidence, Runtime, VerifierPolicy, report_data
 from heclave.tee.measure import SIG_FILE, Sigstruct, measure, pinning_policy, read_sigstruct
-
 from tests.test_attestation import CONTEXT, IDENTITY, build_quote
 
 HEADER = bytes.fromhex("06000000e10000000000010000000000")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from heclave.protocol.errors import ChannelError
 from heclave.protocol.noise import IK, XK, HandshakeState, public_bytes
 

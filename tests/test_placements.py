@@ -6,18 +6,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from heclave.he.blinding import HALF, P, activation_scale, centred, quantize
 from heclave.he.sparse import SparseMatrix
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.protocol.errors import PlanError
-from heclave.protocol.evidence import VerifierPolicy
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from tests.helpers import DATA_OWNER, MODEL_OWNER
-
-DEV = VerifierPolicy(allow_unattested=True)
+from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER
 
 
 def small_cnn() -> nn.Module:
@@ -125,8 +122,9 @@ def _sealed_secrets(planned) -> dict:
 
 
 def test_pads_precomputed_between_requests_unblind_exactly(keys):
+    from heclave.he.activations import Form
     from heclave.plan import plan_pytorch
-    from heclave.tee.execution import POOL_SIZE, Form, ModelRuntime
+    from heclave.tee.execution import POOL_SIZE, ModelRuntime
     from heclave.tee.requests import Request
 
     torch.manual_seed(5)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.nn as nn
+
 from heclave.he.costs import UnitCosts
 from heclave.he.graph import Placement
 from heclave.he.linear import WeightForm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from heclave.tee.precompute import NOISE_CHUNK, MaskPool, NoisePool
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from heclave.protocol.channel import EnclaveHandshake, OwnerHandshake
 from heclave.protocol.errors import (
     AttestationError,
@@ -135,8 +136,8 @@ def test_evidence_policy_refuses_unattested_by_default_and_substituted_keys():
     evidence = Evidence(Runtime.NATIVE, identity, report_data(identity, context))
     with pytest.raises(AttestationError, match="runtime"):
         VerifierPolicy().verify(evidence, context)
-    VerifierPolicy(allow_unattested=True).verify(evidence, context)
+    VerifierPolicy.development().verify(evidence, context)
     with pytest.raises(AttestationError, match="report_data"):
-        VerifierPolicy(allow_unattested=True).verify(evidence, b"another context")
+        VerifierPolicy.development().verify(evidence, b"another context")
     back = Evidence.from_wire(msgpack.unpackb(msgpack.packb(evidence.to_wire())))
     assert back == evidence and back.digest() == evidence.digest()

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+
 from heclave.protocol.errors import AttestationError
 from heclave.protocol.quote_verify import verify_quote_signature
 

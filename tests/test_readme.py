@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from heclave.examples.digits import digits_cnn
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -44,3 +45,21 @@ def test_readme_walkthrough_runs_and_agrees_with_plaintext(tmp_path):
     got = np.array([r["logits"] for r in results])
     assert (got.argmax(1) == reference.argmax(1)).all()
     assert np.abs(got - reference).max() < 1e-3 * (reference.max() - reference.min())
+
+
+def test_readme_first_program_runs_and_agrees_with_plaintext(tmp_path):
+    text = README.read_text()
+    section = text[text.index("## From Python") :]
+    program = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    numbers = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e[-+]\d+)?", done.stdout)]
+    assert len(numbers) == 6, done.stdout
+    encrypted, plaintext = np.array(numbers[:3]), np.array(numbers[3:])
+    assert np.abs(encrypted - plaintext).max() < 1e-2, done.stdout
+
+
+def test_import_heclave_exports_its_public_api_and_nothing_it_does_not_have():
+    probe = "import heclave, json; print(json.dumps([n for n in heclave.__all__ if getattr(heclave, n, None) is None]))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout) == [], done.stdout + done.stderr

@@ -10,17 +10,14 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.parties.processes import Cluster
 from heclave.protocol.errors import HeclaveError
-from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.messages import Message, decode, encode
-
-from tests.helpers import DATA_OWNER, MODEL_OWNER, raw_socket
-
-DEV = VerifierPolicy(allow_unattested=True)
+from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, raw_socket
 
 
 def _deploy_digits(cluster: Cluster, seed: int, weights: str, count: int) -> tuple[str, np.ndarray, np.ndarray]:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import _sealapi_cpp as sealcpp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from heclave.he import _rns
 from heclave.he.context import CkksParams, SecretKeySet
 from heclave.he.rns import limb, minimal_root
@@ -18,9 +21,6 @@ from heclave.he.sealformat import HEADER, Level, RawCiphertext, parse_ciphertext
 from heclave.he.serialize import to_bytes
 from heclave.he.slots import SlotCodec
 from heclave.protocol.errors import CiphertextError, ProtocolError
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from tests.helpers import layer_output
 
 PRIMES = [m.value() for m in CkksParams().seal_context().key_context_data().parms().coeff_modulus()]

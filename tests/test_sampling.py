@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from heclave.he.rns import limb
 from heclave.he.sampling import NOISE_PAIRS, centered_binomial, random_words, uniform_residues
 from heclave.he.sealformat import Level, parse_ciphertext

@@ -7,15 +7,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+
 from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.parties.processes import Cluster
-from heclave.protocol.evidence import VerifierPolicy
-
-from tests.helpers import DATA_OWNER, MODEL_OWNER
-
-DEV = VerifierPolicy(allow_unattested=True)
+from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+
 from heclave.he.context import CkksParams, SecretKeySet
 from heclave.protocol.errors import AttestationError, HeclaveError
 from heclave.tee.sealing import seal, sealing_key, unseal
 from heclave.tee.state import KEYS_FILE, MODELS_DIR, EnclaveState
-
 from tests.helpers import DATA_OWNER, open_session
 
 
@@ -77,6 +77,7 @@ def test_hardware_key_is_used_when_gramine_provides_it(tmp_path):
 
 def test_enclave_starts_and_serves_when_a_sealed_model_no_longer_loads(tmp_path):
     import torch
+
     from heclave.plan import plan_pytorch
     from heclave.protocol.messages import OK, Message
     from heclave.tee.enclave import Enclave

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from heclave.protocol.channel import OwnerHandshake
 from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, QuotaError
 from heclave.protocol.noise import public_bytes

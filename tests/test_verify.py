@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from heclave.he.blinding import P
 from heclave.he.grouped import GroupedLayout
 from heclave.he.layout import Layout
@@ -18,7 +19,6 @@ from heclave.he.serialize import to_bytes
 from heclave.he.sparse import SparseMatrix
 from heclave.plan.layouts import choose_geometry, choose_layout
 from heclave.tee.verify import FieldCheck, LinearCheck
-
 from tests.helpers import deployed_kernel
 
 SLOTS = 4096

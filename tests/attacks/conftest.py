@@ -7,10 +7,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+
 from heclave.he.graph import Placement, ReleasePolicy
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.processes import Cluster
-
 from tests.helpers import DATA_OWNER
 
 from .tools import ATTACKER, DEV, INPUT, Deployed, LyingServer, Operator, assert_close, deploy, two_layers

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
 from heclave.he.context import PublicContext
 from heclave.he.rns import limb, shoup
 from heclave.he.sealformat import Level, RawCiphertext, parse_ciphertext

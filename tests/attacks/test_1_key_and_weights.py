@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from heclave.he.slots import SlotCodec
 from heclave.he.sparse import SparseMatrix
 from heclave.parties.data_owner import DataOwner
 from heclave.protocol.errors import ErrorCode, HeclaveError
 from heclave.tee.release import FLOOD
 from heclave.tee.verify import LinearCheck
-
 from tests.helpers import DATA_OWNER
 
 from .forge import (

@@ -7,9 +7,9 @@ import secrets
 import msgpack
 import numpy as np
 import pytest
+
 from heclave.parties.data_owner import DataOwner
 from heclave.protocol.errors import ErrorCode, HeclaveError
-
 from tests.helpers import DATA_OWNER
 
 from .forge import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from heclave.he.linear import LinearKernel, encrypt_weights
 from heclave.he.serialize import to_bytes
 from heclave.protocol.errors import ErrorCode

@@ -8,13 +8,13 @@ import secrets
 import msgpack
 import numpy as np
 import pytest
+
 from heclave.he.blinding import P
 from heclave.he.graph import Placement, ReleasePolicy
 from heclave.parties.data_owner import DataOwner
 from heclave.plan.exposure import exposure
 from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError
 from heclave.protocol.messages import Message
-
 from tests.helpers import DATA_OWNER
 
 from .tools import (

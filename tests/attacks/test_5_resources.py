@@ -12,13 +12,13 @@ from __future__ import annotations
 import msgpack
 import pytest
 import zmq
+
 from heclave.he.sealformat import COMPRESS_ZSTD, HEADER, MAGIC, seal_version
 from heclave.protocol import link
 from heclave.protocol.curve import CurveKeys
 from heclave.protocol.errors import ErrorCode
 from heclave.protocol.messages import MAX_BUFFER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode
 from heclave.protocol.transport import read_public_key
-
 from tests.test_limits import zstd_frame
 
 from .tools import random_input

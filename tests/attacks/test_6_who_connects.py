@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 
 import pytest
+
 from heclave.parties.processes import Cluster
 from heclave.protocol.curve import CurveKeys
 from heclave.protocol.errors import NoReplyError

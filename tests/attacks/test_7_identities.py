@@ -9,6 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+
 from heclave.parties import server
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
@@ -20,7 +21,6 @@ from heclave.protocol.identity import Identity
 from heclave.protocol.messages import Message
 from heclave.protocol.transport import Client, read_public_key
 from heclave.tee import models, requests, sessions
-
 from tests.helpers import DATA_OWNER, MODEL_OWNER
 
 from .tools import ATTACKER, DEV, Operator, assert_close, deploy, random_input, two_layers

@@ -22,8 +22,10 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+
 from heclave.he.context import PublicContext
 from heclave.he.graph import ModelGraph, Placement
+from heclave.he.nonlinear import apply_ops
 from heclave.parties.bundles import SUFFIX, Bundle
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
@@ -32,17 +34,13 @@ from heclave.parties.server import Deployment
 from heclave.parties.worker import HeWorker
 from heclave.plan import Plan
 from heclave.protocol.errors import ErrorCode, HeclaveError, ProtocolError
-from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity
 from heclave.protocol.messages import Message
 from heclave.protocol.transport import Client, CurveKeys, handle_frames, router, write_public_key
-from heclave.tee.nonlinear import apply_ops
-
-from tests.helpers import DATA_OWNER, MODEL_OWNER
+from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER
 
 from .forge import parse_output
 
-DEV = VerifierPolicy(allow_unattested=True)
 INPUT = 16
 ATTACKER = Identity.generate()
 """The operator's own identity as a data owner. The suite's models name it as a reader, the strongest case:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from heclave.he.graph import EnclaveOp, OpKind
+
+from .graph import EnclaveOp, OpKind
 
 
 def relu(x: np.ndarray) -> np.ndarray:
