@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.parties.processes import Cluster, peak_rss_mb
 from heclave.protocol.errors import HeclaveError, NoReplyError
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity
+from heclave.workloads import INPUT_SHAPE, train_digits_cnn
 
 from .concurrent import run_clients
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .digits import train_digits_cnn
+from heclave.workloads import train_digits_cnn
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,8 +24,7 @@ from heclave.plan.planner import plan_model
 from heclave.plan.search import cheapest
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity
-
-from .digits import INPUT_SHAPE, digits_split, train_digits_cnn
+from heclave.workloads import INPUT_SHAPE, digits_split, train_digits_cnn
 
 
 def main(argv: list[str] | None = None) -> None:

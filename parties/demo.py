@@ -13,11 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
 from heclave.he.linear import WeightForm
 from heclave.protocol.errors import AttestationError, HeclaveError
 from heclave.protocol.evidence import PINNING, VerifierPolicy
 from heclave.protocol.identity import Identity
+from heclave.workloads import INPUT_SHAPE, train_digits_cnn
 
 from .accounting import WorkSplit
 from .data_owner import DataOwner

@@ -53,10 +53,10 @@ def assess(
     from rich.console import Console
     from rich.table import Table
 
-    from heclave.examples.digits import INPUT_SHAPE, digits_split, train_digits_cnn
     from heclave.plan import from_pytorch
     from heclave.plan.assessment import Budget, figure
     from heclave.plan.assessment import assess as run_assessment
+    from heclave.workloads import INPUT_SHAPE, digits_split, train_digits_cnn
 
     configure_logging(False)
     x_train, x_test, _, _ = digits_split()
@@ -165,12 +165,12 @@ def plan_command(
     as_json: bool,
 ) -> None:
     """The cheapest placement of every layer of MODEL that meets the protections asked for."""
-    from heclave.examples.digits import digits_split, train_digits_cnn
     from heclave.plan import from_pytorch
     from heclave.plan.calibration import DEFAULT_PATH, Calibration
     from heclave.plan.exposure import exposure
     from heclave.plan.planner import plan_model
     from heclave.plan.search import cheapest
+    from heclave.workloads import digits_split, train_digits_cnn
 
     configure_logging(False)
     shape = parse_shape(input_shape)

@@ -190,7 +190,7 @@ class Cluster:
 
     def _server_args(self, bind: str) -> list[str]:
         return [
-            "heclave.parties.cli",
+            "heclave.cli",
             "server",
             "--bind",
             bind,

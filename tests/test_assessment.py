@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from heclave.examples.digits import INPUT_SHAPE, digits_split
 from heclave.plan import from_pytorch
 from heclave.plan.assessment import Budget, assess, psnr, ssim
+from heclave.workloads import INPUT_SHAPE, digits_split
 
 
 def test_ssim_and_psnr_behave_at_the_extremes():

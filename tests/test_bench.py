@@ -7,7 +7,7 @@ import math
 
 from click.testing import CliRunner
 
-from heclave.parties.cli import main
+from heclave.cli import main
 
 VERIFICATION_KEYS = {
     "latency_ms_verified",

@@ -10,7 +10,7 @@ import pytest
 import zmq
 from click.testing import CliRunner
 
-from heclave.parties.cli import main
+from heclave.cli import main
 from heclave.protocol.curve import AllowedKeys, CurveKeys, client_key
 from heclave.protocol.errors import NoReplyError, ProtocolError
 from heclave.protocol.messages import Message, decode, encode

@@ -8,7 +8,7 @@ import stat
 import pytest
 from click.testing import CliRunner
 
-from heclave.parties.cli import main
+from heclave.cli import main
 from heclave.protocol.identity import Identity, IdentityError, parse_public
 
 

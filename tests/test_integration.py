@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.protocol.errors import AttestationError, CiphertextError, HeclaveError, UnavailableError
 from heclave.protocol.messages import Message, decode, encode
 from heclave.protocol.transport import Client, CurveKeys, read_public_key
+from heclave.workloads import INPUT_SHAPE, train_digits_cnn
 from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, raw_socket
 
 
@@ -173,7 +173,7 @@ def test_the_owner_commands_grant_and_undeploy_under_their_identities(cluster, t
     """``heclave model-owner grant`` and ``undeploy`` do what they say, for the identity in --identity only."""
     from click.testing import CliRunner
 
-    from heclave.parties.cli import main
+    from heclave.cli import main
     from heclave.protocol.identity import Identity
 
     owner_file, stranger_file = tmp_path / "owner.key", tmp_path / "stranger.key"

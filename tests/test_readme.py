@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from heclave.examples.digits import digits_cnn
+from heclave.workloads import digits_cnn
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

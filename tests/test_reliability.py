@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from heclave.examples.digits import INPUT_SHAPE, train_digits_cnn
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.parties.processes import Cluster
 from heclave.protocol.errors import HeclaveError
 from heclave.protocol.messages import Message, decode, encode
+from heclave.workloads import INPUT_SHAPE, train_digits_cnn
 from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, raw_socket
 
 

@@ -1,9 +1,8 @@
-"""The ``heclave`` command line: one subcommand per process or client, and the demo."""
+"""``heclave enclave``, ``heclave server`` and ``heclave demo``: the commands that run heclave's processes."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
@@ -12,24 +11,14 @@ from pathlib import Path
 import click
 
 from heclave.he.linear import WeightForm
-from heclave.parties.bench import bench
 from heclave.parties.options import configure_logging
-from heclave.parties.owner_commands import data_owner, keygen, model_owner
-from heclave.parties.planning_commands import assess, calibrate, plan_command
-from heclave.protocol.errors import HeclaveError
 from heclave.protocol.evidence import Runtime
 from heclave.protocol.transport import stop_requested
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """heclave: confidential inference with CKKS on the server and an enclave for the exact nonlinear steps."""
-
 
 GRAMINE_DIR = Path(__file__).resolve().parents[1] / "tee" / "gramine"
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option(
     "--runtime",
     type=click.Choice([r.value for r in Runtime]),
@@ -84,7 +73,7 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, policy_out: Path | 
     os.execvp("make", ["make", "-C", str(gramine_dir), *sgx, "run"])
 
 
-@main.command()
+@click.command()
 @click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, help="Endpoint for the parties (CURVE).")
 @click.option("--enclave", "enclave_endpoint", default="tcp://127.0.0.1:5556", show_default=True)
 @click.option(
@@ -174,7 +163,7 @@ def server(
     run_server(config, should_stop)
 
 
-@main.command()
+@click.command()
 @click.option("--samples", default=100, show_default=True, help="Held-out digits to classify.")
 @click.option("--weights", type=click.Choice([f.value for f in WeightForm]), default="encrypted", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -189,53 +178,3 @@ def demo(samples: int, weights: str, as_json: bool, require_attestation: bool) -
     from heclave.parties.demo import run_demo
 
     run_demo(samples, WeightForm(weights), as_json, require_attestation)
-
-
-for command in (bench, keygen, model_owner, data_owner, assess, calibrate, plan_command):
-    main.add_command(command)
-
-
-@main.command("loadtest")
-@click.option("--clients", default=8, show_default=True, help="Concurrent data owners.")
-@click.option("--requests", default=25, show_default=True, help="Requests each data owner sends.")
-@click.option("--weights", type=click.Choice([f.value for f in WeightForm]), default="encrypted", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def loadtest_command(clients: int, requests: int, weights: str, as_json: bool) -> None:
-    """Start the processes, run many data owners at once, and check every answer against plaintext."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from heclave.benchmarks.loadtest import loadtest
-
-    configure_logging(False)
-    logging.getLogger("heclave.protocol.evidence").setLevel(logging.ERROR)
-    with Console(stderr=True).status("load test") as status:
-        report = loadtest(clients, requests, weights, say=status.update)
-    if as_json:
-        click.echo(json.dumps(report))
-        return
-    table = Table(title=f"heclave loadtest: {clients} clients x {requests} requests, {weights} weights")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in report.items():
-        table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
-    Console().print(table)
-
-
-def run() -> None:
-    """Console entry point that turns heclave's errors into one clear line and exit code 1."""
-    try:
-        main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except HeclaveError as exc:
-        click.echo(f"error [{exc.code.value}]: {exc.message}", err=True)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    run()

@@ -1,4 +1,5 @@
-"""The demo's workload: a small CNN trained on scikit-learn's 8x8 digits (shipped with the package)."""
+"""Workloads the demo, the assessment and the benchmarks share: a small CNN trained on scikit-learn's 8x8 digits
+(shipped with scikit-learn, so nothing is downloaded)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``heclave bench``: heclave against TenSEAL and plaintext torch, measured in one run on this machine."""
+"""``heclave bench`` and ``heclave loadtest``: heclave against TenSEAL and plaintext torch, and under load,
+measured in one run on this machine."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def linear(n_in: int, n_out: int, weights: str, runs: int, tenseal_runs: int, seed: int, as_json: bool) -> None:
     """One encrypted dense layer: heclave's kernel, TenSEAL's CKKSVector.matmul, and the rotation/multiply floor."""
-    from heclave.benchmarks.linear import bench_linear
+    from .linear import bench_linear
 
     with Console(stderr=True).status(f"timing a {n_out}x{n_in} dense layer"):
         r = bench_linear(n_in, n_out, WeightForm(weights), runs, tenseal_runs, seed)
@@ -116,7 +117,7 @@ def cnn(
 
     DEVELOPMENT RUN: the enclave runs natively and presents no SGX quote; the owners accept it only here.
     """
-    from heclave.benchmarks.cnn import bench_cnn
+    from .cnn import bench_cnn
 
     with Console(stderr=True).status("starting") as status:
         r = bench_cnn(WeightForm(weights), samples, batch, tenseal_runs, seed, verification_rounds, say=status.update)
@@ -194,7 +195,7 @@ def scale(
     as_json: bool,
 ) -> None:
     """Throughput and latency against the number of HE workers, on local processes and on Ray."""
-    from heclave.benchmarks.scale import bench_scale
+    from .scale import bench_scale
 
     counts = [int(w) for w in workers.split(",")]
     with Console(stderr=True).status("starting") as status:
@@ -235,7 +236,7 @@ def scale(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def placements(requests: int, weights: str, as_json: bool) -> None:
     """The seed systems' partitions of one VGG-style model, side by side through the real processes."""
-    from heclave.benchmarks.placements import bench_placements
+    from .placements import bench_placements
 
     logging.getLogger("heclave.parties.model_owner").setLevel(logging.ERROR)
     with Console(stderr=True).status("starting") as status:
@@ -259,4 +260,30 @@ def placements(requests: int, weights: str, as_json: bool) -> None:
             f"{r['agreement']:.2f}",
             "; ".join(r["exposes"]) or "shapes and timings only",
         )
+    Console().print(table)
+
+
+@click.command("loadtest")
+@click.option("--clients", default=8, show_default=True, help="Concurrent data owners.")
+@click.option("--requests", default=25, show_default=True, help="Requests each data owner sends.")
+@click.option("--weights", type=WEIGHT_CHOICE, default="encrypted", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def loadtest_command(clients: int, requests: int, weights: str, as_json: bool) -> None:
+    """Start the processes, run many data owners at once, and check every answer against plaintext."""
+    from heclave.parties.options import configure_logging
+
+    from .loadtest import loadtest
+
+    configure_logging(False)
+    logging.getLogger("heclave.protocol.evidence").setLevel(logging.ERROR)
+    with Console(stderr=True).status("load test") as status:
+        report = loadtest(clients, requests, weights, say=status.update)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    table = Table(title=f"heclave loadtest: {clients} clients x {requests} requests, {weights} weights")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report.items():
+        table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
     Console().print(table)
