@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from heclave.he.costs import ENCLAVE_FACTOR
 from heclave.he.linear import WeightForm
 
 from .options import configure_logging, load_model, parse_shape
@@ -94,11 +93,18 @@ def assess(
     Console().print(public["note"])
 
 
+def _enclave_factor() -> float:
+    from heclave.plan.costs import ENCLAVE_FACTOR  # on use: importing the planner loads torch
+
+    return ENCLAVE_FACTOR
+
+
 @click.command()
 @click.option(
     "--enclave-factor",
-    default=ENCLAVE_FACTOR,
-    show_default=True,
+    type=float,
+    default=lambda: _enclave_factor(),
+    show_default="the cost model's ENCLAVE_FACTOR",
     help="What a millisecond of enclave work costs in server milliseconds: SGX's slowdown (which cannot be "
     "measured without SGX) times the server lanes one enclave serves.",
 )

@@ -22,9 +22,9 @@ import tenseal.sealapi as seal
 
 from heclave.he.blinding import P
 from heclave.he.context import CkksParams, SecretKeySet
-from heclave.he.costs import ENCLAVE_FACTOR, UnitCosts
 from heclave.he.serialize import to_bytes
 from heclave.he.sparse import SparseMatrix
+from heclave.plan.costs import ENCLAVE_FACTOR, UnitCosts
 from heclave.protocol.errors import PlanError
 
 CALIBRATION_FORMAT = 1

@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 
-from heclave.he.costs import UnitCosts, estimate_ms
 from heclave.he.cyclic import LinearGeometry
 from heclave.he.grouped import GroupedLayout, support_groups
 from heclave.he.layout import LANES, Layout, best_split
 from heclave.he.paired import PairedRows, paired_support
+from heclave.plan.costs import UnitCosts, estimate_ms
 from heclave.protocol.errors import PlanError
 
 MAX_BLOCK_K = 64

@@ -10,9 +10,9 @@ import torch.nn as nn
 
 from heclave.he.blinding import weight_scale
 from heclave.he.context import CkksParams
-from heclave.he.costs import UnitCosts
 from heclave.he.graph import ModelGraph, Placement, ReleasePolicy, Stage
 from heclave.he.linear import WeightForm
+from heclave.plan.costs import UnitCosts
 from heclave.protocol.errors import PlanError
 
 from .importer import ImportedModel, from_pytorch

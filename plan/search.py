@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from heclave.he.costs import estimate_parts
 from heclave.he.graph import Placement
 from heclave.he.linear import WeightForm
+from heclave.plan.costs import estimate_parts
 from heclave.protocol.errors import PlanError
 
 from .calibration import Calibration

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch.nn as nn
 
-from heclave.he.costs import UnitCosts
 from heclave.he.graph import Placement
 from heclave.he.linear import WeightForm
 from heclave.plan import from_pytorch
 from heclave.plan.calibration import Calibration, PlaintextCosts
+from heclave.plan.costs import UnitCosts
 from heclave.plan.search import cheapest
 from heclave.protocol.errors import PlanError
 

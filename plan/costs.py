@@ -1,16 +1,15 @@
 """The cost model: predicted server and enclave milliseconds of an encrypted layer in a given slot layout.
 
 It chooses layouts and placements only (``plan.layouts``, ``plan.search``,
-calibrated by ``plan.calibration``); nothing the enclave runs imports it. It
-lives here rather than in ``plan/`` so that the command line can name its
-defaults without importing torch.
+calibrated by ``plan.calibration``), so it lives with the planner, outside the
+enclave's measured code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .layout import Layout
+from heclave.he.layout import Layout
 
 # What a millisecond of enclave work costs in server milliseconds: about 2 for SGX's overheads (which
 # cannot be measured without SGX), times 2 because one enclave serves every lane of a server (two on
