@@ -11,6 +11,7 @@ import numpy as np
 
 from heclave.he.graph import ReleaseMode, ReleasePolicy
 from heclave.he.linear import WeightForm
+from heclave.protocol.errors import PlanError
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity, IdentityError, parse_public
 
@@ -99,10 +100,13 @@ def deploy(
     configure_logging(False)
     placements = None
     if plan_file is not None:
-        chosen = json.loads(plan_file.read_text())
-        if chosen.get("format") != 1:
-            raise click.BadParameter(f"{plan_file} is not a heclave plan file of format 1", param_hint="--plan")
-        placements, weights, batch = chosen["placements"], chosen["weights"], chosen["batch"]
+        from heclave.plan.plan_file import PlanFile
+
+        try:
+            chosen = PlanFile.read(plan_file)
+        except PlanError as exc:
+            raise click.BadParameter(exc.message, param_hint="--plan") from None
+        placements, weights, batch = chosen.placements, chosen.weights, chosen.batch
     owner = ModelOwner(endpoint, server_key, identity, policy)
     plan = owner.plan(
         load_model(model_spec, state_dict),

@@ -174,6 +174,7 @@ def plan_command(
     from heclave.plan import from_pytorch
     from heclave.plan.calibration import DEFAULT_PATH, Calibration
     from heclave.plan.exposure import exposure
+    from heclave.plan.plan_file import PlanFile
     from heclave.plan.planner import plan_model
     from heclave.plan.search import cheapest
     from heclave.workloads import digits_split, train_digits_cnn
@@ -194,21 +195,21 @@ def plan_command(
     wanted = {p.strip() for p in protect.split(",") if p.strip()}
     best = cheapest(imported, wanted, costs, WeightForm(weights), enclave_budget, cut_ssim, ssim_threshold, batch)
     graph = plan_model(imported, weights, batch=batch, placements=best.placements).graph
-    result = {
-        "format": 1,
-        "model": model_spec,
-        "input_shape": list(shape),
-        "weights": weights,
-        "batch": batch,
-        "placements": [p.value for p in best.placements],
-        "protect": sorted(wanted),
-        "predicted_latency_ms": best.latency_ms,
-        "predicted_enclave_share": best.enclave_share,
-        "exposes": exposure(graph),
-        "cut_ssim": cut_ssim,
-    }
+    planned = PlanFile(
+        model=model_spec,
+        input_shape=list(shape),
+        weights=weights,
+        batch=batch,
+        placements=[p.value for p in best.placements],
+        protect=sorted(wanted),
+        predicted_latency_ms=best.latency_ms,
+        predicted_enclave_share=best.enclave_share,
+        exposes=exposure(graph),
+        cut_ssim=cut_ssim,
+    )
+    result = planned.to_json()
     if out is not None:
-        out.write_text(json.dumps(result, indent=2))
+        planned.write(out)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -113,3 +113,41 @@ def test_encrypted_weight_mask_follows_the_architecture_not_trained_zeros():
     revealing, _ = encrypt_weights(context, g, pruned)
     hiding, frames = encrypt_weights(context, g, pruned, support=np.ones((4, 7), dtype=bool))
     assert revealing.sum() < hiding.sum() == len(frames)
+
+
+def _plan_file(**changes) -> dict:
+    from heclave.plan.plan_file import PlanFile
+
+    planned = PlanFile("m.py:net", [1, 8, 8], "encrypted", 1, ["he", "enclave"], ["input"], 12.5, 0.4, [])
+    return planned.to_json() | changes
+
+
+def test_a_plan_file_round_trips(tmp_path):
+    from heclave.plan.plan_file import PlanFile
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(_plan_file()))
+    read = PlanFile.read(path)
+    assert (read.placements, read.weights, read.batch) == (["he", "enclave"], "encrypted", 1)
+    read.write(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == _plan_file()
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"format": 2}, "format 1"),
+        ({"placements": ["he", "gpu"]}, "placements"),
+        ({"placements": []}, "placements"),
+        ({"weights": "clear"}, "weights"),
+        ({"batch": 0}, "batch"),
+        ({"batch": True}, "batch"),
+    ],
+)
+def test_a_plan_file_that_cannot_be_deployed_is_refused_naming_the_field(tmp_path, changes, field):
+    from heclave.plan.plan_file import PlanFile
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(_plan_file(**changes)))
+    with pytest.raises(PlanError, match=field):
+        PlanFile.read(path)
