@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -25,6 +26,15 @@ from heclave.protocol.messages import Message, field_of
 from .connection import AttestedConnection
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A model the enclave registered: its id, its own public context, and the diagonal masks sealed to it."""
+
+    model_id: str
+    context: PublicContext
+    masks: list[bytes]
 
 
 class ModelOwner:
@@ -87,13 +97,11 @@ class ModelOwner:
         :meth:`upload`; the server accepts the upload only from the transport
         client that registered.
         """
-        model_id, context = self.register(plan, readers, anyone)
-        self.upload(plan, model_id, context)
-        return model_id
+        registration = self.register(plan, readers, anyone)
+        self.upload(plan, registration)
+        return registration.model_id
 
-    def register(
-        self, plan: Plan, readers: Iterable[bytes | str] = (), anyone: bool = False
-    ) -> tuple[str, PublicContext]:
+    def register(self, plan: Plan, readers: Iterable[bytes | str] = (), anyone: bool = False) -> Registration:
         """The first step of :meth:`deploy`: the model id and its public context, bound by the enclave."""
         graph_bytes = plan.graph.to_bytes()
         masks = self._masks(plan)
@@ -110,13 +118,15 @@ class ModelOwner:
         content = {"graph": graph_bytes, "session_id": session.session_id}
         reply = self.connection.request(Message("register", content, [envelope]))
         model_id = field_of(reply.content, "model_id", str)
-        return model_id, self._bound_context(model_id, field_of(reply.content, "binding", bytes), reply.buffers)
+        context = self._bound_context(model_id, field_of(reply.content, "binding", bytes), reply.buffers)
+        return Registration(model_id, context, masks)
 
-    def upload(self, plan: Plan, model_id: str, context: PublicContext) -> None:
-        """The second step of :meth:`deploy`: the weights, in the forms the server may hold, under ``context``."""
-        masks = self._masks(plan)
-        frames = self._server_weights(plan, context, masks)
-        self.connection.request(Message("deploy", {"model_id": model_id, "masks": masks}, frames))
+    def upload(self, plan: Plan, registration: Registration) -> None:
+        """The second step of :meth:`deploy`: the weights, in the forms the server may hold, under the
+        registered model's context and with the masks the enclave was given."""
+        frames = self._server_weights(plan, registration.context, registration.masks)
+        content = {"model_id": registration.model_id, "masks": registration.masks}
+        self.connection.request(Message("deploy", content, frames))
 
     def grant(self, model_id: str, readers: Iterable[bytes | str], anyone: bool = False) -> None:
         """Replace who may query ``model_id`` (this owner always may); the enclave confirms under the session."""

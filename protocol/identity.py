@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +69,20 @@ class Identity:
         return self.public.hex()
 
     def save(self, path: Path) -> None:
-        """Write the identity readable by its owner only; never replaces an existing identity."""
-        if path.exists():
-            raise IdentityError(f"{path} exists; an identity is never overwritten. Choose another path.")
+        """Write the identity readable by its owner only; never replaces an existing identity, even one another
+        process writes at the same moment (the complete file is linked into place, which fails if one exists)."""
         secret = self.static.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
         )
         record = {"format": FORMAT, "static": secret.hex(), "curve": self.curve.secret.decode()}
-        write_atomic(path, json.dumps(record).encode() + b"\n")
+        staged = path.with_name(f".{path.name}.{secrets.token_hex(8)}.new")
+        write_atomic(staged, json.dumps(record).encode() + b"\n")
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            raise IdentityError(f"{path} exists; an identity is never overwritten. Choose another path.") from None
+        finally:
+            staged.unlink()
 
     @classmethod
     def load(cls, path: Path) -> Identity:

@@ -150,18 +150,18 @@ def test_a_registered_model_is_uploaded_only_by_the_client_that_registered_it(cl
     try:
         net = two_layers(22)
         plan = owner.plan(net, (16,), "encrypted")
-        model_id, context = owner.register(plan, [DATA_OWNER.public])
+        registration = owner.register(plan, [DATA_OWNER.public])
         forged = squatter.plan(two_layers(23), (16,), "encrypted")
-        refused = _refused(ErrorCode.FORBIDDEN, squatter.upload, forged, model_id, context)
+        refused = _refused(ErrorCode.FORBIDDEN, squatter.upload, forged, registration)
         assert "another client" in refused.message
-        owner.upload(plan, model_id, context)
+        owner.upload(plan, registration)
     finally:
         owner.close()
         squatter.close()
     x = random_input()
     with torch.no_grad():
         want = net.double()(torch.from_numpy(x)).numpy()
-    assert_close(honest.infer(model_id, x).result, want)
+    assert_close(honest.infer(registration.model_id, x).result, want)
 
 
 # --- floods ----------------------------------------------------------------------------------------------------------
