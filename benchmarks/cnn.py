@@ -36,8 +36,8 @@ import tenseal as ts
 import torch
 import torch.nn as nn
 
+from heclave.graph.placement import WeightForm
 from heclave.he.context import SecretKeySet
-from heclave.he.linear import WeightForm
 from heclave.parties.accounting import WorkSplit
 from heclave.parties.data_owner import DataOwner, Inference
 from heclave.parties.model_owner import ModelOwner

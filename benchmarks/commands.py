@@ -8,12 +8,17 @@ import logging
 import os
 import platform
 import time
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from heclave.he.linear import WeightForm
+from heclave.graph.placement import WeightForm
+from heclave.parties.options import workload_option
+
+if TYPE_CHECKING:
+    from heclave.workloads import Workload
 
 WEIGHT_CHOICE = click.Choice([f.value for f in WeightForm])
 
@@ -194,7 +199,10 @@ def scale(
     batch: int,
     as_json: bool,
 ) -> None:
-    """Throughput and latency against the number of HE workers, on local processes and on Ray."""
+    """Throughput and latency against the number of HE workers, on local processes and on Ray.
+
+    Without Ray installed (the `ray` extra) the Ray rows are skipped, and the output says so.
+    """
     from .scale import bench_scale
 
     counts = [int(w) for w in workers.split(",")]
@@ -202,11 +210,14 @@ def scale(
         report = bench_scale(counts, list(backends), list(models), clients, requests, batch, say=status.update)
     if as_json:
         click.echo(json.dumps(report))
-        return
-    table = Table(
-        title=f"HE workers: {clients} data owners x {requests} requests of {batch} images",
-        caption=f"{time.strftime('%Y-%m-%d')} on {_machine()}",
-    )
+    else:
+        _print_scale(report, f"HE workers: {clients} data owners x {requests} requests of {batch} images")
+    _say_skipped(report["skipped"])
+
+
+def _print_scale(report: dict, title: str) -> None:
+    """The measured rows as a table, then where the enclave stops more workers from helping."""
+    table = Table(title=title, caption=f"{time.strftime('%Y-%m-%d')} on {_machine()}")
     for column in ("model", "backend", "workers", "images/s", "p50 latency (ms)", "speedup", "agreement"):
         table.add_column(column, justify="right")
     for r in report["runs"]:
@@ -225,6 +236,17 @@ def scale(
             f"{p['model']}: {p['he_ms_per_image']:.1f} ms HE and {p['enclave_ms_per_image']:.2f} ms enclave per image; "
             f"the enclave bounds throughput at {p['enclave_limit_images_per_s']:.0f} images/s, reached near "
             f"{p['enclave_bound_at_workers']:.0f} workers (64 workers: {p['images_per_s_at_64_workers']:.0f} images/s)."
+        )
+
+
+def _say_skipped(skipped: list[dict]) -> None:
+    """One sentence per backend that could not run: which rows are missing from the report, and why."""
+    for backend in dict.fromkeys(s["backend"] for s in skipped):
+        rows = [s for s in skipped if s["backend"] == backend]
+        models = ", ".join(dict.fromkeys(s["model"] for s in rows))
+        counts = ", ".join(dict.fromkeys(str(s["workers"]) for s in rows))
+        click.echo(
+            f"Skipped the {len(rows)} {backend} row(s) ({models} at {counts} worker(s)): {rows[0]['reason']}", err=True
         )
 
 
@@ -268,16 +290,17 @@ def placements(requests: int, weights: str, as_json: bool) -> None:
 @click.option("--requests", default=25, show_default=True, help="Requests each data owner sends.")
 @click.option("--weights", type=WEIGHT_CHOICE, default="encrypted", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def loadtest_command(clients: int, requests: int, weights: str, as_json: bool) -> None:
+@workload_option()
+def loadtest_command(clients: int, requests: int, weights: str, as_json: bool, workload: Workload) -> None:
     """Start the processes, run many data owners at once, and check every answer against plaintext."""
-    from heclave.parties.options import configure_logging
+    from heclave.protocol.service import configure_logging
 
     from .loadtest import loadtest
 
     configure_logging(False)
     logging.getLogger("heclave.protocol.evidence").setLevel(logging.ERROR)
     with Console(stderr=True).status("load test") as status:
-        report = loadtest(clients, requests, weights, say=status.update)
+        report = loadtest(clients, requests, weights, workload, say=status.update)
     if as_json:
         click.echo(json.dumps(report))
         return

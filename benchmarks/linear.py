@@ -25,9 +25,11 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as seal
 
-from heclave.he.context import CkksParams, PublicContext, SecretKeySet
-from heclave.he.layout import Layout
-from heclave.he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
+from heclave.graph.layouts.base import Layout
+from heclave.graph.params import CkksParams
+from heclave.graph.placement import WeightForm
+from heclave.he.context import PublicContext, SecretKeySet
+from heclave.he.linear import LinearKernel, OpCounter, encrypt_weights
 from heclave.plan.calibration import median_ms
 from heclave.plan.layouts import choose_layout
 from heclave.protocol.errors import PlanError
@@ -39,11 +41,11 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
 
 
-def _kernel(context: PublicContext, geometry: Layout, w: np.ndarray, form: WeightForm) -> LinearKernel:
+def _kernel(context: PublicContext, layout: Layout, w: np.ndarray, form: WeightForm) -> LinearKernel:
     if form is WeightForm.PLAIN:
-        return LinearKernel.from_plain(context.toolkit, geometry, w)
-    mask, frames = encrypt_weights(context, geometry, w)
-    return LinearKernel.from_encrypted(context.toolkit, geometry, mask, frames)
+        return LinearKernel.from_plain(context.toolkit, layout, w)
+    mask, frames = encrypt_weights(context, layout, w)
+    return LinearKernel.from_encrypted(context.toolkit, layout, mask, frames)
 
 
 class UnitOps:
@@ -116,12 +118,12 @@ def bench_linear(
 
     keys = SecretKeySet(params)
     # The layout the planner would deploy for a dense layer.
-    geometry = choose_layout(np.ones((n_out, n_in), dtype=bool), params.slots, weights is WeightForm.ENCRYPTED)
-    steps = geometry.rotation_steps
+    layout = choose_layout(np.ones((n_out, n_in), dtype=bool), params.slots, weights is WeightForm.ENCRYPTED)
+    steps = layout.rotation_steps
     unit_step = steps[0] if steps else 1
     context = keys.public.with_galois(keys.galois_keys([*steps, unit_step]), [*steps, unit_step])
-    kernel = _kernel(context, geometry, w, weights)
-    inputs = [context.toolkit.load_ciphertext(keys.encrypt_symmetric(row)) for row in geometry.gather(x)]
+    kernel = _kernel(context, layout, w, weights)
+    inputs = [context.toolkit.load_ciphertext(keys.encrypt_symmetric(row)) for row in layout.gather(x)]
 
     # Kernel runs and unit-operation samples alternate, so both see the same machine load.
     units = UnitOps(keys, context, unit_step, weights)
@@ -133,9 +135,9 @@ def bench_linear(
         times.append((time.perf_counter() - started) * 1e3)
         units.sample()
     ours_ms = median(times)
-    got = geometry.scatter(np.stack([keys.decrypt_complex(ct) for ct in outputs])) + b
+    got = layout.scatter(np.stack([keys.decrypt_complex(ct) for ct in outputs])) + b
     unit = units.medians()
-    baby = geometry.in_cts * (min(geometry.baby, geometry.k) - 1)
+    baby = layout.in_cts * (min(layout.baby, layout.k) - 1)
     giant = ops.rotations - baby
     floor_ms = baby * unit["rotation"] + giant * unit["rotation_rescaled"] + ops.multiplications * unit["multiply"]
 
@@ -162,7 +164,7 @@ def bench_linear(
         "t_multiply_ms": unit["multiply"],
         "max_rel_err": _relative_error(got, want),
         "tenseal_max_rel_err": _relative_error(tenseal_y[:n_out], want),
-        "layout": geometry.describe(),
+        "layout": layout.describe(),
         "galois_steps": len(steps),
         "runs": runs,
         "tenseal_runs": tenseal_runs,

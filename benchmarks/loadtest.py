@@ -1,7 +1,7 @@
 """``heclave loadtest``: many data owners at once against real processes, every answer checked.
 
 Each client is a separate data owner (its own socket and secure session) that
-sends its requests one after another on held-out digits; every released logit
+sends its requests one after another on the workload's held-out inputs; every released logit
 vector is compared with plaintext torch. A request is *lost* if no reply came
 back at all, an *error* if the reply was an error, *correct* if the labels agree
 and the logits are within 1e-3 of the logit range.
@@ -22,7 +22,7 @@ from heclave.parties.processes import Cluster, peak_rss_mb
 from heclave.protocol.errors import HeclaveError, NoReplyError
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity
-from heclave.workloads import INPUT_SHAPE, train_digits_cnn
+from heclave.workloads import Workload
 
 from .concurrent import run_clients
 
@@ -79,17 +79,19 @@ def _client(
         owner.close()
 
 
-def loadtest(clients: int, requests: int, weights: str = "encrypted", say: Callable[[str], None] = print) -> dict:
-    """Run the load test; returns the report ``heclave loadtest`` prints."""
-    say("model owner: training the digits CNN")
-    model, x, _ = train_digits_cnn()
+def loadtest(clients: int, requests: int, weights: str, workload: Workload, say: Callable[[str], None] = print) -> dict:
+    """Run the load test on ``workload``; returns the report ``heclave loadtest`` prints."""
+    say(f"model owner: training {workload.model_name}")
+    model, x, _ = workload.train()
     with torch.no_grad():
         reference = model.double()(torch.from_numpy(x).double()).numpy()
     say("starting enclave and server")
     with Cluster() as cluster:
         owner = ModelOwner(cluster.endpoint, cluster.server_key_file, Identity.generate(), VerifierPolicy.development())
         readers = [Identity.generate() for _ in range(clients)]  # one identity per data owner
-        model_id = owner.deploy(owner.plan(model.float(), INPUT_SHAPE, weights), readers=[r.public for r in readers])
+        model_id = owner.deploy(
+            owner.plan(model.float(), workload.input_shape, weights), readers=[r.public for r in readers]
+        )
         owner.close()
         say(f"{clients} data owners sending {requests} requests each")
         tally = _Tally()

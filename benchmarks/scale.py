@@ -20,6 +20,7 @@ from heclave.parties.accounting import WorkSplit
 from heclave.parties.data_owner import DataOwner, Inference
 from heclave.parties.model_owner import ModelOwner
 from heclave.parties.processes import Cluster
+from heclave.parties.ray_executor import ray_missing
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity
 
@@ -109,13 +110,23 @@ def bench_scale(
     seed: int = 0,
     say: Callable[[str], None] = print,
 ) -> dict:
-    """Every (model, backend, worker count) combination; returns the report ``heclave bench scale`` prints."""
+    """Every (model, backend, worker count) combination; returns the report ``heclave bench scale`` prints.
+
+    A backend this machine cannot run (Ray without the ``ray`` extra) is not measured: its rows are listed
+    under ``skipped`` with the reason, and the others run as usual.
+    """
     torch.manual_seed(seed)
-    runs = []
+    missing = {backend: ray_missing() for backend in backends if backend == "ray"}
+    runs, skipped = [], []
     for name in models:
         factory, shape = MODELS[name]
         model = factory().eval()
         for backend in backends:
+            if missing.get(backend):
+                skipped += [
+                    {"model": name, "backend": backend, "workers": n, "reason": missing[backend]} for n in workers
+                ]
+                continue
             base = None
             for count in workers:
                 say(f"{name}: {count} worker(s) on {backend}")
@@ -131,7 +142,8 @@ def bench_scale(
                 base = base or run["images_per_s"]
                 run["speedup_vs_first"] = run["images_per_s"] / base
                 runs.append(run)
-    return {"benchmark": "scale", "runs": runs, "projection": [project(name, runs) for name in models]}
+    measured = [name for name in models if any(r["model"] == name for r in runs)]
+    return {"benchmark": "scale", "runs": runs, "skipped": skipped, "projection": [project(n, runs) for n in measured]}
 
 
 def project(model: str, runs: list[dict], workers: int = 64) -> dict:

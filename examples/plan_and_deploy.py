@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 import torch
 
-from heclave.he.linear import WeightForm
+from heclave.graph.placement import WeightForm
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.parties.processes import Cluster

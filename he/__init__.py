@@ -1,32 +1,8 @@
-"""CKKS under heclave: parameters, contexts, slot layouts, encrypted linear kernels, and the enclave's own
-decryption and encryption (``sealformat``, ``rns``, ``slots``, ``sampling``)."""
+"""CKKS under heclave: contexts, the server's encrypted linear kernel, and the enclave's own decryption
+and encryption (``sealformat``, ``rns``, ``slots``, ``sampling``). The slot layouts these use are part of
+the deployment plan, :mod:`heclave.graph.layouts`."""
 
-from .context import CkksParams, PublicContext, SecretKeySet, Toolkit
-from .cyclic import LinearGeometry
-from .graph import EnclaveOp, ModelGraph, OpKind, Placement, ReleaseMode, ReleasePolicy, Stage
-from .grouped import GroupedLayout
-from .layout import Layout
-from .linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
-from .paired import PairedRows
+from .context import PublicContext, SecretKeySet, Toolkit, seal_context
+from .linear import LinearKernel, OpCounter, encrypt_weights
 
-__all__ = [
-    "CkksParams",
-    "EnclaveOp",
-    "GroupedLayout",
-    "Layout",
-    "LinearGeometry",
-    "LinearKernel",
-    "ModelGraph",
-    "OpCounter",
-    "OpKind",
-    "PairedRows",
-    "Placement",
-    "PublicContext",
-    "ReleaseMode",
-    "ReleasePolicy",
-    "SecretKeySet",
-    "Stage",
-    "Toolkit",
-    "WeightForm",
-    "encrypt_weights",
-]
+__all__ = ["LinearKernel", "OpCounter", "PublicContext", "SecretKeySet", "Toolkit", "encrypt_weights", "seal_context"]

@@ -16,6 +16,7 @@ import msgpack
 import numpy as np
 import tenseal.sealapi as seal
 
+from heclave.graph.params import CkksParams
 from heclave.protocol.errors import CiphertextError, ErrorCode, ProtocolError
 
 from .rns import Limb, limb, shoup
@@ -53,45 +54,17 @@ class KeyMask:
     used: bool = False
 
 
-@dataclass(frozen=True)
-class CkksParams:
-    """CKKS encryption parameters: ring degree, coefficient-modulus bit sizes, scale."""
-
-    poly_modulus_degree: int = 8192
-    coeff_mod_bits: tuple[int, ...] = (60, 40, 60)
-    scale_bits: int = 40
-
-    @property
-    def slots(self) -> int:
-        return self.poly_modulus_degree // 2
-
-    @property
-    def scale(self) -> float:
-        return float(2**self.scale_bits)
-
-    def seal_context(self) -> seal.SEALContext:
-        parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
-        parms.set_poly_modulus_degree(self.poly_modulus_degree)
-        parms.set_coeff_modulus(seal.CoeffModulus.Create(self.poly_modulus_degree, list(self.coeff_mod_bits)))
-        context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
-        if not context.parameters_set():
-            raise ProtocolError(
-                f"CKKS parameters {self} are invalid: {context.parameters_error_message()}", ErrorCode.BAD_FIELD
-            )
-        return context
-
-    def to_wire(self) -> dict:
-        return {"n": self.poly_modulus_degree, "q": list(self.coeff_mod_bits), "scale": self.scale_bits}
-
-    @classmethod
-    def from_wire(cls, data: dict) -> CkksParams:
-        try:
-            n, q, s = int(data["n"]), tuple(int(b) for b in data["q"]), int(data["scale"])
-        except (KeyError, TypeError, ValueError):
-            raise ProtocolError("CKKS parameters must be a map with n, q and scale.", ErrorCode.BAD_FIELD) from None
-        if n not in (4096, 8192, 16384, 32768) or not 2 <= len(q) <= 16 or not 20 <= s <= 60:
-            raise ProtocolError(f"Unsupported CKKS parameters n={n}, q={q}, scale={s}.", ErrorCode.BAD_FIELD)
-        return cls(n, q, s)
+def seal_context(params: CkksParams) -> seal.SEALContext:
+    """SEAL's context for ``params``, checked at 128-bit security, or a :class:`ProtocolError`."""
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(params.poly_modulus_degree)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bits)))
+    context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    if not context.parameters_set():
+        raise ProtocolError(
+            f"CKKS parameters {params} are invalid: {context.parameters_error_message()}", ErrorCode.BAD_FIELD
+        )
+    return context
 
 
 PARAMETERS_FORMAT = 1
@@ -136,7 +109,7 @@ class Toolkit:
     evaluator: seal.Evaluator = field(init=False)
 
     def __post_init__(self) -> None:
-        self.context = self.params.seal_context()
+        self.context = seal_context(self.params)
         self.encoder = seal.CKKSEncoder(self.context)
         self.evaluator = seal.Evaluator(self.context)
 
@@ -365,7 +338,7 @@ class SecretKeySet:
         return np.fromiter(self.toolkit.encoder.decode_double(plain), np.float64, self.params.slots)
 
     def decrypt_complex(self, ct: seal.Ciphertext) -> np.ndarray:
-        """The slots as complex numbers: both lanes of a batch (``he.layout.LANES``), at the same cost."""
+        """The slots as complex numbers: both lanes of a batch (``graph.layouts.base.LANES``), at the same cost."""
         plain = seal.Plaintext()
         self._decryptor.decrypt(ct, plain)
         return np.fromiter(self.toolkit.encoder.decode_complex(plain), np.complex128, self.params.slots)

@@ -13,32 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 import tenseal.sealapi as seal
 
+from heclave.graph.layouts.base import Layout
+from heclave.graph.placement import WeightForm
 from heclave.protocol.errors import CiphertextError, PlanError
 
 from .context import PublicContext, Toolkit
-from .layout import Layout
 
 
-class WeightForm(str, Enum):
-    """How the server holds a layer's weights."""
-
-    ENCRYPTED = "encrypted"
-    PLAIN = "plain"
-
-    @classmethod
-    def parse(cls, value: str) -> WeightForm:
-        try:
-            return cls(value)
-        except ValueError:
-            raise PlanError(f"Unknown weight form {value!r}; use one of: {', '.join(f.value for f in cls)}.") from None
-
-
-def diagonal_mask(geometry: Layout, weights: np.ndarray, support: np.ndarray | None = None) -> np.ndarray:
+def diagonal_mask(layout: Layout, weights: np.ndarray, support: np.ndarray | None = None) -> np.ndarray:
     """Which diagonals of an encrypted layer exist: ``[out_cts, in_cts, k]``, public.
 
     With ``support`` (the architecture's structural nonzeros) the mask depends
@@ -46,7 +32,7 @@ def diagonal_mask(geometry: Layout, weights: np.ndarray, support: np.ndarray | N
     all zero is encrypted like any other; without it, the mask follows the
     weights themselves and reveals such diagonals.
     """
-    pattern = geometry.diagonals(weights if support is None else support.astype(np.float64))
+    pattern = layout.diagonals(weights if support is None else support.astype(np.float64))
     return np.any(pattern != 0, axis=-1)
 
 
@@ -55,27 +41,27 @@ def pack_mask(mask: np.ndarray) -> bytes:
     return np.packbits(mask.ravel()).tobytes()
 
 
-def unpack_mask(packed: bytes, geometry: Layout, what: str) -> np.ndarray:
-    """The ``[out_cts, in_cts, k]`` mask :func:`pack_mask` wrote for ``geometry``, or a :class:`PlanError`."""
-    shape = (geometry.out_cts, geometry.in_cts, geometry.k)
+def unpack_mask(packed: bytes, layout: Layout, what: str) -> np.ndarray:
+    """The ``[out_cts, in_cts, k]`` mask :func:`pack_mask` wrote for ``layout``, or a :class:`PlanError`."""
+    shape = (layout.out_cts, layout.in_cts, layout.k)
     bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8))
     if bits.size < int(np.prod(shape)):
-        raise PlanError(f"{what}'s diagonal mask is too short for its geometry.")
+        raise PlanError(f"{what}'s diagonal mask is too short for its layout.")
     return bits[: int(np.prod(shape))].reshape(shape).astype(bool)
 
 
-def encrypt_diagonals(context: PublicContext, geometry: Layout, weights: np.ndarray, mask: np.ndarray) -> list[bytes]:
+def encrypt_diagonals(context: PublicContext, layout: Layout, weights: np.ndarray, mask: np.ndarray) -> list[bytes]:
     """The model owner's side: the diagonals ``mask`` selects, encrypted in mask order under the model's context."""
-    diags = geometry.diagonals(weights)
+    diags = layout.diagonals(weights)
     return [context.encrypt(diags[idx]) for idx in zip(*np.nonzero(mask))]
 
 
 def encrypt_weights(
-    context: PublicContext, geometry: Layout, weights: np.ndarray, support: np.ndarray | None = None
+    context: PublicContext, layout: Layout, weights: np.ndarray, support: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[bytes]]:
     """The diagonal mask (:func:`diagonal_mask`) and those diagonals encrypted (:func:`encrypt_diagonals`)."""
-    mask = diagonal_mask(geometry, weights, support)
-    return mask, encrypt_diagonals(context, geometry, weights, mask)
+    mask = diagonal_mask(layout, weights, support)
+    return mask, encrypt_diagonals(context, layout, weights, mask)
 
 
 @dataclass
@@ -103,62 +89,62 @@ class OpCounter:
 
 @dataclass
 class LinearKernel:
-    """One deployed affine layer on the server: its geometry and its prepared weights."""
+    """One deployed affine layer on the server: its layout and its prepared weights."""
 
     toolkit: Toolkit
-    geometry: Layout
+    layout: Layout
     form: WeightForm
     mask: np.ndarray
     weights: dict[tuple[int, int, int], seal.Plaintext | seal.Ciphertext] = field(repr=False)
 
     @classmethod
-    def from_plain(cls, toolkit: Toolkit, geometry: Layout, weights: np.ndarray) -> LinearKernel:
+    def from_plain(cls, toolkit: Toolkit, layout: Layout, weights: np.ndarray) -> LinearKernel:
         """Encode the diagonals of plaintext weights once, at deployment."""
-        diags = geometry.diagonals(weights)
+        diags = layout.diagonals(weights)
         encoded = {}
         for idx in zip(*np.nonzero(np.any(diags != 0, axis=-1))):
             plain = toolkit.encode(diags[idx])
             # A diagonal below the encoding precision encodes to zero, and SEAL refuses its product.
             if not plain.is_zero():
                 encoded[idx] = plain
-        mask = np.zeros((geometry.out_cts, geometry.in_cts, geometry.k), dtype=bool)
+        mask = np.zeros((layout.out_cts, layout.in_cts, layout.k), dtype=bool)
         for idx in encoded:
             mask[idx] = True
-        return cls._checked(toolkit, geometry, WeightForm.PLAIN, mask, encoded)
+        return cls._checked(toolkit, layout, WeightForm.PLAIN, mask, encoded)
 
     @classmethod
     def from_encrypted(
-        cls, toolkit: Toolkit, geometry: Layout, mask: np.ndarray, frames: Sequence[bytes]
+        cls, toolkit: Toolkit, layout: Layout, mask: np.ndarray, frames: Sequence[bytes]
     ) -> LinearKernel:
         """Load the model owner's encrypted diagonals, one frame per nonzero diagonal."""
         mask = np.asarray(mask, dtype=bool)
-        expected = (geometry.out_cts, geometry.in_cts, geometry.k)
+        expected = (layout.out_cts, layout.in_cts, layout.k)
         if mask.shape != expected:
-            raise PlanError(f"Weight mask has shape {mask.shape}, the layer's geometry needs {expected}.")
+            raise PlanError(f"Weight mask has shape {mask.shape}, the layer's layout needs {expected}.")
         keys = list(zip(*np.nonzero(mask)))
         if len(keys) != len(frames):
             raise PlanError(f"The layer needs {len(keys)} encrypted diagonals, the bundle carries {len(frames)}.")
         loaded = {k: toolkit.load_ciphertext(f, "encrypted weight") for k, f in zip(keys, frames)}
-        return cls._checked(toolkit, geometry, WeightForm.ENCRYPTED, mask, loaded)
+        return cls._checked(toolkit, layout, WeightForm.ENCRYPTED, mask, loaded)
 
     @classmethod
     def _checked(
-        cls, toolkit: Toolkit, geometry: Layout, form: WeightForm, mask: np.ndarray, weights: dict
+        cls, toolkit: Toolkit, layout: Layout, form: WeightForm, mask: np.ndarray, weights: dict
     ) -> LinearKernel:
         """The kernel, unless an output ciphertext would have no product to start from."""
-        empty = [o for o in range(geometry.out_cts) if not mask[o].any()]
+        empty = [o for o in range(layout.out_cts) if not mask[o].any()]
         if empty:
             raise PlanError(
-                f"Output ciphertext(s) {empty} of a {geometry.rows}x{geometry.cols} layer have no weight above "
+                f"Output ciphertext(s) {empty} of a {layout.rows}x{layout.cols} layer have no weight above "
                 f"CKKS's encoding precision (scale 2^{toolkit.params.scale_bits}); rescale the layer's weights."
             )
-        return cls(toolkit, geometry, form, mask, weights)
+        return cls(toolkit, layout, form, mask, weights)
 
     def evaluate(
         self, inputs: Sequence[seal.Ciphertext], context: PublicContext, counter: OpCounter | None = None
     ) -> list[seal.Ciphertext]:
         """``[out_cts]`` ciphertexts of partial sums, one level down, for the enclave to finish."""
-        g = self.geometry
+        g = self.layout
         if len(inputs) != g.in_cts:
             raise CiphertextError(f"The layer takes {g.in_cts} input ciphertexts, got {len(inputs)}.")
         counter = counter or OpCounter()
@@ -180,7 +166,7 @@ class LinearKernel:
 
     def _baby_steps(self, ct: seal.Ciphertext, context: PublicContext, counter: OpCounter) -> list[seal.Ciphertext]:
         steps = [ct]
-        for b in range(1, min(self.geometry.baby, self.geometry.k)):
+        for b in range(1, min(self.layout.baby, self.layout.k)):
             rotated = seal.Ciphertext()
             self.toolkit.evaluator.rotate_vector(ct, b, context.galois_keys, rotated)
             steps.append(rotated)
@@ -190,7 +176,7 @@ class LinearKernel:
     def _giant_group(
         self, o: int, giant: int, babies: list[list[seal.Ciphertext]], context: PublicContext, counter: OpCounter
     ) -> seal.Ciphertext | None:
-        g, ev = self.geometry, self.toolkit.evaluator
+        g, ev = self.layout, self.toolkit.evaluator
         part = None
         for b in range(g.baby):
             k = giant * g.baby + b

@@ -10,10 +10,11 @@ program::
     model_id = owner.deploy(owner.plan(model, (1, 8, 8)), readers=[reader_identity_hex])
 
 The subpackages are ``heclave.protocol`` (wire, identities, channel,
-attestation), ``heclave.he`` (CKKS and slot layouts), ``heclave.tee`` (the
-enclave program), ``heclave.plan`` (import and planning, with torch) and
-``heclave.parties`` (the processes and the command line). The names below are
-imported when first used, so that the enclave, which imports
+attestation), ``heclave.graph`` (the deployment plan as plain data),
+``heclave.arith`` (exact arithmetic outside CKKS), ``heclave.he`` (CKKS),
+``heclave.tee`` (the enclave program), ``heclave.plan`` (import and planning,
+with torch) and ``heclave.parties`` (the processes and the command line). The
+names below are imported when first used, so that the enclave, which imports
 ``heclave.tee``, never loads torch or the parties through this module.
 """
 
@@ -33,11 +34,11 @@ _EXPORTS = {
     "plan_model": "heclave.plan.planner",
     "plan_pytorch": "heclave.plan.planner",
     "Plan": "heclave.plan.planner",
-    "Placement": "heclave.he.graph",
-    "ReleaseMode": "heclave.he.graph",
-    "ReleasePolicy": "heclave.he.graph",
-    "WeightForm": "heclave.he.linear",
-    "CkksParams": "heclave.he.context",
+    "Placement": "heclave.graph.placement",
+    "ReleaseMode": "heclave.graph.release",
+    "ReleasePolicy": "heclave.graph.release",
+    "WeightForm": "heclave.graph.placement",
+    "CkksParams": "heclave.graph.params",
     "ErrorCode": "heclave.protocol.errors",
     "HeclaveError": "heclave.protocol.errors",
     "AttestationError": "heclave.protocol.errors",

@@ -1,7 +1,14 @@
-"""Workloads the demo, the assessment and the benchmarks share: a small CNN trained on scikit-learn's 8x8 digits
-(shipped with scikit-learn, so nothing is downloaded)."""
+"""Workloads the demo, the assessment, the planner and the load test run on, and the default one: a small CNN
+trained on scikit-learn's 8x8 digits (shipped with scikit-learn, so nothing is downloaded).
+
+The commands take a workload as ``--workload MODULE:FUNCTION``, a function returning a :class:`Workload`,
+so a task of one's own needs no change here.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,8 +18,27 @@ from sklearn.model_selection import train_test_split
 
 INPUT_SHAPE = (1, 8, 8)
 
+Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""Train images, held-out images, train labels, held-out labels."""
 
-def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+
+@dataclass(frozen=True)
+class Workload:
+    """A task: the shape of one input, its labelled data, and the model trained on it.
+
+    ``data`` returns images shaped ``(N, *input_shape)`` with values in [0, 1] (the privacy assessment
+    scores reconstructions of them); ``train`` returns a trained model with the held-out images and labels.
+    ``model_name`` names that model in plans, and as the MODEL of ``heclave assess`` and ``heclave plan``.
+    """
+
+    name: str
+    model_name: str
+    input_shape: tuple[int, ...]
+    data: Callable[[], Split]
+    train: Callable[[], tuple[nn.Module, np.ndarray, np.ndarray]]
+
+
+def digits_split(seed: int = 0) -> Split:
     """Train and held-out test images scaled to [0, 1], shape (N, 1, 8, 8), and their labels."""
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]
@@ -49,3 +75,8 @@ def train_digits_cnn(epochs: int = 12, seed: int = 0) -> tuple[nn.Module, np.nda
             optimiser.step()
     model.eval()
     return model, x_test, y_test
+
+
+def digits() -> Workload:
+    """The default workload: :func:`digits_cnn` trained on scikit-learn's 8x8 digits."""
+    return Workload("digits", "digits-cnn", INPUT_SHAPE, digits_split, train_digits_cnn)

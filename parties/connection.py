@@ -18,7 +18,7 @@ from heclave.protocol.channel import OwnerHandshake, Session
 from heclave.protocol.errors import ChannelError
 from heclave.protocol.evidence import Evidence, VerifierPolicy
 from heclave.protocol.identity import Identity
-from heclave.protocol.messages import Message, field_of
+from heclave.protocol.messages import Message, MessageType, field_of
 from heclave.protocol.transport import Client, read_public_key
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class AttestedConnection:
         self.identity = identity
         key = read_public_key(server_key) if isinstance(server_key, Path) else server_key
         self.client = Client(endpoint, server_key=key, timeout_s=timeout_s, client_keys=identity.curve)
-        reply = self.client.request(Message("evidence"))
+        reply = self.client.request(Message(MessageType.EVIDENCE))
         self.evidence = Evidence.from_wire(reply.content.get("evidence"))
         if len(reply.buffers) != 1:
             raise ChannelError("The server relayed evidence without the public parameters it binds.")
@@ -52,10 +52,10 @@ class AttestedConnection:
 
     def _open_session(self) -> Session:
         handshake = OwnerHandshake(self.identity.static, self.evidence.identity_public, self.evidence.digest())
-        reply = self.client.request(Message("open_session", {"handshake": handshake.first()}))
+        reply = self.client.request(Message(MessageType.OPEN_SESSION, {"handshake": handshake.first()}))
         third, session = handshake.finish(field_of(reply.content, "handshake", bytes))
         content = {"handshake_id": field_of(reply.content, "handshake_id", bytes), "handshake": third}
-        reply = self.client.request(Message("confirm_session", content))
+        reply = self.client.request(Message(MessageType.CONFIRM_SESSION, content))
         if field_of(reply.content, "session_id", bytes) != session.session_id:
             raise ChannelError("The enclave derived a different session; the channel is not trustworthy.")
         return session

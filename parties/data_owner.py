@@ -18,12 +18,13 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from heclave.graph.model import ModelGraph
+from heclave.graph.placement import Placement
 from heclave.he.context import PublicContext
-from heclave.he.graph import ModelGraph, Placement
 from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity
-from heclave.protocol.messages import MAX_BATCH, Message, field_of
+from heclave.protocol.messages import MAX_BATCH, Message, MessageType, field_of
 
 from .connection import AttestedConnection
 
@@ -120,7 +121,7 @@ class DataOwner:
             session = self.connection.session
             envelope = session.seal(msgpack.packb({"model_id": model_id}), b"model_info")
             content = {"model_id": model_id, "session_id": session.session_id, "envelope": envelope}
-            reply = self.connection.request(Message("model_info", content))
+            reply = self.connection.request(Message(MessageType.MODEL_INFO, content))
             graph_bytes = field_of(reply.content, "graph", bytes)
             binding = session.open(field_of(reply.content, "binding", bytes), b"model:" + model_id.encode())
             bound = msgpack.unpackb(binding, raw=False)
@@ -197,7 +198,7 @@ class DataOwner:
         }
         frames = []
         if first is Placement.HE:
-            frames = [context.encrypt(row) for row in graph.stages[0].geometry.gather_batch(flat)]
+            frames = [context.encrypt(row) for row in graph.stages[0].layout.gather_batch(flat)]
         session = self.connection.session
         request_id = secrets.token_hex(12)
         envelope = session.seal(msgpack.packb(authorisation), b"infer:" + request_id.encode())
@@ -208,7 +209,7 @@ class DataOwner:
             "envelope": envelope,
             "batch": len(xs),
         }
-        return Message("infer", content, frames)
+        return Message(MessageType.INFER, content, frames)
 
     def close(self) -> None:
         self.connection.close()

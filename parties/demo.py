@@ -1,4 +1,5 @@
-"""``heclave demo``: four processes classify held-out digits, compared with plaintext torch."""
+"""``heclave demo``: four processes classify a workload's held-out inputs (digits by default), compared with
+plaintext torch."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from heclave.he.linear import WeightForm
+from heclave.graph.placement import WeightForm
 from heclave.protocol.errors import AttestationError, HeclaveError
 from heclave.protocol.evidence import PINNING, VerifierPolicy
 from heclave.protocol.identity import Identity
-from heclave.workloads import INPUT_SHAPE, train_digits_cnn
+from heclave.workloads import Workload
 
 from .accounting import WorkSplit
 from .data_owner import DataOwner
@@ -57,8 +58,8 @@ def _summarise(
     }
 
 
-def _table(report: dict) -> Table:
-    table = Table(title=f"heclave demo: {report['samples']} held-out digits, {report['weights']} weights")
+def _table(report: dict, data: str) -> Table:
+    table = Table(title=f"heclave demo: {report['samples']} held-out {data}, {report['weights']} weights")
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [
@@ -101,8 +102,8 @@ def pinned_policy() -> VerifierPolicy:
         ) from None
 
 
-def run_demo(samples: int, weights: WeightForm, as_json: bool, require_attestation: bool = False) -> dict:
-    """Run the whole demo; returns the report it prints."""
+def run_demo(samples: int, weights: WeightForm, as_json: bool, require_attestation: bool, workload: Workload) -> dict:
+    """Run the whole demo on ``workload``; returns the report it prints."""
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
     policy = pinned_policy() if require_attestation else VerifierPolicy.development()
@@ -111,17 +112,17 @@ def run_demo(samples: int, weights: WeightForm, as_json: bool, require_attestati
             "[bold yellow]DEVELOPMENT RUN[/]: the enclave runs natively and presents no SGX quote; "
             "the owners accept it only because this is a demo."
         )
-    with console.status("model owner: training a CNN on scikit-learn's digits"):
-        model, x_test, y_test = train_digits_cnn()
+    with console.status(f"model owner: training {workload.model_name} on {workload.name}"):
+        model, x_test, y_test = workload.train()
     count = min(samples, len(x_test))
     x, labels = x_test[:count], y_test[:count]
     with torch.no_grad():
         plain_logits = model.double()(torch.from_numpy(x).double()).numpy()
-    report = _run_with_cluster(console, model, x, labels, plain_logits, weights, count, policy)
+    report = _run_with_cluster(console, model, workload, x, labels, plain_logits, weights, count, policy)
     if as_json:
         print(json.dumps(report))
     else:
-        Console().print(_table(report))
+        Console().print(_table(report, workload.name))
     return report
 
 
@@ -136,7 +137,9 @@ def _attested(role, cluster: Cluster, identity: Identity, policy: VerifierPolicy
         ) from None
 
 
-def _run_with_cluster(console: Console, model, x, labels, plain_logits, weights, count, policy) -> dict:
+def _run_with_cluster(
+    console: Console, model, workload: Workload, x, labels, plain_logits, weights, count, policy
+) -> dict:
     cluster = Cluster()
     with console.status("starting enclave and server"):
         cluster.start()
@@ -147,7 +150,7 @@ def _run_with_cluster(console: Console, model, x, labels, plain_logits, weights,
         owner_identity, reader = Identity.generate(), Identity.generate()
         with console.status(f"model owner: planning and deploying with {weights.value} weights"):
             owner = _attested(ModelOwner, cluster, owner_identity, policy)
-            plan = owner.plan(model.float(), INPUT_SHAPE, weights, name="digits-cnn")
+            plan = owner.plan(model.float(), workload.input_shape, weights, name=workload.model_name)
             model_id = owner.deploy(plan, readers=[reader.public])
         deploy_s = time.perf_counter() - started
         data_owner = _attested(DataOwner, cluster, reader, policy)

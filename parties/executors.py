@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from heclave.he.linear import OpCounter
-from heclave.protocol.messages import Message
+from heclave.protocol.messages import Message, MessageType
 from heclave.protocol.transport import Client
 
 from .bundles import Bundle
@@ -85,10 +85,10 @@ class ProcessExecutor(Executor):
     ) -> tuple[list[bytes], OpCounter]:
         client, installed = self._lane(lane)
         if model_id not in installed:
-            client.request(Message("install", {"model_id": model_id}, [source().to_bytes()]))
+            client.request(Message(MessageType.INSTALL, {"model_id": model_id}, [source().to_bytes()]))
             installed.add(model_id)
         content = {"model_id": model_id, "stage": stage, "batch": batch}
-        reply = client.request(Message("evaluate", content, inputs))
+        reply = client.request(Message(MessageType.EVALUATE, content, inputs))
         return list(reply.buffers), OpCounter(**reply.content["ops"])
 
     def pids(self) -> list[int]:

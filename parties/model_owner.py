@@ -12,16 +12,17 @@ import msgpack
 import numpy as np
 import torch.nn as nn
 
-from heclave.he.blinding import quantize
+from heclave.arith.blinding import quantize
+from heclave.arith.sparse import SparseMatrix
+from heclave.graph.placement import Placement, WeightForm
+from heclave.graph.release import ReleasePolicy
 from heclave.he.context import PublicContext
-from heclave.he.graph import Placement, ReleasePolicy
-from heclave.he.linear import WeightForm, diagonal_mask, encrypt_diagonals, pack_mask, unpack_mask
-from heclave.he.sparse import SparseMatrix
+from heclave.he.linear import diagonal_mask, encrypt_diagonals, pack_mask, unpack_mask
 from heclave.plan import Plan, plan_pytorch
 from heclave.protocol.errors import ChannelError
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity, parse_public
-from heclave.protocol.messages import Message, field_of
+from heclave.protocol.messages import Message, MessageType, field_of
 
 from .connection import AttestedConnection
 
@@ -116,7 +117,7 @@ class ModelOwner:
         session = self.connection.session
         envelope = session.seal(msgpack.packb(payload), b"register")
         content = {"graph": graph_bytes, "session_id": session.session_id}
-        reply = self.connection.request(Message("register", content, [envelope]))
+        reply = self.connection.request(Message(MessageType.REGISTER, content, [envelope]))
         model_id = field_of(reply.content, "model_id", str)
         context = self._bound_context(model_id, field_of(reply.content, "binding", bytes), reply.buffers)
         return Registration(model_id, context, masks)
@@ -126,18 +127,18 @@ class ModelOwner:
         registered model's context and with the masks the enclave was given."""
         frames = self._server_weights(plan, registration.context, registration.masks)
         content = {"model_id": registration.model_id, "masks": registration.masks}
-        self.connection.request(Message("deploy", content, frames))
+        self.connection.request(Message(MessageType.DEPLOY, content, frames))
 
     def grant(self, model_id: str, readers: Iterable[bytes | str], anyone: bool = False) -> None:
         """Replace who may query ``model_id`` (this owner always may); the enclave confirms under the session."""
         asked = {"model_id": model_id, **_rights(readers, anyone)}
-        self._owner_request("grant", model_id, asked, b"granted:")
+        self._owner_request(MessageType.GRANT, model_id, asked, b"granted:")
 
     def undeploy(self, model_id: str) -> None:
         """Remove ``model_id``: the enclave forgets its keys and secrets, the server stops serving it."""
-        self._owner_request("undeploy", model_id, {"model_id": model_id}, b"undeployed:")
+        self._owner_request(MessageType.UNDEPLOY, model_id, {"model_id": model_id}, b"undeployed:")
 
-    def _owner_request(self, kind: str, model_id: str, asked: dict, confirmed: bytes) -> None:
+    def _owner_request(self, kind: MessageType, model_id: str, asked: dict, confirmed: bytes) -> None:
         """Send an owner's sealed instruction about ``model_id``; return once the enclave confirmed it did it."""
         session = self.connection.session
         envelope = session.seal(msgpack.packb(asked), kind.encode() + b":" + model_id.encode())
@@ -163,7 +164,7 @@ class ModelOwner:
         masks = []
         for stage, w, support in zip(plan.graph.stages, plan.weights, plan.supports):
             if stage.placement is Placement.HE and encrypted:
-                masks.append(pack_mask(diagonal_mask(stage.geometry, w[:, :-1], support[:, :-1])))
+                masks.append(pack_mask(diagonal_mask(stage.layout, w[:, :-1], support[:, :-1])))
             else:
                 masks.append(b"")
         return masks
@@ -197,8 +198,8 @@ class ModelOwner:
                     placement.value if placement is not Placement.HE else "plain weights",
                 )
             if encrypted:
-                mask = unpack_mask(masks[i], stage.geometry, f"Stage {i}")
-                frames.extend(encrypt_diagonals(context, stage.geometry, w, mask))
+                mask = unpack_mask(masks[i], stage.layout, f"Stage {i}")
+                frames.extend(encrypt_diagonals(context, stage.layout, w, mask))
             elif placement is Placement.BLINDED:
                 frames.append(SparseMatrix.from_dense(quantize(w, stage.weight_bits)).to_bytes())
             elif placement is Placement.PLAIN:

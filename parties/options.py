@@ -1,26 +1,39 @@
-"""What several ``heclave`` commands share: logging, the owners' verifier-policy and server options, model loading."""
+"""What several ``heclave`` commands share: the long-running processes' and the owners' options, and loading
+the models and workloads users name."""
 
 from __future__ import annotations
 
 import functools
 import importlib
 import importlib.util
-import logging
-import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity, IdentityError
+from heclave.protocol.service import Option
+
+DEFAULT_WORKLOAD = "heclave.workloads:digits"
 
 
-def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+def service_options(common: Sequence[Option]) -> Callable:
+    """A long-running process's common options (``protocol.service.options``) as click options."""
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(common):
+            if option.switch:
+                command = click.option(option.flag, is_flag=True, help=option.help)(command)
+                continue
+            kind = click.Path(path_type=Path) if option.path else str
+            shown = option.default is not None
+            command = click.option(
+                option.flag, type=kind, default=option.default, show_default=shown, help=option.help
+            )(command)
+        return command
+
+    return decorate
 
 
 POLICY_FLAGS = (
@@ -49,26 +62,62 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{text!r} is not a comma-separated shape such as 1,8,8") from None
 
 
-def load_model(spec: str, state_dict: Path | None):
-    """A torch module from ``path/to/file.py:name`` or ``package.module:name`` (a module or a factory)."""
-    import torch
-
+def _named(spec: str, hint: str, module_name: str) -> object:
+    """The object ``path/to/file.py:NAME`` or ``package.module:NAME`` names; a file is imported as
+    ``module_name``, since it belongs to no package."""
     source, _, attr = spec.partition(":")
     if not attr:
-        raise click.BadParameter("use FILE.py:NAME or MODULE:NAME", param_hint="--model")
+        raise click.BadParameter("use FILE.py:NAME or MODULE:NAME", param_hint=hint)
     if source.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location("heclave_user_model", source)
+        module_spec = importlib.util.spec_from_file_location(module_name, source)
         if module_spec is None or module_spec.loader is None:
-            raise click.BadParameter(f"cannot import {source}", param_hint="--model")
+            raise click.BadParameter(f"cannot import {source}", param_hint=hint)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:
         module = importlib.import_module(source)
-    obj = getattr(module, attr)
+    if not hasattr(module, attr):
+        raise click.BadParameter(f"{source} has no {attr!r}", param_hint=hint)
+    return getattr(module, attr)
+
+
+def load_model(spec: str, state_dict: Path | None):
+    """A torch module from ``path/to/file.py:name`` or ``package.module:name`` (a module or a factory)."""
+    import torch
+
+    obj = _named(spec, "--model", "heclave_user_model")
     model = obj if isinstance(obj, torch.nn.Module) else obj()
     if state_dict is not None:
         model.load_state_dict(torch.load(state_dict, weights_only=True))
     return model.eval()
+
+
+def load_workload(spec: str):
+    """The :class:`heclave.workloads.Workload` that ``MODULE:FUNCTION`` or ``FILE.py:FUNCTION`` returns (or
+    names directly); a bare ``NAME`` is ``heclave.workloads:NAME``, so ``digits`` is the default one."""
+    from heclave.workloads import Workload  # on use: the workloads load torch and scikit-learn
+
+    obj = _named(spec if ":" in spec else f"heclave.workloads:{spec}", "--workload", "heclave_user_workload")
+    workload = obj() if callable(obj) else obj
+    if not isinstance(workload, Workload):
+        raise click.BadParameter(f"{spec} gives a {type(workload).__name__}, not a Workload", param_hint="--workload")
+    return workload
+
+
+def workload_option(*aliases: str) -> Callable:
+    """``--workload MODULE:FUNCTION``: the task a command runs on, its model's input shape and its data; the
+    command receives the loaded ``workload``."""
+    return click.option(
+        "--workload",
+        *aliases,
+        "workload",
+        default=DEFAULT_WORKLOAD,
+        show_default=True,
+        metavar="MODULE:FUNCTION",
+        callback=lambda _ctx, _param, value: load_workload(value),
+        help="The workload: a function returning a heclave.workloads.Workload (input shape, data, and the "
+        "model it trains), as MODULE:FUNCTION or FILE.py:FUNCTION; a bare NAME is one of heclave.workloads.",
+    )
 
 
 def client_options(f):

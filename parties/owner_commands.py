@@ -9,13 +9,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from heclave.he.graph import ReleaseMode, ReleasePolicy
-from heclave.he.linear import WeightForm
+from heclave.graph.placement import WeightForm
+from heclave.graph.release import ReleaseMode, ReleasePolicy
 from heclave.protocol.errors import PlanError
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity, IdentityError, parse_public
+from heclave.protocol.service import configure_logging
 
-from .options import client_options, configure_logging, load_model, parse_shape
+from .options import client_options, load_model, parse_shape
 
 
 @click.command()

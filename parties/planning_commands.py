@@ -5,23 +5,29 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from heclave.he.linear import WeightForm
+from heclave.graph.placement import WeightForm
+from heclave.protocol.service import configure_logging
 
-from .options import configure_logging, load_model, parse_shape
+from .options import load_model, parse_shape, workload_option
+
+if TYPE_CHECKING:
+    import torch
+
+    from heclave.workloads import Workload
+
+
+def _model(spec: str, state_dict: Path | None, workload: Workload) -> torch.nn.Module:
+    """MODEL as given, or the workload's own model, trained first, when MODEL is its name."""
+    return workload.train()[0] if spec == workload.model_name else load_model(spec, state_dict)
 
 
 @click.command()
 @click.argument("model_spec", metavar="MODEL")
-@click.option(
-    "--data",
-    type=click.Choice(["digits"]),
-    default="digits",
-    show_default=True,
-    help="The attacker's auxiliary data and the images attacked (shipped with scikit-learn).",
-)
+@workload_option("--data")
 @click.option("--state-dict", type=click.Path(exists=True, path_type=Path), help="Weights for MODEL.")
 @click.option("--threshold", type=float, help="Mark the cuts whose best attack's SSIM is below this (owner's choice).")
 @click.option(
@@ -37,7 +43,7 @@ from .options import configure_logging, load_model, parse_shape
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def assess(
     model_spec: str,
-    data: str,
+    workload: Workload,
     state_dict: Path | None,
     threshold: float | None,
     figure_path: Path,
@@ -47,7 +53,8 @@ def assess(
 ) -> None:
     """Train inversion attacks on the feature map at every candidate cut of MODEL and report SSIM and PSNR.
 
-    MODEL is FILE.py:NAME or MODULE:NAME, or `digits-cnn` to train the demo's CNN first.
+    MODEL is FILE.py:NAME or MODULE:NAME, or the workload's model name (`digits-cnn` by default) to train
+    that model first. The workload's data are the attacker's auxiliary data and the images attacked.
     """
     from rich.console import Console
     from rich.table import Table
@@ -55,14 +62,13 @@ def assess(
     from heclave.plan import from_pytorch
     from heclave.plan.assessment import Budget, figure
     from heclave.plan.assessment import assess as run_assessment
-    from heclave.workloads import INPUT_SHAPE, digits_split, train_digits_cnn
 
     configure_logging(False)
-    x_train, x_test, _, _ = digits_split()
-    model = train_digits_cnn()[0] if model_spec == "digits-cnn" else load_model(model_spec, state_dict)
+    x_train, x_test, _, _ = workload.data()
+    model = _model(model_spec, state_dict, workload)
     with Console(stderr=True).status("assessing") as status:
         report = run_assessment(
-            from_pytorch(model, INPUT_SHAPE),
+            from_pytorch(model, workload.input_shape),
             x_train,
             x_test,
             Budget(decoder_epochs=epochs, rmle_steps=steps),
@@ -76,7 +82,7 @@ def assess(
     if as_json:
         click.echo(json.dumps(public))
         return
-    table = Table(title=f"Inversion attacks on {model_spec} ({data}); figure: {figure_path}")
+    table = Table(title=f"Inversion attacks on {model_spec} ({workload.name}); figure: {figure_path}")
     for column in ("depth", "cut", "features", "decoder SSIM / PSNR", "optimisation SSIM / PSNR", "below threshold"):
         table.add_column(column)
     for c in public["cuts"]:
@@ -131,7 +137,8 @@ def calibrate(enclave_factor: float, out: Path | None) -> None:
 
 @click.command("plan")
 @click.argument("model_spec", metavar="MODEL")
-@click.option("--input-shape", default="1,8,8", show_default=True)
+@workload_option()
+@click.option("--input-shape", show_default="the workload's", help="MODEL's input shape, e.g. 1,8,8.")
 @click.option("--state-dict", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--protect",
@@ -143,7 +150,7 @@ def calibrate(enclave_factor: float, out: Path | None) -> None:
     "--ssim-threshold",
     type=float,
     help="Allow plain layers after cuts whose best inversion attack scores below this SSIM (runs "
-    "`heclave assess` on digits). Without it, protecting the input forbids plain layers.",
+    "`heclave assess` on the workload's data). Without it, protecting the input forbids plain layers.",
 )
 @click.option(
     "--enclave-budget",
@@ -159,7 +166,8 @@ def calibrate(enclave_factor: float, out: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def plan_command(
     model_spec: str,
-    input_shape: str,
+    workload: Workload,
+    input_shape: str | None,
     state_dict: Path | None,
     protect: str,
     ssim_threshold: float | None,
@@ -177,18 +185,17 @@ def plan_command(
     from heclave.plan.plan_file import PlanFile
     from heclave.plan.planner import plan_model
     from heclave.plan.search import cheapest
-    from heclave.workloads import digits_split, train_digits_cnn
 
     configure_logging(False)
-    shape = parse_shape(input_shape)
-    model = train_digits_cnn()[0] if model_spec == "digits-cnn" else load_model(model_spec, state_dict)
+    shape = parse_shape(input_shape) if input_shape else workload.input_shape
+    model = _model(model_spec, state_dict, workload)
     imported = from_pytorch(model, shape)
     cut_ssim = None
     if ssim_threshold is not None:
         from heclave.plan.assessment import Budget
         from heclave.plan.assessment import assess as run_assessment
 
-        x_train, x_test, _, _ = digits_split()
+        x_train, x_test, _, _ = workload.data()
         report = run_assessment(imported, x_train, x_test, Budget(decoder_epochs=20, rmle_steps=100))
         cut_ssim = {c["depth"]: c["max_ssim"] for c in report["cuts"]}
     costs = Calibration.load(calibration or DEFAULT_PATH)

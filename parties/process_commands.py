@@ -7,15 +7,22 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from heclave.he.linear import WeightForm
-from heclave.parties.options import configure_logging
+from heclave.graph.placement import WeightForm
+from heclave.parties.options import service_options, workload_option
+from heclave.protocol import service
 from heclave.protocol.evidence import Runtime
-from heclave.protocol.transport import stop_requested
+
+if TYPE_CHECKING:
+    from heclave.workloads import Workload
 
 GRAMINE_DIR = Path(__file__).resolve().parents[1] / "tee" / "gramine"
+SERVER_OPTIONS = service.options(
+    "tcp://127.0.0.1:5555", "Endpoint for the parties (CURVE).", "{endpoint, public_key}", exit_with_parent=False
+)
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -74,7 +81,7 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, policy_out: Path | 
 
 
 @click.command()
-@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, help="Endpoint for the parties (CURVE).")
+@service_options(SERVER_OPTIONS)
 @click.option("--enclave", "enclave_endpoint", default="tcp://127.0.0.1:5556", show_default=True)
 @click.option(
     "--enclave-token",
@@ -100,7 +107,6 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, policy_out: Path | 
     type=click.Path(path_type=Path),
     help="Keep deployed models and the CURVE identity here, so a restart keeps serving them.",
 )
-@click.option("--ready-file", type=click.Path(path_type=Path), help="Write {endpoint, public_key} here once serving.")
 @click.option("--enclave-timeout", default=60.0, show_default=True, help="Seconds to wait for the enclave.")
 @click.option("--max-queue", default=32, show_default=True, help="Requests queued before new ones get 'busy'.")
 @click.option(
@@ -123,12 +129,12 @@ def enclave(ctx: click.Context, runtime: str, measure: bool, policy_out: Path | 
 @click.option("-v", "--verbose", is_flag=True)
 def server(
     bind: str,
+    ready_file: Path | None,
     enclave_endpoint: str,
     enclave_token: Path | None,
     allow_clients: tuple[Path, ...],
     key_file: Path,
     state_dir: Path | None,
-    ready_file: Path | None,
     enclave_timeout: float,
     max_queue: int,
     queue_timeout: float,
@@ -142,8 +148,13 @@ def server(
 
     if enclave_token is None and not spawn_enclave:
         raise click.UsageError("Give the enclave's link token with --enclave-token FILE, or use --spawn-enclave.")
-    configure_logging(True if ready_file else verbose)
-    should_stop = stop_requested()
+    if ray_address:
+        from heclave.parties.ray_executor import ray_missing
+
+        if reason := ray_missing():
+            raise click.UsageError(reason)
+    service.configure_logging(True if ready_file else verbose)
+    should_stop = service.stop_requested()
     config = ServerConfig(
         bind,
         enclave_endpoint,
@@ -164,7 +175,7 @@ def server(
 
 
 @click.command()
-@click.option("--samples", default=100, show_default=True, help="Held-out digits to classify.")
+@click.option("--samples", default=100, show_default=True, help="Held-out inputs of the workload to classify.")
 @click.option("--weights", type=click.Choice([f.value for f in WeightForm]), default="encrypted", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option(
@@ -173,8 +184,10 @@ def server(
     help="Require an SGX quote from the enclave signed in tee/gramine, pinned by its SIGSTRUCT, instead of "
     "accepting the development enclave.",
 )
-def demo(samples: int, weights: str, as_json: bool, require_attestation: bool) -> None:
-    """Train a CNN on digits, start an enclave and a server, deploy, classify, report."""
+@workload_option()
+def demo(samples: int, weights: str, as_json: bool, require_attestation: bool, workload: Workload) -> None:
+    """Train the workload's model (a CNN on digits by default), start an enclave and a server, deploy, classify,
+    report."""
     from heclave.parties.demo import run_demo
 
-    run_demo(samples, WeightForm(weights), as_json, require_attestation)
+    run_demo(samples, WeightForm(weights), as_json, require_attestation, workload)

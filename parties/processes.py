@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -14,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from heclave.protocol import link
+from heclave.protocol import link, service
 from heclave.protocol.errors import ErrorCode, UnavailableError
 from heclave.protocol.transport import Client
 
@@ -59,8 +58,9 @@ class Child:
         """Block until the child is serving; raise with its log's tail if it dies first."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.ready_file.exists():
-                return json.loads(self.ready_file.read_text())
+            ready = service.read_ready(self.ready_file)
+            if ready is not None:
+                return ready
             self.check()
             time.sleep(0.05)
         raise UnavailableError(f"The {self.name} did not start within {timeout_s:.0f} s; see {self.log_path}.")

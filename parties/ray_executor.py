@@ -26,6 +26,21 @@ from .worker import HeWorker
 
 log = logging.getLogger(__name__)
 
+INSTALL_RAY = "pip install 'heclave[ray]'"
+
+
+def ray_missing() -> str | None:
+    """Why the HE work cannot run on Ray here, as a sentence saying how to fix it, or ``None`` when it can.
+
+    Ray is an optional extra: without it only the other executors are available. The check imports Ray
+    (finding the package is not enough, an install can be broken), so it costs Ray's import time once.
+    """
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        return f"Ray is not installed here ({exc}); install it with `{INSTALL_RAY}`."
+    return None
+
 
 class _Actor:
     """The body of a Ray actor: a :class:`HeWorker`."""

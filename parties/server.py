@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from heclave.he.activations import Form, parse_values
+from heclave.arith.nonlinear import apply_ops
+from heclave.arith.sparse import SparseMatrix
+from heclave.arith.values import parse_values
+from heclave.graph.model import ModelGraph
+from heclave.graph.placement import Form, Placement
 from heclave.he.context import PublicContext
-from heclave.he.graph import ModelGraph, Placement
 from heclave.he.linear import OpCounter
-from heclave.he.nonlinear import apply_ops
-from heclave.he.sparse import SparseMatrix
 from heclave.protocol.errors import ErrorCode, ForbiddenError, HeclaveError, ProtocolError, QuotaError, UnavailableError
-from heclave.protocol.messages import Message, batch_size, field_of
+from heclave.protocol.messages import Message, MessageType, batch_size, field_of
 from heclave.protocol.transport import Client, dispatch
 
 from .bundles import Bundle, BundleStore
@@ -54,7 +55,7 @@ class Deployment:
         for i, (stage, (_, frames)) in enumerate(zip(graph.stages, split_weights(graph, bundle.masks, bundle.weights))):
             if stage.placement in (Placement.PLAIN, Placement.BLINDED):
                 dtype = "f8" if stage.placement is Placement.PLAIN else "i8"
-                matrices[i] = SparseMatrix.from_bytes(frames[0], (stage.geometry.rows, stage.geometry.cols), dtype)
+                matrices[i] = SparseMatrix.from_bytes(frames[0], (stage.layout.rows, stage.layout.cols), dtype)
         return cls(graph, bundle, matrices)
 
 
@@ -105,15 +106,15 @@ class Server:
         self._store = store
         self._local = threading.local()
         self._handlers = {
-            "evidence": self._relay,
-            "open_session": self._relay,
-            "confirm_session": self._relay,
-            "model_info": self._relay,
-            "grant": self._relay,
-            "undeploy": self._undeploy,
-            "register": self._register,
-            "deploy": self._deploy,
-            "infer": self._infer,
+            MessageType.EVIDENCE: self._relay,
+            MessageType.OPEN_SESSION: self._relay,
+            MessageType.CONFIRM_SESSION: self._relay,
+            MessageType.MODEL_INFO: self._relay,
+            MessageType.GRANT: self._relay,
+            MessageType.UNDEPLOY: self._undeploy,
+            MessageType.REGISTER: self._register,
+            MessageType.DEPLOY: self._deploy,
+            MessageType.INFER: self._infer,
         }
 
     def handle(self, request: Message, lane: int = 0, client: str = "") -> Message:
@@ -174,7 +175,7 @@ class Server:
             )
         graph = ModelGraph.from_bytes(graph_bytes)
         content = {"graph": graph_bytes, "session_id": field_of(request.content, "session_id", bytes)}
-        reply = self._ask_enclave(Message("register_model", content, request.buffers))
+        reply = self._ask_enclave(Message(MessageType.REGISTER_MODEL, content, request.buffers))
         model_id = field_of(reply.content, "model_id", str)
         if len(reply.buffers) != 1:
             raise ProtocolError("The enclave registered a model without its public context.", ErrorCode.INTERNAL)
@@ -233,7 +234,7 @@ class Server:
             "request_id": field_of(request.content, "request_id", str),
         }
         begin = {**ids, "model_id": model_id, "batch": batch, "envelope": field_of(request.content, "envelope", bytes)}
-        reply = self._ask_enclave(Message("begin", begin), stats)
+        reply = self._ask_enclave(Message(MessageType.BEGIN, begin), stats)
         while "result" not in reply.content:
             index = field_of(reply.content, "next", int)
             if not 0 <= index < len(stages):
@@ -241,7 +242,9 @@ class Server:
             # The first he stage's ciphertexts are the data owner's; the enclave hands out no others for it.
             frames = list(request.buffers) if index == 0 and stages[0].placement is Placement.HE else reply.buffers
             form, outputs = self._server_stage(lane, model_id, deployment, index, list(frames), batch, stats)
-            reply = self._ask_enclave(Message("activate", {**ids, "stage": index, "form": form}, outputs), stats)
+            reply = self._ask_enclave(
+                Message(MessageType.ACTIVATE, {**ids, "stage": index, "form": form}, outputs), stats
+            )
         return request.reply({"result": reply.content["result"], "stats": stats.to_wire()})
 
     def _server_stage(
@@ -273,7 +276,7 @@ class Server:
     ) -> tuple[str, list[bytes]]:
         """A ``blinded`` stage, or a run of ``plain`` stages, computed here in the server process."""
         stages = deployment.graph.stages
-        g = stages[index].geometry
+        g = stages[index].layout
         if stages[index].placement is Placement.BLINDED:
             blinded = parse_values(frames, "<i8", (batch, g.cols), "blinded input")
             w_q = deployment.matrices[index]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import queue
@@ -32,11 +31,10 @@ from pathlib import Path
 
 import zmq
 
-from heclave.protocol import link
+from heclave.protocol import link, service
 from heclave.protocol.curve import AllowedKeys, CurveKeys
 from heclave.protocol.errors import ErrorCode, HeclaveError
 from heclave.protocol.messages import Message, decode, encode, error_message, try_parse_id
-from heclave.protocol.storage import write_atomic
 from heclave.protocol.transport import Received, handle_frames, receive, router, write_public_key
 
 from .bundles import BundleStore
@@ -182,9 +180,7 @@ def _serve(
     lanes = [_Lane(i, server, jobs, reply_endpoint, context, config.queue_timeout_s) for i in range(executor.lanes)]
     for lane in lanes:
         lane.start()
-    if config.ready_file:
-        ready = {"endpoint": endpoint, "public_key": keys.public.decode(), **status}
-        write_atomic(config.ready_file, json.dumps(ready).encode())
+    service.write_ready(config.ready_file, endpoint=endpoint, public_key=keys.public.decode(), **status)
     log.info("listening on %s with %d lane(s); CURVE public key written to %s", endpoint, len(lanes), config.key_file)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)

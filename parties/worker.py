@@ -10,8 +10,6 @@ does not care which.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 import time
@@ -20,20 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
+from heclave.graph.model import ModelGraph
+from heclave.graph.placement import Placement, WeightForm
 from heclave.he.context import PublicContext, Toolkit
-from heclave.he.graph import ModelGraph, Placement
-from heclave.he.linear import LinearKernel, OpCounter, WeightForm, unpack_mask
+from heclave.he.linear import LinearKernel, OpCounter, unpack_mask
 from heclave.he.serialize import to_bytes
+from heclave.protocol import service
 from heclave.protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
-from heclave.protocol.messages import Message, batch_size, field_of
-from heclave.protocol.storage import write_atomic
-from heclave.protocol.transport import dispatch, router, serve, stop_requested
+from heclave.protocol.messages import Message, MessageType, batch_size, field_of
+from heclave.protocol.transport import dispatch, router, serve
 
 from .bundles import Bundle
 
 log = logging.getLogger(__name__)
 
 NOT_INSTALLED = "not installed on this worker"
+OPTIONS = service.options("tcp://127.0.0.1:*", "Endpoint the server connects to.", "{endpoint}")
 
 
 def split_weights(graph: ModelGraph, masks: list, weights: list[bytes]) -> list[tuple[np.ndarray | None, list[bytes]]]:
@@ -49,7 +49,7 @@ def split_weights(graph: ModelGraph, masks: list, weights: list[bytes]) -> list[
     out: list[tuple[np.ndarray | None, list[bytes]]] = []
     weights = list(weights)
     for i, stage in enumerate(graph.stages):
-        g = stage.geometry
+        g = stage.layout
         if stage.placement is Placement.ENCLAVE:
             out.append((None, []))
             continue
@@ -78,7 +78,7 @@ def build_kernels(graph: ModelGraph, toolkit: Toolkit, masks: list, weights: lis
     """The kernel of every ``he`` stage (``None`` elsewhere), refusing weights that do not fit the graph."""
     kernels: list[LinearKernel | None] = []
     for stage, (mask, frames) in zip(graph.stages, split_weights(graph, masks, weights)):
-        g = stage.geometry
+        g = stage.layout
         if stage.placement is not Placement.HE:
             kernels.append(None)
         elif mask is None:
@@ -119,7 +119,7 @@ class HeWorker:
         if not 0 <= stage < len(installed.kernels) or installed.kernels[stage] is None:
             raise ProtocolError(f"Stage {stage} is not an encrypted stage of the model.", ErrorCode.BAD_FIELD)
         kernel = installed.kernels[stage]
-        g = kernel.geometry
+        g = kernel.layout
         if len(inputs) != g.groups(batch) * g.in_cts:
             raise CiphertextError(
                 f"A batch of {batch} needs {g.groups(batch) * g.in_cts} input ciphertexts, got {len(inputs)}."
@@ -139,7 +139,7 @@ class WorkerService:
 
     def __init__(self) -> None:
         self.worker = HeWorker()
-        self._handlers = {"install": self._install, "evaluate": self._evaluate}
+        self._handlers = {MessageType.INSTALL: self._install, MessageType.EVALUATE: self._evaluate}
 
     def handle(self, request: Message) -> Message:
         return dispatch(self._handlers, request, "worker")
@@ -161,22 +161,11 @@ class WorkerService:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m heclave.parties.worker", description="A heclave HE worker process."
-    )
-    parser.add_argument("--bind", default="tcp://127.0.0.1:*")
-    parser.add_argument("--ready-file", type=Path)
-    parser.add_argument(
-        "--exit-with-parent",
-        action="store_true",
-        help="Stop when the process that started this one exits (a server that crashed cannot stop its workers).",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)
+    args = service.parser("python -m heclave.parties.worker", "A heclave HE worker process.", OPTIONS).parse_args(argv)
+    service.configure_logging(label="worker")
     sock, endpoint = router(args.bind)
-    should_stop = stop_requested(args.exit_with_parent)
-    if args.ready_file:
-        write_atomic(args.ready_file, json.dumps({"endpoint": endpoint}).encode())
+    should_stop = service.stop_requested(args.exit_with_parent)
+    service.write_ready(args.ready_file, endpoint=endpoint)
     serve(sock, WorkerService().handle, should_stop)
     return 0
 

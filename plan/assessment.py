@@ -26,8 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from heclave.he.graph import OpKind
-
+from .activation_import import torch_step
 from .importer import ImportedModel
 
 
@@ -73,11 +72,7 @@ def cut_functions(imported: ImportedModel) -> list[tuple[str, Callable[[torch.Te
             for weight, bias, steps in done:
                 h = h @ weight.T + bias
                 for op in steps:
-                    if op.kind is OpKind.RELU:
-                        h = torch.relu(h)
-                    else:
-                        pooled = F.max_pool2d(h.reshape(len(h), *op.in_shape), op.kernel, op.stride, op.padding)
-                        h = pooled.reshape(len(h), -1)
+                    h = torch_step(op)(h)
             return h
 
         label = "+".join(["linear"] + [op.kind.value for op in ops])

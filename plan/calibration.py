@@ -20,10 +20,11 @@ from statistics import median
 import numpy as np
 import tenseal.sealapi as seal
 
-from heclave.he.blinding import P
-from heclave.he.context import CkksParams, SecretKeySet
+from heclave.arith.blinding import P
+from heclave.arith.sparse import SparseMatrix
+from heclave.graph.params import CkksParams
+from heclave.he.context import SecretKeySet
 from heclave.he.serialize import to_bytes
-from heclave.he.sparse import SparseMatrix
 from heclave.plan.costs import ENCLAVE_FACTOR, UnitCosts
 from heclave.protocol.errors import PlanError
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from heclave.he.layout import Layout
+from heclave.graph.layouts.base import Layout
 
 # What a millisecond of enclave work costs in server milliseconds: about 2 for SGX's overheads (which
 # cannot be measured without SGX), times 2 because one enclave serves every lane of a server (two on

@@ -6,8 +6,8 @@ The enclave verifies every ``he`` and ``blinded`` layer the server computes
 
 from __future__ import annotations
 
-from heclave.he.graph import ModelGraph, Placement
-from heclave.he.linear import WeightForm
+from heclave.graph.model import ModelGraph
+from heclave.graph.placement import Placement, WeightForm
 
 
 def exposure(graph: ModelGraph) -> list[str]:
@@ -15,7 +15,7 @@ def exposure(graph: ModelGraph) -> list[str]:
     stages = graph.stages
     seen: list[str] = []
     for i, stage in enumerate(stages):
-        where = f"layer {i + 1} ({stage.geometry.rows}x{stage.in_features})"
+        where = f"layer {i + 1} ({stage.layout.rows}x{stage.in_features})"
         if stage.placement is Placement.PLAIN:
             seen.append("the input" if i == 0 else f"the activation entering {where}")
             seen.append(f"the weights of {where}")

@@ -7,7 +7,10 @@ evaluation mode, so every run of them is composed into one affine map
 ``y = W x + b`` over the flattened activations, computed exactly in float64 by
 applying the run to the standard basis. That is how batch-norm gets folded into
 the preceding linear layer, and average pooling into its neighbours: no special
-cases, and nothing approximated. ReLU and MaxPool2d become enclave steps.
+cases, and nothing approximated. The common nonlinearities (ReLU and its
+variants, sigmoid, tanh, GELU, softmax, LayerNorm, max-pooling, ...) become
+exact enclave steps (``plan.activation_import``); LayerNorm's weight and bias
+are an affine step that starts the next run, so they stay model weights.
 Anything else is refused with a message naming the layer.
 """
 
@@ -25,8 +28,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from heclave.he.graph import EnclaveOp, OpKind
+from heclave.arith.nonlinear import apply_op
+from heclave.graph.ops import EnclaveOp
 from heclave.protocol.errors import PlanError
+
+from .activation_import import NONLINEAR_MODULES, NONLINEAR_NAMES, elementwise_affine, enclave_op, is_nonlinear
 
 AFFINE_MODULES = (
     nn.Linear,
@@ -40,7 +46,6 @@ AFFINE_MODULES = (
 )
 AFFINE_FUNCTIONS = {torch.flatten, F.dropout, F.avg_pool2d}
 AFFINE_METHODS = {"view", "reshape", "flatten"}
-RELU_FUNCTIONS = {torch.relu, F.relu}
 SHAPE_METHODS = {"size", "dim"}
 MAX_AFFINE_ENTRIES = 64_000_000
 
@@ -86,6 +91,7 @@ class _Step:
     apply: Callable[[torch.Tensor], torch.Tensor]
     name: str
     module: nn.Module | None = None
+    affine_part: nn.Module | None = None  # a LayerNorm's weight and bias, applied by the next step
 
 
 def _describe(node: fx.Node, module: nn.Module | None) -> str:
@@ -100,22 +106,18 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str, nn.Module | None]
         module = gm.get_submodule(str(node.target))
         if isinstance(module, AFFINE_MODULES):
             return "affine", module
-        if isinstance(module, nn.ReLU):
-            return "relu", module
-        if isinstance(module, nn.MaxPool2d):
-            return "maxpool", module
+        if is_nonlinear(node, module):
+            return "nonlinear", module
         raise PlanError(
-            f"{_describe(node, module)} is not supported. heclave imports Linear, Conv2d, ReLU, Flatten, "
-            "AvgPool2d, MaxPool2d, BatchNorm1d/2d, Dropout and Identity."
+            f"{_describe(node, module)} is not supported. heclave imports Linear, Conv2d, Flatten, AvgPool2d, "
+            f"BatchNorm1d/2d, Dropout and Identity (affine) and {NONLINEAR_NAMES} (exact, in the enclave)."
         )
     if node.op == "call_function" and node.target in AFFINE_FUNCTIONS:
         return "affine", None
-    if node.op == "call_function" and node.target in RELU_FUNCTIONS:
-        return "relu", None
     if node.op == "call_method" and node.target in AFFINE_METHODS:
         return "affine", None
-    if node.op == "call_method" and node.target == "relu":
-        return "relu", None
+    if is_nonlinear(node):
+        return "nonlinear", None
     raise PlanError(f"{_describe(node, None)} is not supported; express it with supported torch layers.")
 
 
@@ -151,16 +153,20 @@ def _chain(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> list[_Step]:
             if node.args[0] is not current:
                 raise PlanError("The model's output must be the result of its last layer.")
             break
-        if _is_shape_query(node):
-            continue
+        if _is_shape_query(node) or node.op == "get_attr":
+            continue  # a parameter read (F.layer_norm's weight) belongs to the step that consumes it
         kind, module = _classify(node, gm)
-        chain_inputs = [a for a in node.all_input_nodes if not _is_shape_query(a)]
+        chain_inputs = [a for a in node.all_input_nodes if not _is_shape_query(a) and a.op != "get_attr"]
         if chain_inputs != [current]:
             raise PlanError(
                 f"{_describe(node, module)} does not consume the previous layer's output: heclave imports "
                 "sequential models (no skip connections or multiple branches)."
             )
         steps.append(_Step(node, kind, _applier(node, gm, current, shapes), _describe(node, module), module))
+        affine = elementwise_affine(node, module, gm) if kind == "nonlinear" else None
+        if affine is not None:  # LayerNorm: the enclave normalises, its weight and bias join the next affine run
+            steps[-1].affine_part = affine
+            steps.append(_Step(node, "affine", affine, f"{steps[-1].name} (weight and bias)", affine))
         current = node
     return steps
 
@@ -172,6 +178,8 @@ def _applier(node: fx.Node, gm: fx.GraphModule, prev: fx.Node, shapes: dict) -> 
         if isinstance(arg, fx.Node):
             if arg is prev:
                 return x
+            if arg.op == "get_attr":
+                return operator.attrgetter(str(arg.target))(gm)
             if _is_shape_query(arg):
                 args = [resolve(a, x) for a in arg.args]
                 if arg.op == "call_method":
@@ -244,16 +252,23 @@ def _affine(run: list[_Step], in_shape: tuple[int, ...]) -> AffineMap:
 
 
 def _enclave_op(step: _Step, in_shape: tuple[int, ...]) -> EnclaveOp:
-    if step.kind == "relu":
-        return EnclaveOp(OpKind.RELU, in_shape)
-    pool = step.module
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    if len(in_shape) != 3:
-        raise PlanError(f"{step.name} needs a (channels, height, width) input, got shape {in_shape}.")
-    if pair(pool.dilation) != (1, 1) or pool.ceil_mode or pool.return_indices:
-        raise PlanError(f"{step.name}: only dilation 1, ceil_mode=False and no indices are supported.")
-    stride = pool.stride if pool.stride is not None else pool.kernel_size
-    return EnclaveOp(OpKind.MAXPOOL2D, in_shape, pair(pool.kernel_size), pair(stride), pair(pool.padding))
+    """The step's exact enclave op, checked against the layer itself on a random input.
+
+    A hyperparameter misread (or a layer whose forward is not what its type says)
+    is refused here instead of deploying a model that computes something else.
+    """
+    op = enclave_op(step.node, step.module, in_shape, step.name)
+    x = 3 * torch.randn((2, *in_shape), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    try:
+        expected = step.apply(x.clone())
+    except RuntimeError as exc:
+        raise PlanError(f"{step.name} rejects its input of shape {in_shape} ({str(exc).splitlines()[0]}).") from None
+    got = torch.from_numpy(np.stack([apply_op(v, op) for v in x.numpy()]))
+    if step.affine_part is not None:
+        got = step.affine_part(got)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-9, atol=1e-9):
+        raise PlanError(f"{step.name}: the enclave's exact step does not reproduce the layer; it is not supported.")
+    return op
 
 
 def from_pytorch(model: nn.Module, input_shape: tuple[int, ...]) -> ImportedModel:
@@ -261,7 +276,7 @@ def from_pytorch(model: nn.Module, input_shape: tuple[int, ...]) -> ImportedMode
     if not isinstance(model, nn.Module):
         raise PlanError(f"from_pytorch takes a torch.nn.Module, got {type(model).__name__}.")
     model = copy.deepcopy(model).double().eval()
-    if isinstance(model, (*AFFINE_MODULES, nn.ReLU, nn.MaxPool2d)):
+    if isinstance(model, (*AFFINE_MODULES, *NONLINEAR_MODULES)):
         # fx traces through a bare leaf module's forward; as a one-layer chain it stays a layer.
         model = nn.Sequential(model)
     steps = _chain(_trace(model), tuple(input_shape))

@@ -6,19 +6,19 @@ import math
 
 import numpy as np
 
-from heclave.he.cyclic import LinearGeometry
-from heclave.he.grouped import GroupedLayout, support_groups
-from heclave.he.layout import LANES, Layout, best_split
-from heclave.he.paired import PairedRows, paired_support
+from heclave.graph.layouts.base import LANES, Layout, best_split
+from heclave.graph.layouts.cyclic import CyclicLayout
+from heclave.graph.layouts.grouped import GroupedLayout, support_groups
+from heclave.graph.layouts.paired import PairedRows, paired_support
 from heclave.plan.costs import UnitCosts, estimate_ms
 from heclave.protocol.errors import PlanError
 
 MAX_BLOCK_K = 64
 
 
-def choose_geometry(
+def choose_cyclic(
     rows: int, cols: int, slots: int, encrypted_weights: bool, costs: UnitCosts = UnitCosts(), batch: int = 1
-) -> LinearGeometry:
+) -> CyclicLayout:
     """The cheapest cyclic layout for a ``rows x cols`` matrix.
 
     With ``batch > 1`` (throughput mode) a layout may hold several queries per
@@ -33,26 +33,26 @@ def choose_geometry(
         period = math.ceil(chunk / k) * k
         if period > slots:
             continue
-        single = LinearGeometry(rows, cols, slots, k, period, chunk, 1, k)
+        single = CyclicLayout(rows, cols, slots, k, period, chunk, 1, k)
         if single.blocks < 1:
             continue
         shapes = [(1, single.out_cts)]
-        packed = LinearGeometry(rows, cols, slots, k, period, chunk, 1, k, 2)
+        packed = CyclicLayout(rows, cols, slots, k, period, chunk, 1, k, 2)
         if batch > 1 and in_cts == 1 and 2 * packed.region <= slots:
             shapes.append((min(batch, slots // packed.region), 1))
         for queries, out_cts in shapes:
             baby, giant = best_split(k, in_cts, out_cts)
-            candidates.append(LinearGeometry(rows, cols, slots, k, period, chunk, baby, giant, queries))
+            candidates.append(CyclicLayout(rows, cols, slots, k, period, chunk, baby, giant, queries))
     if not candidates:
         raise PlanError(f"No slot layout fits a {rows}x{cols} layer in {slots} slots.")
     return _cheapest(candidates, encrypted_weights, costs, batch)
 
 
-def unused_layout(rows: int, cols: int, slots: int) -> LinearGeometry:
+def unused_layout(rows: int, cols: int, slots: int) -> CyclicLayout:
     """A minimal valid layout for a stage that is not evaluated under CKKS (its shape is what matters)."""
     in_cts = math.ceil(cols / slots)
     chunk = math.ceil(cols / in_cts)
-    return LinearGeometry(rows, cols, slots, 1, chunk, chunk, 1, 1)
+    return CyclicLayout(rows, cols, slots, 1, chunk, chunk, 1, 1)
 
 
 def choose_layout(
@@ -74,7 +74,7 @@ def _one_row_per_slot(
     support: np.ndarray, slots: int, encrypted_weights: bool, costs: UnitCosts, batch: int
 ) -> list[Layout | None]:
     rows, cols = support.shape
-    cyclic = choose_geometry(rows, cols, slots, encrypted_weights, costs, batch)
+    cyclic = choose_cyclic(rows, cols, slots, encrypted_weights, costs, batch)
     if support.all() or not support.any():
         return [cyclic]
     deepest = max(len(g[1]) for g in support_groups(support))

@@ -12,8 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from heclave.he.graph import Placement
-from heclave.he.linear import WeightForm
+from heclave.graph.placement import Placement, WeightForm
 from heclave.protocol.errors import PlanError
 
 PLAN_FILE_FORMAT = 1

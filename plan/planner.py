@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch.nn as nn
 
-from heclave.he.blinding import weight_scale
-from heclave.he.context import CkksParams
-from heclave.he.graph import ModelGraph, Placement, ReleasePolicy, Stage
-from heclave.he.linear import WeightForm
+from heclave.arith.blinding import weight_scale
+from heclave.graph.model import ModelGraph, Stage
+from heclave.graph.params import CkksParams
+from heclave.graph.placement import Placement, WeightForm
+from heclave.graph.release import ReleasePolicy
 from heclave.plan.costs import UnitCosts
 from heclave.protocol.errors import PlanError
 
@@ -34,7 +35,7 @@ class Plan:
         """Per stage: shape, layout and the server's operation counts (public metadata)."""
         rows = []
         for i, stage in enumerate(self.graph.stages):
-            g = stage.geometry
+            g = stage.layout
             he = stage.placement is Placement.HE
             rows.append(
                 {

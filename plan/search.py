@@ -5,8 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from heclave.he.graph import Placement
-from heclave.he.linear import WeightForm
+from heclave.graph.placement import Placement, WeightForm
 from heclave.plan.costs import estimate_parts
 from heclave.protocol.errors import PlanError
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import msgpack
@@ -31,11 +32,38 @@ OK = "ok"
 ERROR = "error"
 
 
+class MessageType(StrEnum):
+    """Every request type, by the process that answers it; a reply is ``ok`` or ``error``.
+
+    Each process routes on these (``transport.dispatch``) and refuses any other
+    type naming the ones it handles. Sealed payloads are described where they
+    are opened: ``tee.enclave`` for the enclave, ``parties.server`` for the server.
+    """
+
+    # The enclave answers these; the server relays those a client sends.
+    EVIDENCE = "evidence"  # the enclave's attestation evidence and public CKKS parameters
+    OPEN_SESSION = "open_session"  # Noise XK message 1; the reply carries message 2
+    CONFIRM_SESSION = "confirm_session"  # Noise XK message 3: the owner proves its identity
+    REGISTER_MODEL = "register_model"  # from the server: a model's graph and the owner's sealed secrets
+    GRANT = "grant"  # the owner replaces who may query its model
+    UNDEPLOY = "undeploy"  # the owner removes its model and its keys
+    MODEL_INFO = "model_info"  # a reader asks for a model's public context, sealed to its session
+    BEGIN = "begin"  # from the server: an inference's first stage, checked against the data owner's seal
+    ACTIVATE = "activate"  # from the server: one stage's result, for the next stage's input or the release
+    # The server answers these.
+    REGISTER = "register"  # a model owner registers a graph; the enclave makes its keys
+    DEPLOY = "deploy"  # the model owner uploads the registered model's weights
+    INFER = "infer"  # a data owner's encrypted batch and its sealed authorisation
+    # A worker answers these, from its server.
+    INSTALL = "install"  # a deployment's bundle: graph, public context and weights
+    EVALUATE = "evaluate"  # one stage of one batch
+
+
 @dataclass(frozen=True)
 class Message:
     """One protocol message: its type, content map, binary buffers and ids."""
 
-    type: str
+    type: str  # a MessageType, or ok or error
     content: dict[str, Any] = field(default_factory=dict)
     buffers: Sequence[bytes] = ()
     id: str = field(default_factory=lambda: secrets.token_hex(8))

@@ -12,8 +12,6 @@ or any key without one, and each message it receives carries its sender's key.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -191,21 +189,6 @@ def handle_frames(frames: list[bytes], handler: Handler) -> list[bytes]:
             request.id if request else try_parse_id(frames),
         )
     return encode(reply)
-
-
-def stop_requested(exit_with_parent: bool = False) -> Callable[[], bool]:
-    """Install SIGTERM and SIGINT handlers; the check returned turns true once either arrives.
-
-    With ``exit_with_parent`` it also turns true once the process that started
-    this one has exited: a child started in its own session never sees its
-    parent's signals, so a server killed outright would otherwise leave its
-    workers and supervised enclave serving with nobody to stop them.
-    """
-    stopping: list[bool] = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    parent = os.getppid()
-    return lambda: bool(stopping) or (exit_with_parent and os.getppid() != parent)
 
 
 class Received(NamedTuple):

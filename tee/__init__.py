@@ -1,7 +1,8 @@
 """The enclave: key holder, exact nonlinear steps, re-encryption and release.
 
-Its trusted computing base is this package, ``he`` and ``protocol`` plus numpy,
-tenseal, pyzmq and cryptography. It never imports torch.
+Its trusted computing base is this package, ``he``, ``arith``, ``graph`` and
+``protocol`` plus numpy, tenseal, pyzmq, msgpack, cryptography and zstandard
+(``tests/test_tcb.py`` holds it to that). It never imports torch.
 """
 
 from .enclave import Enclave

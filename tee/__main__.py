@@ -16,28 +16,25 @@ the operator had sent it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-from heclave.protocol import link
+from heclave.protocol import link, service
 from heclave.protocol.errors import HeclaveError
 from heclave.protocol.evidence import Runtime
-from heclave.protocol.storage import write_atomic
-from heclave.protocol.transport import router, serve, stop_requested
+from heclave.protocol.transport import router, serve
 
 from .enclave import Enclave
 from .runtime import detect
 
 log = logging.getLogger("heclave.enclave")
 
+OPTIONS = service.options("tcp://127.0.0.1:5556", "Loopback endpoint the server connects to.", "{endpoint, runtime}")
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="heclave enclave", description=__doc__)
-    parser.add_argument("--bind", default="tcp://127.0.0.1:5556", help="loopback endpoint the server connects to")
-    parser.add_argument("--ready-file", type=Path, help="write {endpoint, runtime} here once serving")
+    parser = service.parser("heclave enclave", __doc__, OPTIONS)
     parser.add_argument(
         "--link-token",
         type=Path,
@@ -53,18 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         "(without it the keys live only as long as the process)",
     )
     parser.add_argument(
-        "--exit-with-parent",
-        action="store_true",
-        help="stop when the process that started this one exits (a supervising server that was killed)",
-    )
-    parser.add_argument(
         "--insecure-skip-verification",
         action="store_true",
         help="INSECURE, for measuring what verification costs only (heclave bench cnn): do not check the "
         "server's layer results, which makes the enclave a decryption oracle for the server",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s enclave %(levelname)s %(message)s", stream=sys.stderr)
+    service.configure_logging(label="enclave")
 
     detected = detect()
     if args.runtime and Runtime(args.runtime) is not detected:
@@ -81,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if token is None:
         log.warning("no --link-token: any process on this host can connect to the enclave's socket")
     sock, endpoint = router(args.bind, link_token=token)
-    should_stop = stop_requested(args.exit_with_parent)
-    if args.ready_file:
-        write_atomic(args.ready_file, json.dumps({"endpoint": endpoint, "runtime": detected.value}).encode())
+    should_stop = service.stop_requested(args.exit_with_parent)
+    service.write_ready(args.ready_file, endpoint=endpoint, runtime=detected.value)
     log.info("serving on %s (runtime %s)", endpoint, detected.value)
     serve(sock, enclave.handle, should_stop, enclave.idle)
     log.info("stopped")

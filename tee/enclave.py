@@ -40,13 +40,14 @@ import msgpack
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from heclave.he.activations import Form
-from heclave.he.context import CkksParams, SecretKeySet, public_parameters
-from heclave.he.graph import ModelGraph, Placement
+from heclave.graph.model import ModelGraph
+from heclave.graph.params import CkksParams
+from heclave.graph.placement import Form, Placement
+from heclave.he.context import SecretKeySet, public_parameters
 from heclave.protocol.channel import Session
 from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from heclave.protocol.evidence import Runtime
-from heclave.protocol.messages import Message, batch_size, field_of
+from heclave.protocol.messages import Message, MessageType, batch_size, field_of
 from heclave.protocol.noise import public_bytes
 from heclave.protocol.transport import dispatch
 
@@ -90,15 +91,15 @@ class Enclave:
         self._sessions = SessionTable(self.identity, self.evidence.digest(), self._models.standing)
         self._requests = RequestTable()
         self._handlers = {
-            "evidence": self._evidence,
-            "open_session": self._open_session,
-            "confirm_session": self._confirm_session,
-            "register_model": self._register_model,
-            "grant": self._grant,
-            "undeploy": self._undeploy,
-            "model_info": self._model_info,
-            "begin": self._begin,
-            "activate": self._activate,
+            MessageType.EVIDENCE: self._evidence,
+            MessageType.OPEN_SESSION: self._open_session,
+            MessageType.CONFIRM_SESSION: self._confirm_session,
+            MessageType.REGISTER_MODEL: self._register_model,
+            MessageType.GRANT: self._grant,
+            MessageType.UNDEPLOY: self._undeploy,
+            MessageType.MODEL_INFO: self._model_info,
+            MessageType.BEGIN: self._begin,
+            MessageType.ACTIVATE: self._activate,
         }
 
     def _runtime(self, graph: ModelGraph, keys: SecretKeySet, vouched: dict) -> ModelRuntime:

@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from heclave.he.activations import Form, parse_values
-from heclave.he.blinding import P, activation_scale, centred
+from heclave.arith.blinding import P, activation_scale, centred
+from heclave.arith.nonlinear import apply_ops
+from heclave.arith.sparse import SparseMatrix
+from heclave.arith.values import parse_values
+from heclave.graph.model import ModelGraph
+from heclave.graph.placement import Form, Placement, WeightForm
 from heclave.he.context import SecretKeySet
-from heclave.he.graph import ModelGraph, Placement
-from heclave.he.linear import WeightForm, unpack_mask
-from heclave.he.nonlinear import apply_ops
+from heclave.he.linear import unpack_mask
 from heclave.he.sampling import uniform_residues
-from heclave.he.sparse import SparseMatrix
 from heclave.protocol.errors import CiphertextError, ErrorCode, IntegrityError, PlanError, ProtocolError
 
 from .precompute import MaskPool, NoisePool
@@ -71,7 +72,7 @@ class ModelRuntime:
         encrypted = self.graph.weight_form is WeightForm.ENCRYPTED
         for i, stage in enumerate(self.graph.stages):
             if stage.placement is Placement.HE:
-                self.checks[i] = LinearCheck(self.weights[i], stage.geometry, encrypted, self.keys.params)
+                self.checks[i] = LinearCheck(self.weights[i], stage.layout, encrypted, self.keys.params)
             elif stage.placement is Placement.BLINDED:
                 self.checks[i] = FieldCheck(self.weights[i])
 
@@ -88,7 +89,7 @@ class ModelRuntime:
             raise PlanError("The sealed registration carries one diagonal mask per stage.")
         weights, biases, polynomials = {}, {}, {}
         for i, stage in enumerate(graph.stages):
-            g, blob = stage.geometry, blobs.get(str(i))
+            g, blob = stage.layout, blobs.get(str(i))
             if stage.placement is Placement.PLAIN:
                 continue
             if not isinstance(blob, bytes):
@@ -118,7 +119,7 @@ class ModelRuntime:
                 f"Stage {index} is placed {stage.placement.value!r}; {form.value!r} does not fit it.",
                 ErrorCode.BAD_FIELD,
             )
-        batch, g = request.batch, stage.geometry
+        batch, g = request.batch, stage.layout
         if form is Form.PLAIN:
             last = self.plain_run_end(index)
             shape = (batch, _size(self.graph.stages[last].result_shape))
@@ -144,7 +145,7 @@ class ModelRuntime:
 
     def _decrypt(self, index: int, buffers: list[bytes] | tuple[bytes, ...], batch: int) -> np.ndarray:
         """A stage's partial sums, after refusing any ciphertext the honest stage would not have produced."""
-        g = self.graph.stages[index].geometry
+        g = self.graph.stages[index].layout
         expected = self.polynomials[index] * g.groups(batch)
         if len(buffers) != len(expected):
             raise CiphertextError(f"Stage {index} produces {len(expected)} ciphertexts, {len(buffers)} arrived.")
@@ -202,7 +203,7 @@ class ModelRuntime:
             request.inputs = xs
             if index == 0:
                 return Form.CIPHERTEXTS, [], 0.0
-            encrypted = [self.masks.encrypt(row) for row in stage.geometry.gather_batch(xs)]
+            encrypted = [self.masks.encrypt(row) for row in stage.layout.gather_batch(xs)]
             return Form.CIPHERTEXTS, [data for data, _ in encrypted], sum(ms for _, ms in encrypted)
         if stage.placement is Placement.BLINDED:
             blinded, products, scales, offline_ms = self._blind(index, xs)
@@ -268,7 +269,7 @@ def _polynomials(graph: ModelGraph, index: int, packed: bytes) -> list[int]:
     unrotated giant-step group stay unrelinearized (three), so an output
     ciphertext has three exactly when that group has a diagonal.
     """
-    g = graph.stages[index].geometry
+    g = graph.stages[index].layout
     if graph.weight_form is WeightForm.PLAIN:
         return [2] * g.out_cts
     mask = unpack_mask(packed, g, f"Stage {index}")

@@ -17,8 +17,9 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from heclave.he.context import CkksParams, SecretKeySet
-from heclave.he.graph import ModelGraph
+from heclave.graph.model import ModelGraph
+from heclave.graph.params import CkksParams
+from heclave.he.context import SecretKeySet
 from heclave.protocol.errors import ErrorCode, ForbiddenError, HeclaveError, ProtocolError, QuotaError
 
 from .execution import ModelRuntime

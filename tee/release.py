@@ -15,7 +15,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
-from heclave.he.graph import ReleaseMode, ReleasePolicy
+from heclave.graph.release import ReleaseMode, ReleasePolicy
 from heclave.protocol.channel import Session
 
 

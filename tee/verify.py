@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from heclave.he.blinding import P
-from heclave.he.context import CkksParams
-from heclave.he.layout import Layout
+from heclave.arith.blinding import P
+from heclave.arith.sparse import SparseMatrix
+from heclave.graph.layouts.base import Layout
+from heclave.graph.params import CkksParams
 from heclave.he.sampling import NOISE_VARIANCE, random_words, uniform_residues
-from heclave.he.sparse import SparseMatrix
 
 VECTORS = 40
 FIELD_VECTORS = 2

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from heclave.he.context import CkksParams, SecretKeySet
+from heclave.graph.params import CkksParams
+from heclave.he.context import SecretKeySet
 from heclave.parties.processes import Cluster
 
 

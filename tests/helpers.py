@@ -6,10 +6,11 @@ import numpy as np
 import tenseal.sealapi as seal
 import zmq
 
+from heclave.arith.nonlinear import apply_ops
+from heclave.graph.model import ModelGraph
+from heclave.graph.placement import WeightForm
 from heclave.he.context import SecretKeySet
-from heclave.he.graph import ModelGraph
-from heclave.he.linear import LinearKernel, OpCounter, WeightForm, encrypt_weights
-from heclave.he.nonlinear import apply_ops
+from heclave.he.linear import LinearKernel, OpCounter, encrypt_weights
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity
 from heclave.protocol.transport import CurveKeys, read_public_key
@@ -28,7 +29,7 @@ def run_encrypted(keys: SecretKeySet, graph: ModelGraph, weights: list[np.ndarra
     toolkit = context.toolkit
     activation = np.asarray(x, dtype=np.float64).reshape(-1)
     for stage, w_aug in zip(graph.stages, weights):
-        g, w, bias = stage.geometry, w_aug[:, :-1], w_aug[:, -1]
+        g, w, bias = stage.layout, w_aug[:, :-1], w_aug[:, -1]
         if graph.weight_form is WeightForm.PLAIN:
             kernel = LinearKernel.from_plain(toolkit, g, w)
         else:

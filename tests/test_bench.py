@@ -1,13 +1,21 @@
-"""``heclave bench linear`` end to end through the command line: every report key, and an accurate layer."""
+"""``heclave bench`` end to end through the command line: every report key, accurate results, and the Ray rows
+skipped with a clear sentence where Ray is not installed."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
 from heclave.cli import main
+
+HECLAVE = str(Path(sys.executable).parent / "heclave")
+INSTALL_RAY = "pip install 'heclave[ray]'"
 
 VERIFICATION_KEYS = {
     "latency_ms_verified",
@@ -90,3 +98,40 @@ def test_bench_cnn_reports_what_verification_costs_in_the_same_run() -> None:
     for key in ("latency_overhead", "enclave_overhead"):
         assert math.isfinite(verification[key]) and verification[key] > -1, key
     assert isinstance(verification["within_bounds"], bool)
+
+
+def _without_ray(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Python processes, the server's children too, fail to import Ray as if it were
+    not installed: a package named ray ahead of the real one on the path that raises ImportError."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text("raise ImportError('ray is hidden from this test')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+
+
+def test_bench_scale_without_ray_runs_the_other_rows_and_says_what_it_skipped(tmp_path) -> None:
+    args = ["bench", "scale", "--workers", "1", "--model", "tutorial-cnn", "--clients", "1", "--requests", "1"]
+    done = subprocess.run(
+        [HECLAVE, *args, "--batch", "1", "--json"],
+        env=_without_ray(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [(r["backend"], r["workers"]) for r in report["runs"]] == [("processes", 1)]
+    assert report["runs"][0]["agreement"] == 1.0 and report["projection"][0]["model"] == "tutorial-cnn"
+    assert [(s["backend"], s["workers"]) for s in report["skipped"]] == [("ray", 1)]
+    assert "Skipped the 1 ray row(s) (tutorial-cnn at 1 worker(s))" in done.stderr
+    assert INSTALL_RAY in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_server_asked_for_ray_without_it_says_how_to_install_it(tmp_path) -> None:
+    done = subprocess.run(
+        [HECLAVE, "server", "--ray", "local", "--spawn-enclave", "--key-file", str(tmp_path / "server.key")],
+        env=_without_ray(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and INSTALL_RAY in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -14,7 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from heclave.he.context import CkksParams, SecretKeySet
+from heclave.graph.params import CkksParams
+from heclave.he.context import SecretKeySet
 from heclave.he.serialize import to_bytes
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner

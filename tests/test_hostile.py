@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from heclave.he.context import CkksParams, SecretKeySet
+from heclave.graph.params import CkksParams
+from heclave.he.context import SecretKeySet
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.protocol.errors import ChannelError, HeclaveError
@@ -69,7 +70,7 @@ def test_ciphertext_under_other_parameters_is_refused(cluster, model, attacker):
 def test_ciphertext_under_another_key_only_yields_noise_to_its_sender(cluster, model, attacker):
     request = attacker.prepare(model[0], np.ones((1, 12)))
     foreign = SecretKeySet(CkksParams()).public
-    layout = attacker.graph(model[0]).stages[0].geometry.gather_batch(np.ones((1, 12)))
+    layout = attacker.graph(model[0]).stages[0].layout.gather_batch(np.ones((1, 12)))
     forged = Message("infer", request.content, [foreign.encrypt(row) for row in layout])
     try:
         released = attacker.connection.request(forged)

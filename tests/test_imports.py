@@ -9,16 +9,18 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("protocol", "he", "tee", "plan", "parties", "examples", "benchmarks")
+LAYERS = ("protocol", "graph", "arith", "he", "tee", "plan", "parties", "examples", "benchmarks")
 # What each layer may import from heclave (``workloads`` is the leaf module heclave/workloads.py).
 ALLOWED = {
     "protocol": set(),
-    "he": {"protocol"},
-    "tee": {"protocol", "he"},
-    "plan": {"protocol", "he"},
-    "parties": {"protocol", "he", "plan", "tee", "workloads"},
-    "examples": {"protocol", "he", "plan", "parties", "workloads"},
-    "benchmarks": {"protocol", "he", "plan", "parties", "workloads"},
+    "graph": {"protocol"},
+    "arith": {"protocol", "graph"},
+    "he": {"protocol", "graph"},
+    "tee": {"protocol", "graph", "arith", "he"},
+    "plan": {"protocol", "graph", "arith", "he"},
+    "parties": {"protocol", "graph", "arith", "he", "plan", "tee", "workloads"},
+    "examples": {"protocol", "graph", "arith", "he", "plan", "parties", "workloads"},
+    "benchmarks": {"protocol", "graph", "arith", "he", "plan", "parties", "workloads"},
 }
 SERVER_SIDE = ("heclave.parties.serving", "heclave.parties.server", "heclave.parties.worker")
 

@@ -118,7 +118,7 @@ def test_forged_release_authorisation_is_refused(deployed, data_owner, trained):
     _, x, _ = trained
     graph = data_owner.graph(deployed)
     ctx = data_owner.context(deployed)
-    frames = [ctx.encrypt(row) for row in graph.stages[0].geometry.gather(x[0].ravel())]
+    frames = [ctx.encrypt(row) for row in graph.stages[0].layout.gather(x[0].ravel())]
     content = {
         "model_id": deployed,
         "session_id": data_owner.connection.session.session_id,
@@ -146,7 +146,7 @@ def test_batches_packed_several_queries_per_ciphertext_agree(cluster, trained):
     model, x, reference = trained
     owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
     plan = owner.plan(model, INPUT_SHAPE, "encrypted", batch=8)
-    assert any(stage.geometry.queries > 1 for stage in plan.graph.stages), "throughput mode packed nothing"
+    assert any(stage.layout.queries > 1 for stage in plan.graph.stages), "throughput mode packed nothing"
     model_id = owner.deploy(plan, readers=[DATA_OWNER.public])
     owner.close()
     data_owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)

@@ -1,6 +1,6 @@
 """Slot layouts and the encrypted affine kernel, checked against numpy float64.
 
-Two kinds of property: pure ones about :class:`he.cyclic.LinearGeometry` (cheap,
+Two kinds of property: pure ones about :class:`heclave.graph.layouts.cyclic.CyclicLayout` (cheap,
 many examples, any slot count) and CKKS ones that run
 :class:`he.linear.LinearKernel` for real at N = 8192 (few examples: each costs
 tens of milliseconds to a second).
@@ -16,13 +16,14 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from heclave.he.cyclic import LinearGeometry
-from heclave.he.grouped import GroupedLayout
-from heclave.he.layout import Layout
-from heclave.he.layout_kinds import layout_from_wire
-from heclave.he.linear import LinearKernel, OpCounter, WeightForm
-from heclave.he.paired import PairedRows
-from heclave.plan.layouts import choose_geometry
+from heclave.graph.layouts import layout_from_wire
+from heclave.graph.layouts.base import Layout
+from heclave.graph.layouts.cyclic import CyclicLayout
+from heclave.graph.layouts.grouped import GroupedLayout
+from heclave.graph.layouts.paired import PairedRows
+from heclave.graph.placement import WeightForm
+from heclave.he.linear import LinearKernel, OpCounter
+from heclave.plan.layouts import choose_cyclic
 from heclave.protocol.errors import HeclaveError, PlanError
 from tests.helpers import deployed_kernel
 
@@ -42,8 +43,8 @@ CKKS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthChe
 @st.composite
 def geometries(
     draw, slots: int, max_in_cts: int = 3, max_out_cts: int = 3, max_k: int | None = None, max_chunk: int | None = None
-) -> LinearGeometry:
-    """Any geometry ``validate`` should accept, not only those ``choose_geometry`` picks.
+) -> CyclicLayout:
+    """Any layout ``validate`` should accept, not only those ``choose_cyclic`` picks.
 
     The baby/giant split may be loose (``baby * giant > k``) and the period may
     exceed the smallest multiple of ``k`` that holds a chunk.
@@ -53,30 +54,30 @@ def geometries(
     period = math.ceil(chunk / k) * k
     assume(period <= slots)
     period *= draw(st.integers(1, max(1, slots // period)))
-    geometry = LinearGeometry(1, 1, slots, k, period, chunk, 1, k)
-    assume(geometry.blocks >= 1)
+    layout = CyclicLayout(1, 1, slots, k, period, chunk, 1, k)
+    assume(layout.blocks >= 1)
     in_cts = draw(st.integers(1, max_in_cts))
     cols = draw(st.integers((in_cts - 1) * chunk + 1, in_cts * chunk))
     out_cts = draw(st.integers(1, max_out_cts))
-    per_ct = geometry.rows_per_ct
+    per_ct = layout.rows_per_ct
     rows = draw(st.integers((out_cts - 1) * per_ct + 1, out_cts * per_ct))
     baby = draw(st.integers(1, k))
     giant = math.ceil(k / baby) + draw(st.integers(0, 2))
-    return LinearGeometry(rows, cols, slots, k, period, chunk, baby, giant)
+    return CyclicLayout(rows, cols, slots, k, period, chunk, baby, giant)
 
 
 small_slots = st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128])
 shapes = st.tuples(st.integers(1, 300), st.integers(1, 300))
 
 
-def _ids(geometry: LinearGeometry) -> np.ndarray:
+def _ids(layout: CyclicLayout) -> np.ndarray:
     """A ``rows x cols`` matrix whose entries are 1, 2, ... (unique, exact in float64)."""
-    return np.arange(1, geometry.rows * geometry.cols + 1, dtype=np.float64).reshape(geometry.rows, geometry.cols)
+    return np.arange(1, layout.rows * layout.cols + 1, dtype=np.float64).reshape(layout.rows, layout.cols)
 
 
-def simulate(geometry: LinearGeometry, weights: np.ndarray, x_aug: np.ndarray) -> np.ndarray:
+def simulate(layout: CyclicLayout, weights: np.ndarray, x_aug: np.ndarray) -> np.ndarray:
     """The server's baby-step giant-step algorithm on plaintext numpy slots (``np.roll(v, -s)`` is a left rotation)."""
-    return geometry.scatter(simulate_slots(geometry, weights, geometry.gather(x_aug)))
+    return layout.scatter(simulate_slots(layout, weights, layout.gather(x_aug)))
 
 
 def simulate_slots(g: Layout, weights: np.ndarray, inputs: np.ndarray) -> np.ndarray:
@@ -100,7 +101,7 @@ def simulate_slots(g: Layout, weights: np.ndarray, inputs: np.ndarray) -> np.nda
 def batch_geometries(slots: int):
     """Geometries of every kind a batch meets: any valid one, and throughput-mode picks with several queries."""
     picked = st.builds(
-        lambda shape, batch: choose_geometry(*shape, slots, False, batch=batch),
+        lambda shape, batch: choose_cyclic(*shape, slots, False, batch=batch),
         st.tuples(st.integers(1, 12), st.integers(1, 12)),
         st.integers(2, 16),
     )
@@ -131,11 +132,11 @@ def _random_support(rng: np.random.Generator, rows: int, cols: int) -> np.ndarra
 
 def paired_layouts(support: np.ndarray, slots: int) -> list[PairedRows]:
     """Every base family over the pairs' joint support, wrapped to pair rows."""
-    from heclave.he.paired import paired_support
+    from heclave.graph.layouts.paired import paired_support
 
     joint = paired_support(support)
     half, cols = joint.shape
-    bases = [choose_geometry(half, cols, slots, False), GroupedLayout.from_support(joint, slots)]
+    bases = [choose_cyclic(half, cols, slots, False), GroupedLayout.from_support(joint, slots)]
     bases += [GroupedLayout.block_cyclic(joint, slots, k) for k in (2, 3)]
     return [PairedRows(base, support.shape[0]) for base in bases if base is not None]
 
@@ -158,11 +159,11 @@ def test_paired_rows_compute_w_x_for_every_base_layout(rows, cols, slots, seed):
     "wire",
     [
         {"kind": "paired", "rows": 5},
-        {"kind": "paired", "rows": "5", "base": LinearGeometry(3, 4, 16, 1, 4, 4, 1, 1).to_wire()},
-        {"kind": "paired", "rows": 7, "base": LinearGeometry(3, 4, 16, 1, 4, 4, 1, 1).to_wire()},
-        {"kind": "paired", "rows": 3, "base": LinearGeometry(3, 4, 16, 1, 4, 4, 1, 1).to_wire()},
+        {"kind": "paired", "rows": "5", "base": CyclicLayout(3, 4, 16, 1, 4, 4, 1, 1).to_wire()},
+        {"kind": "paired", "rows": 7, "base": CyclicLayout(3, 4, 16, 1, 4, 4, 1, 1).to_wire()},
+        {"kind": "paired", "rows": 3, "base": CyclicLayout(3, 4, 16, 1, 4, 4, 1, 1).to_wire()},
         {"kind": "paired", "rows": 4, "base": {"kind": "paired", "rows": 3, "base": {}}},
-        {"kind": "paired", "rows": 4, "base": LinearGeometry(3, 4, 16, 1, 5, 4, 1, 1, 2).to_wire()},
+        {"kind": "paired", "rows": 4, "base": CyclicLayout(3, 4, 16, 1, 5, 4, 1, 1, 2).to_wire()},
     ],
     ids=["no base", "rows not int", "too many rows", "nothing paired", "nested", "several queries"],
 )
@@ -176,9 +177,9 @@ def test_malformed_paired_layout_is_refused(wire):
 
 @PURE
 @given(shapes, small_slots, st.booleans())
-def test_chosen_geometry_is_valid_and_fits_the_layer(shape, slots, encrypted):
+def test_chosen_cyclic_layout_is_valid_and_fits_the_layer(shape, slots, encrypted):
     rows, cols = shape
-    g = choose_geometry(rows, cols, slots, encrypted)
+    g = choose_cyclic(rows, cols, slots, encrypted)
     g.validate()
     assert (g.rows, g.cols, g.slots) == (rows, cols, slots)
     assert g.in_cts * g.chunk >= cols > (g.in_cts - 1) * g.chunk
@@ -194,8 +195,8 @@ def test_chosen_geometry_is_valid_and_fits_the_layer(shape, slots, encrypted):
 @example(11, 5000, True)
 @example(1, 2, True)
 @example(4096, 4097, False)
-def test_chosen_geometry_is_valid_at_deployment_slots(rows, cols, encrypted):
-    g = choose_geometry(rows, cols, SLOTS, encrypted)
+def test_chosen_cyclic_layout_is_valid_at_deployment_slots(rows, cols, encrypted):
+    g = choose_cyclic(rows, cols, SLOTS, encrypted)
     g.validate()
     assert g.in_cts == math.ceil(cols / SLOTS)
     assert g.out_cts * g.rows_per_ct >= rows
@@ -204,7 +205,7 @@ def test_chosen_geometry_is_valid_at_deployment_slots(rows, cols, encrypted):
 
 
 @PURE
-@given(st.one_of(small_slots.flatmap(geometries), shapes.flatmap(lambda s: st.just(choose_geometry(*s, 64, False)))))
+@given(st.one_of(small_slots.flatmap(geometries), shapes.flatmap(lambda s: st.just(choose_cyclic(*s, 64, False)))))
 def test_every_weight_is_used_exactly_once(g):
     """Each (row, col) of the matrix sits in exactly one diagonal slot, where the docstring's formula puts it."""
     ids = _ids(g)
@@ -231,7 +232,7 @@ def test_every_weight_is_used_exactly_once(g):
 
 @PURE
 @given(
-    st.one_of(small_slots.flatmap(geometries), shapes.flatmap(lambda s: st.just(choose_geometry(*s, 32, True)))),
+    st.one_of(small_slots.flatmap(geometries), shapes.flatmap(lambda s: st.just(choose_cyclic(*s, 32, True)))),
     st.integers(0, 2**32 - 1),
 )
 def test_plaintext_simulation_of_the_server_computes_w_x(g, seed):
@@ -262,20 +263,20 @@ def test_gather_and_scatter_are_the_layouts_described(g):
 @given(
     st.one_of(
         st.sampled_from([8, 4096]).flatmap(geometries),
-        shapes.flatmap(lambda s: st.just(choose_geometry(*s, 64, False))),
+        shapes.flatmap(lambda s: st.just(choose_cyclic(*s, 64, False))),
     )
 )
 def test_geometry_wire_round_trip(g):
     wire = g.to_wire()
-    assert LinearGeometry.from_wire(wire) == g
-    assert LinearGeometry.from_wire(msgpack.unpackb(msgpack.packb(wire), raw=False)) == g
+    assert CyclicLayout.from_wire(wire) == g
+    assert CyclicLayout.from_wire(msgpack.unpackb(msgpack.packb(wire), raw=False)) == g
 
 
-FIELDS = sorted(LinearGeometry.__dataclass_fields__)
+FIELDS = sorted(CyclicLayout.__dataclass_fields__)
 
 
 def _break(wire: dict, how: str, data) -> dict:
-    """A copy of a valid geometry's wire form, made inconsistent in the way ``how`` names."""
+    """A copy of a valid layout's wire form, made inconsistent in the way ``how`` names."""
     w = dict(wire)
     k, period, slots = w["k"], w["period"], w["slots"]
     if how == "missing":
@@ -337,20 +338,20 @@ BREAKS = [
 def test_from_wire_refuses_inconsistent_geometry(how, g, data):
     broken = _break(g.to_wire(), how, data)
     with pytest.raises(PlanError) as info:
-        LinearGeometry.from_wire(broken)
-    assert "geometry" in str(info.value)
+        CyclicLayout.from_wire(broken)
+    assert "layout" in str(info.value)
 
 
-def test_choose_geometry_refuses_empty_layers():
+def test_choose_cyclic_refuses_empty_layers():
     for rows, cols in [(0, 5), (5, 0), (-1, 3)]:
         with pytest.raises(PlanError, match=f"{rows}x{cols}"):
-            choose_geometry(rows, cols, SLOTS, False)
+            choose_cyclic(rows, cols, SLOTS, False)
 
 
 # ---------------------------------------------------------------- CKKS
 
 
-def run_kernel(keys, g: LinearGeometry, form: WeightForm, w: np.ndarray, x_aug: np.ndarray):
+def run_kernel(keys, g: CyclicLayout, form: WeightForm, w: np.ndarray, x_aug: np.ndarray):
     """Deploy ``w`` in ``form`` and evaluate it on the encrypted ``x_aug``, as server and enclave do."""
     context, kernel = deployed_kernel(keys, g, w, form)
     inputs = [context.toolkit.load_ciphertext(keys.encrypt_symmetric(v)) for v in g.gather(x_aug)]
@@ -376,7 +377,7 @@ def test_kernel_on_paired_rows_matches_numpy(keys, form, rows):
 @pytest.mark.parametrize("form", FORMS, ids=lambda f: f.value)
 def test_kernel_computes_both_lanes_of_a_complex_packed_batch(keys, form):
     rng = np.random.default_rng()
-    g = choose_geometry(37, 90, SLOTS, form is WeightForm.ENCRYPTED)
+    g = choose_cyclic(37, 90, SLOTS, form is WeightForm.ENCRYPTED)
     w = rng.uniform(-1, 1, (g.rows, g.cols)) / math.sqrt(g.cols)
     xs = rng.uniform(-1, 1, (2, g.cols))
     context, kernel = deployed_kernel(keys, g, w, form)
@@ -389,7 +390,7 @@ def test_kernel_computes_both_lanes_of_a_complex_packed_batch(keys, form):
     assert np.abs(got - want).max() / (np.abs(w) @ np.abs(xs.T)).max() <= TARGET
 
 
-def check_affine(keys, g: LinearGeometry, form: WeightForm, seed: int) -> None:
+def check_affine(keys, g: CyclicLayout, form: WeightForm, seed: int) -> None:
     """``W x + b`` with fresh random ``W``, ``b`` and ``x``, through the kernel, against numpy float64."""
     rng = np.random.default_rng(seed)
     inputs = g.cols - 1
@@ -428,7 +429,7 @@ layer_shapes = st.one_of(
 @example(shape=(64, 31), seed=5)
 def test_kernel_matches_numpy(keys, form, shape, seed):
     outputs, inputs = shape
-    g = choose_geometry(outputs, inputs + 1, SLOTS, form is WeightForm.ENCRYPTED)
+    g = choose_cyclic(outputs, inputs + 1, SLOTS, form is WeightForm.ENCRYPTED)
     check_affine(keys, g, form, seed)
 
 
@@ -436,13 +437,13 @@ def test_kernel_matches_numpy(keys, form, shape, seed):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(g=geometries(SLOTS, max_in_cts=2, max_out_cts=2, max_k=24), seed=st.integers(0, 2**32 - 1))
 def test_kernel_on_arbitrary_valid_geometry(keys, form, g, seed):
-    """Loose baby/giant splits, oversized periods, several ciphertexts: every valid geometry must compute W x + b."""
+    """Loose baby/giant splits, oversized periods, several ciphertexts: every valid layout must compute W x + b."""
     assume(g.cols >= 2 and g.rows * g.cols <= 300_000)
     check_affine(keys, g, form, seed)
 
 
 def test_kernel_refuses_wrong_number_of_inputs(keys):
-    g = choose_geometry(3, 5000, SLOTS, False)
+    g = choose_cyclic(3, 5000, SLOTS, False)
     assert g.in_cts == 2
     kernel = LinearKernel.from_plain(keys.public.toolkit, g, np.ones((3, 5000)))
     ct = keys.public.toolkit.load_ciphertext(keys.encrypt_symmetric(np.ones(4)))
@@ -452,7 +453,7 @@ def test_kernel_refuses_wrong_number_of_inputs(keys):
 
 def test_plain_weights_below_the_encoding_precision_give_zero_or_a_heclave_error(keys):
     """Such diagonals encode to the zero plaintext, whose product SEAL refuses with a raw error."""
-    g = choose_geometry(4, 7, SLOTS, False)
+    g = choose_cyclic(4, 7, SLOTS, False)
     w = np.random.default_rng(0).uniform(-1, 1, (4, 7)) * 1e-14
     try:
         got, _, _ = run_kernel(keys, g, WeightForm.PLAIN, w, np.ones(7))

@@ -22,7 +22,7 @@ import zmq
 import zstandard
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from heclave.he.blinding import P
+from heclave.arith.blinding import P
 from heclave.he.sealformat import COMPRESS_ZSTD, HEADER, MAGIC, parse_ciphertext, seal_version
 from heclave.he.serialize import to_bytes
 from heclave.protocol import storage, transport

@@ -9,8 +9,8 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heclave.he.blinding import HALF, P, activation_scale, centred, quantize
-from heclave.he.sparse import SparseMatrix
+from heclave.arith.blinding import HALF, P, activation_scale, centred, quantize
+from heclave.arith.sparse import SparseMatrix
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.protocol.errors import PlanError
@@ -122,7 +122,7 @@ def _sealed_secrets(planned) -> dict:
 
 
 def test_pads_precomputed_between_requests_unblind_exactly(keys):
-    from heclave.he.activations import Form
+    from heclave.graph.placement import Form
     from heclave.plan import plan_pytorch
     from heclave.tee.execution import POOL_SIZE, ModelRuntime
     from heclave.tee.requests import Request
@@ -165,7 +165,7 @@ def test_he_layouts_leave_the_bias_to_the_enclave(keys):
     torch.manual_seed(7)
     net = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
     planned = plan_pytorch(net, (256,))
-    assert [s.geometry.cols for s in planned.graph.stages] == [256, 64]
+    assert [s.layout.cols for s in planned.graph.stages] == [256, 64]
     runtime = ModelRuntime.from_secrets(planned.graph, keys, _sealed_secrets(planned))
     for i, w in enumerate(planned.weights):
         np.testing.assert_array_equal(runtime.biases[i], w[:, -1])

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch.nn as nn
 
-from heclave.he.graph import Placement
-from heclave.he.linear import WeightForm
+from heclave.graph.placement import Placement, WeightForm
 from heclave.plan import from_pytorch
 from heclave.plan.calibration import Calibration, PlaintextCosts
 from heclave.plan.costs import UnitCosts
@@ -102,12 +101,13 @@ def test_calibration_measures_positive_costs_and_round_trips(tmp_path):
 
 
 def test_encrypted_weight_mask_follows_the_architecture_not_trained_zeros():
-    from heclave.he.context import CkksParams, SecretKeySet
-    from heclave.he.cyclic import LinearGeometry
+    from heclave.graph.layouts.cyclic import CyclicLayout
+    from heclave.graph.params import CkksParams
+    from heclave.he.context import SecretKeySet
     from heclave.he.linear import encrypt_weights
 
     context = SecretKeySet(CkksParams()).public
-    g = LinearGeometry(rows=4, cols=7, slots=4096, k=4, period=8, chunk=7, baby=4, giant=1)
+    g = CyclicLayout(rows=4, cols=7, slots=4096, k=4, period=8, chunk=7, baby=4, giant=1)
     pruned = np.zeros((4, 7))
     pruned[0, 0] = 1.0
     revealing, _ = encrypt_weights(context, g, pruned)

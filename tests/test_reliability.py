@@ -48,7 +48,7 @@ def test_a_burst_beyond_the_queue_gets_busy_and_good_requests_still_succeed(smal
     cluster, model_id, x, reference = small_cluster
     owner = DataOwner(cluster.endpoint, cluster.server_key_file, DATA_OWNER, DEV)
     graph = owner.graph(model_id)
-    frames = [owner.context(model_id).encrypt(r) for r in graph.stages[0].geometry.gather_batch(x[:1])]
+    frames = [owner.context(model_id).encrypt(r) for r in graph.stages[0].layout.gather_batch(x[:1])]
     socks = _sockets(cluster, 8)
     for sock in socks:  # full inferences that fail only at release (their authorisation is garbage)
         content = {"model_id": model_id, "session_id": b"s" * 16, "request_id": "r", "envelope": b"e" * 40}

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from heclave.graph.params import CkksParams
 from heclave.he import _rns
-from heclave.he.context import CkksParams, SecretKeySet
+from heclave.he.context import SecretKeySet, seal_context
 from heclave.he.rns import limb, minimal_root
 from heclave.he.sealformat import HEADER, Level, RawCiphertext, parse_ciphertext, parse_plaintext
 from heclave.he.serialize import to_bytes
@@ -23,7 +24,7 @@ from heclave.he.slots import SlotCodec
 from heclave.protocol.errors import CiphertextError, ProtocolError
 from tests.helpers import layer_output
 
-PRIMES = [m.value() for m in CkksParams().seal_context().key_context_data().parms().coeff_modulus()]
+PRIMES = [m.value() for m in seal_context(CkksParams()).key_context_data().parms().coeff_modulus()]
 
 
 def _seal_ntt(values: np.ndarray, q: int, n: int) -> np.ndarray:

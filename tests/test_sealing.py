@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from heclave.he.context import CkksParams, SecretKeySet
+from heclave.graph.params import CkksParams
+from heclave.he.context import SecretKeySet
 from heclave.protocol.errors import AttestationError, HeclaveError
 from heclave.tee.sealing import seal, sealing_key, unseal
 from heclave.tee.state import KEYS_FILE, MODELS_DIR, EnclaveState

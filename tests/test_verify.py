@@ -10,14 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from heclave.he.blinding import P
-from heclave.he.grouped import GroupedLayout
-from heclave.he.layout import Layout
-from heclave.he.linear import OpCounter, WeightForm
-from heclave.he.paired import PairedRows
+from heclave.arith.blinding import P
+from heclave.arith.sparse import SparseMatrix
+from heclave.graph.layouts.base import Layout
+from heclave.graph.layouts.grouped import GroupedLayout
+from heclave.graph.layouts.paired import PairedRows
+from heclave.graph.placement import WeightForm
+from heclave.he.linear import OpCounter
 from heclave.he.serialize import to_bytes
-from heclave.he.sparse import SparseMatrix
-from heclave.plan.layouts import choose_geometry, choose_layout
+from heclave.plan.layouts import choose_cyclic, choose_layout
 from heclave.tee.verify import FieldCheck, LinearCheck
 from tests.helpers import deployed_kernel
 
@@ -43,14 +44,14 @@ def _layouts() -> list[tuple[str, Layout, np.ndarray, int]]:
     dense = np.ones((40, 300), dtype=bool)
     conv = _conv_support()
     return [
-        ("cyclic, two output ciphertexts", choose_geometry(40, 300, SLOTS, True), dense, 1),
-        ("cyclic, giant rotations", choose_geometry(300, 40, SLOTS, False), np.ones((300, 40), bool), 1),
-        ("cyclic, batch in both lanes", choose_geometry(40, 300, SLOTS, True, batch=5), dense, 5),
+        ("cyclic, two output ciphertexts", choose_cyclic(40, 300, SLOTS, True), dense, 1),
+        ("cyclic, giant rotations", choose_cyclic(300, 40, SLOTS, False), np.ones((300, 40), bool), 1),
+        ("cyclic, batch in both lanes", choose_cyclic(40, 300, SLOTS, True, batch=5), dense, 5),
         ("grouped convolution", GroupedLayout.from_support(conv, SLOTS), conv, 1),
         ("grouped convolution, batch", GroupedLayout.from_support(conv, SLOTS, 2), conv, 6),
         ("block-cyclic convolution, rotations", GroupedLayout.block_cyclic(conv, SLOTS, 3), conv, 1),
         ("paired rows", choose_layout(dense, SLOTS, True), dense, 1),
-        ("paired rows, explicit", PairedRows(choose_geometry(20, 300, SLOTS, False), 40), dense, 1),
+        ("paired rows, explicit", PairedRows(choose_cyclic(20, 300, SLOTS, False), 40), dense, 1),
     ]
 
 
@@ -87,7 +88,7 @@ def test_honest_outputs_pass_and_forgeries_just_above_the_tolerance_fail(keys, f
 
 def test_another_input_or_wrong_weights_fail(keys):
     rng = np.random.default_rng()
-    layout = choose_geometry(16, 50, SLOTS, False)
+    layout = choose_cyclic(16, 50, SLOTS, False)
     w = rng.normal(size=(16, 50))
     xs = rng.normal(size=(1, 50))
     ys = _honest(keys, layout, w, xs, WeightForm.PLAIN)
@@ -100,7 +101,7 @@ def test_another_input_or_wrong_weights_fail(keys):
 def test_redrawn_vectors_still_accept_honest_outputs_and_differ(keys):
     rng = np.random.default_rng()
     w = rng.normal(size=(12, 30))
-    layout = choose_geometry(12, 30, SLOTS, False)
+    layout = choose_cyclic(12, 30, SLOTS, False)
     check = LinearCheck(SparseMatrix.from_dense(w), layout, False, keys.params)
     # With x = 0, the residues of the unit outputs e_j are the vectors' entries R[:, j].
     units = (np.zeros((12, 30)), np.eye(12))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from heclave.he.graph import Placement, ReleasePolicy
+from heclave.graph.placement import Placement
+from heclave.graph.release import ReleasePolicy
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.processes import Cluster
 from tests.helpers import DATA_OWNER

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from heclave.arith.sparse import SparseMatrix
 from heclave.he.slots import SlotCodec
-from heclave.he.sparse import SparseMatrix
 from heclave.parties.data_owner import DataOwner
 from heclave.protocol.errors import ErrorCode, HeclaveError
 from heclave.tee.release import FLOOD
@@ -81,7 +81,7 @@ def test_key_probe_on_a_zero_input_is_released_only_under_flooding(operator, att
     if probe is not None:
         released = probe.released()[0]
         bias = own_model.plan.weights[0][:, -1]
-        g = own_model.plan.graph.stages[0].geometry
+        g = own_model.plan.graph.stages[0].layout
         check = LinearCheck(SparseMatrix.from_dense(own_model.plan.weights[0][:, :-1]), g, True, probe.context.params)
         bound = check.tolerances(np.zeros((1, INPUT))).max()
         deviation = np.abs(np.asarray(released["logits"]) - bias)
@@ -106,7 +106,7 @@ def _zero_input_key_probe(operator, attacker, model: Deployed) -> Probe | None:
 
 def _key_term(probe: Probe) -> float:
     """The key's whole term in one output of the first stage: at most (slots summed) * N / scale, about 1e-7."""
-    g = probe.operator.graph(probe.model_id).stages[0].geometry
+    g = probe.operator.graph(probe.model_id).stages[0].layout
     return np.bincount(g.output_row[g.output_row >= 0]).max() * g.slots * 2 / output_scale(probe.context)
 
 
@@ -160,7 +160,7 @@ def test_the_server_cannot_recover_a_models_secret_key_before_a_plain_stage(
     """
     model = wide_he_then_plain
     ctx = operator.context(model.model_id)
-    g = model.plan.graph.stages[0].geometry
+    g = model.plan.graph.stages[0].layout
     assert g.out_cts == 1 and (g.output_row[0] >= 0).all(), "the layout should sum every slot into some row"
     codec = SlotCodec(ctx.params.poly_modulus_degree)
     rows = [np.nonzero(g.output_row[0] == r)[0] for r in range(g.rows)]

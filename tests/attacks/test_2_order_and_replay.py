@@ -58,7 +58,7 @@ def test_a_released_request_cannot_be_activated_again(operator, attacker, victim
 def test_activate_without_begin_is_refused(operator, attacker, victim, still_serves):
     ctx = operator.context(victim.model_id)
     graph = operator.graph(victim.model_id)
-    inputs = [ctx.encrypt(row) for row in graph.stages[0].geometry.gather_batch(random_input(victim)[None])]
+    inputs = [ctx.encrypt(row) for row in graph.stages[0].layout.gather_batch(random_input(victim)[None])]
     frames = operator.layer(victim.model_id, 0, inputs)
     content = {"request_id": secrets.token_hex(12), "stage": 0, "form": "partials"}
     with pytest.raises(HeclaveError) as info:

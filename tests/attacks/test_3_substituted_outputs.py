@@ -77,7 +77,7 @@ def test_a_fresh_encryption_moved_to_the_output_level_fails_the_check(operator, 
 def test_the_layer_honestly_computed_on_another_input_fails_the_check(operator, attacker, victim, stage, still_serves):
     """The server runs the right layer on ciphertexts of its own choosing (for stage 0: another owner's input)."""
     probe = run_to(operator.begin(attacker, victim, random_input(victim)), stage)
-    ctx, g = probe.context, operator.graph(victim.model_id).stages[stage].geometry
+    ctx, g = probe.context, operator.graph(victim.model_id).stages[stage].layout
     other = np.abs(np.random.default_rng().normal(size=(1, g.cols)))
     inputs = [ctx.encrypt(row) for row in g.gather_batch(other)]
     probe.refused(operator.layer(victim.model_id, stage, inputs), INTEGRITY)
@@ -158,7 +158,7 @@ def test_a_wrong_number_of_output_ciphertexts_is_refused(operator, attacker, vic
 def _with_weights(probe: Probe, model: Deployed, weights: np.ndarray) -> list[bytes]:
     """The expected stage run on its real input, with ``weights`` (encrypted under the model's own context)."""
     ctx, stage = probe.context, probe.expected
-    g = model.plan.graph.stages[stage].geometry
+    g = model.plan.graph.stages[stage].layout
     mask, frames = encrypt_weights(ctx, g, weights, model.plan.supports[stage][:, :-1])
     kernel = LinearKernel.from_encrypted(ctx.toolkit, g, mask, frames)
     inputs = [ctx.toolkit.load_ciphertext(f) for f in probe.handout]

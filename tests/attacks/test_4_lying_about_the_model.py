@@ -9,8 +9,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from heclave.he.blinding import P
-from heclave.he.graph import Placement, ReleasePolicy
+from heclave.arith.blinding import P
+from heclave.graph.placement import Placement
+from heclave.graph.release import ReleasePolicy
 from heclave.parties.data_owner import DataOwner
 from heclave.plan.exposure import exposure
 from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError

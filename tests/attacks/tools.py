@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import torch
 
+from heclave.arith.nonlinear import apply_ops
+from heclave.graph.model import ModelGraph
+from heclave.graph.placement import Placement
 from heclave.he.context import PublicContext
-from heclave.he.graph import ModelGraph, Placement
-from heclave.he.nonlinear import apply_ops
 from heclave.parties.bundles import SUFFIX, Bundle
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner

@@ -10,7 +10,7 @@ import numpy as np
 
 from heclave.protocol.errors import PlanError
 
-from .layout import Layout
+from .base import Layout
 
 
 def _from_base(name: str) -> property:
@@ -92,7 +92,7 @@ class PairedRows(Layout):
 
     @classmethod
     def from_wire(cls, data: dict, base: Layout) -> PairedRows:
-        """The layout a plan names, around ``base`` (parsed from ``data["base"]`` by ``he.layout_kinds``)."""
+        """The layout a plan names, around ``base`` (read from ``data["base"]`` by ``layout_from_wire``)."""
         rows = data.get("rows")
         if type(rows) is not int or base.queries != 1 or not base.rows < rows <= 2 * base.rows:
             raise PlanError(f"A paired-rows layout of {rows!r} rows cannot pair a base of {base.rows} rows.")

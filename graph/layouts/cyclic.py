@@ -1,7 +1,7 @@
 """The cyclic layout of a dense affine layer, laid out so the server rotates little.
 
 A layout computes ``y = W x`` for a ``rows x cols`` matrix; the enclave adds a
-layer's bias after decrypting (see ``he.graph.Stage``). The formulas below call
+layer's bias after decrypting (see ``heclave.graph.model.Stage``). The formulas below call
 the input ``x'`` and the matrix ``W'`` because a layout serves any matrix.
 
 The layer works in *blocks* of ``p`` slots. Input chunk ``i`` of ``x'`` (``c``
@@ -38,11 +38,11 @@ import numpy as np
 
 from heclave.protocol.errors import PlanError
 
-from .layout import Layout, plausible, tile
+from .base import Layout, plausible, tile
 
 
 @dataclass(frozen=True)
-class LinearGeometry(Layout):
+class CyclicLayout(Layout):
     """The cyclic layout of the module docstring: dense layers; plain data in the plan."""
 
     kind = "cyclic"
@@ -87,16 +87,16 @@ class LinearGeometry(Layout):
         return {"kind": self.kind, **asdict(self)}
 
     @classmethod
-    def from_wire(cls, data: dict) -> LinearGeometry:
+    def from_wire(cls, data: dict) -> CyclicLayout:
         values = {k: data.get(k) for k in cls.__dataclass_fields__}
         if not all(type(v) is int for v in values.values()):
-            raise PlanError(f"A linear layer's geometry needs integer fields {', '.join(values)}.")
-        geometry = cls(**values)
-        geometry.validate()
-        return geometry
+            raise PlanError(f"A cyclic layout needs integer fields {', '.join(values)}.")
+        layout = cls(**values)
+        layout.validate()
+        return layout
 
     def validate(self) -> None:
-        """Refuse a geometry whose rotations would read outside its input layout."""
+        """Refuse a layout whose rotations would read outside its input layout."""
         ok = (
             plausible(self.rows, self.cols, self.slots)
             and 0 < self.k <= self.period <= self.slots
@@ -110,7 +110,7 @@ class LinearGeometry(Layout):
             and (self.queries == 1 or (self.in_cts == 1 and self.queries * self.region <= self.slots))
         )
         if not ok:
-            raise PlanError(f"Inconsistent linear-layer geometry {self}.")
+            raise PlanError(f"Inconsistent cyclic layout {self}.")
 
     @cached_property
     def input_index(self) -> np.ndarray:

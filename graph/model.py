@@ -1,129 +1,32 @@
-"""The deployment plan: heclave's layer graph as plain, versioned data.
+"""The model graph: stages chained into a deployable model, and its versioned wire form.
 
-``plan/`` produces a :class:`ModelGraph` from a torch model; the server and the
-enclave read it without importing torch. A graph is a chain of stages. Each
-stage is one affine layer evaluated under CKKS on the server (every run of
-consecutive linear torch layers, batch-norm and average pooling included, is
-composed into one), followed by the exact nonlinear steps the enclave applies
-after decrypting. The last stage's output is released as the policy says.
+``heclave.plan`` produces a :class:`ModelGraph` from a torch model; the server
+and the enclave read it without importing torch. A graph is a chain of stages.
+Each stage is one affine layer (every run of consecutive linear torch layers,
+batch-norm and average pooling included, is composed into one), placed where
+its :class:`~heclave.graph.placement.Placement` says: under CKKS on the server,
+blinded, in plain on the server, or in the enclave. The exact nonlinear steps
+follow it, and the last stage's output is released as the policy says.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import msgpack
 
 from heclave.protocol.errors import ErrorCode, PlanError, ProtocolError
 
-from .context import CkksParams
-from .layout import Layout
-from .layout_kinds import layout_from_wire
-from .linear import WeightForm
+from .layouts import Layout, layout_from_wire
+from .ops import EnclaveOp
+from .params import CkksParams
+from .placement import Placement, WeightForm
+from .release import ReleasePolicy
 
-# 2: an ``he`` stage's layout covers W only; its bias travels to the enclave.
-GRAPH_FORMAT = 2
-
-
-class ReleaseMode(str, Enum):
-    """What the enclave releases to the data owner."""
-
-    LOGITS = "logits"
-    TOPK = "topk"
-    LABEL = "label"
-
-
-@dataclass(frozen=True)
-class ReleasePolicy:
-    """The final output's form: logits rounded to ``decimals``, the top ``k`` labels, or the label."""
-
-    mode: ReleaseMode = ReleaseMode.LOGITS
-    decimals: int = 4
-    k: int = 1
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"mode": self.mode.value, "decimals": self.decimals, "k": self.k}
-
-    @classmethod
-    def from_wire(cls, d: dict) -> ReleasePolicy:
-        try:
-            mode = ReleaseMode(d["mode"])
-        except (KeyError, ValueError, TypeError):
-            valid = ", ".join(m.value for m in ReleaseMode)
-            raise PlanError(f"Unknown release mode; use one of: {valid}.") from None
-        decimals, k = d.get("decimals", 4), d.get("k", 1)
-        if not isinstance(decimals, int) or not 0 <= decimals <= 8 or not isinstance(k, int) or k < 1:
-            raise PlanError("Release decimals must be 0..8 and k at least 1.")
-        return cls(mode, decimals, k)
-
-
-class Placement(str, Enum):
-    """Where a stage's affine layer runs, and what it protects (see the README's placement table)."""
-
-    HE = "he"
-    ENCLAVE = "enclave"
-    BLINDED = "blinded"
-    PLAIN = "plain"
-
-    @classmethod
-    def parse(cls, value: str) -> Placement:
-        try:
-            return cls(value)
-        except ValueError:
-            raise PlanError(f"Unknown placement {value!r}; use one of: {', '.join(p.value for p in cls)}.") from None
-
-
-class OpKind(str, Enum):
-    """The nonlinear steps the enclave applies exactly."""
-
-    RELU = "relu"
-    MAXPOOL2D = "maxpool2d"
-
-
-@dataclass(frozen=True)
-class EnclaveOp:
-    """One nonlinear step on a decrypted activation of shape ``in_shape``."""
-
-    kind: OpKind
-    in_shape: tuple[int, ...]
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        if self.kind is OpKind.RELU:
-            return self.in_shape
-        c, h, w = self.in_shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
-        return (c, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind.value,
-            "in_shape": list(self.in_shape),
-            "kernel": list(self.kernel),
-            "stride": list(self.stride),
-            "padding": list(self.padding),
-        }
-
-    @classmethod
-    def from_wire(cls, d: dict) -> EnclaveOp:
-        try:
-            op = cls(
-                OpKind(d["kind"]),
-                tuple(int(v) for v in d["in_shape"]),
-                tuple(int(v) for v in d["kernel"]),
-                tuple(int(v) for v in d["stride"]),
-                tuple(int(v) for v in d["padding"]),
-            )
-        except (KeyError, ValueError, TypeError):
-            raise PlanError(f"Malformed enclave step {d!r:.80}.") from None
-        if op.kind is OpKind.MAXPOOL2D and (len(op.in_shape) != 3 or min(op.out_shape) < 1):
-            raise PlanError(f"Max-pool step {op} does not fit its input shape.")
-        return op
+# 2: an ``he`` stage's layout covers W only; its bias travels to the enclave. 3: a stage's ``layout``.
+# 4: an enclave step carries exactly its kind's fields (``graph.ops.FIELDS``); more kinds of step.
+GRAPH_FORMAT = 4
 
 
 @dataclass(frozen=True)
@@ -139,7 +42,7 @@ class Stage:
     Every other placement works on ``[W | b]`` and ``x' = [x, 1]``.
     """
 
-    geometry: Layout
+    layout: Layout
     out_shape: tuple[int, ...]
     ops: tuple[EnclaveOp, ...] = ()
     placement: Placement = Placement.HE
@@ -148,7 +51,7 @@ class Stage:
     @property
     def in_features(self) -> int:
         """The width of the activation this layer takes."""
-        return self.geometry.cols if self.placement is Placement.HE else self.geometry.cols - 1
+        return self.layout.cols if self.placement is Placement.HE else self.layout.cols - 1
 
     @property
     def result_shape(self) -> tuple[int, ...]:
@@ -156,7 +59,7 @@ class Stage:
 
     def to_wire(self) -> dict[str, Any]:
         return {
-            "geometry": self.geometry.to_wire(),
+            "layout": self.layout.to_wire(),
             "out_shape": list(self.out_shape),
             "ops": [op.to_wire() for op in self.ops],
             "placement": self.placement.value,
@@ -167,7 +70,7 @@ class Stage:
     def from_wire(cls, d: dict) -> Stage:
         try:
             return cls(
-                layout_from_wire(d["geometry"]),
+                layout_from_wire(d["layout"]),
                 tuple(int(v) for v in d["out_shape"]),
                 tuple(EnclaveOp.from_wire(op) for op in d["ops"]),
                 Placement.parse(d["placement"]),
@@ -204,7 +107,7 @@ class ModelGraph:
             raise PlanError("A model graph needs at least one affine layer.")
         width = _size(self.input_shape)
         for i, stage in enumerate(self.stages):
-            g = stage.geometry
+            g = stage.layout
             if g.slots != self.params.slots:
                 raise PlanError(f"Stage {i} is laid out for {g.slots} slots, the parameters give {self.params.slots}.")
             if stage.in_features != width:
@@ -230,7 +133,7 @@ class ModelGraph:
     @property
     def rotation_steps(self) -> list[int]:
         """Rotations the server's ``he`` layers use: Galois keys are issued for these only."""
-        return sorted({s for st in self.stages if st.placement is Placement.HE for s in st.geometry.rotation_steps})
+        return sorted({s for st in self.stages if st.placement is Placement.HE for s in st.layout.rotation_steps})
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(

@@ -10,7 +10,7 @@ import numpy as np
 
 from heclave.protocol.errors import PlanError
 
-from .layout import Layout, best_split, pack, plausible, tile
+from .base import Layout, best_split, pack, plausible, tile
 
 Group = tuple[np.ndarray, list[int]]
 

@@ -10,7 +10,7 @@ the enclave) and divides by ``2^(s_x + s_w)``.
 The field is the Mersenne prime ``2^31 - 1``, not Slalom's ``2^24 - 3``: a row's
 worst-case sum must fit in ``p/2``, and at ``2^24`` a 12-bit weight leaves an
 activation only about 5 bits. Products are computed exactly in int64 by
-splitting each activation into two 16-bit limbs (``he.sparse``).
+splitting each activation into two 16-bit limbs (``arith.sparse``).
 """
 
 from __future__ import annotations

@@ -2,15 +2,15 @@
 
 A layout computes ``y = W x`` for a ``rows x cols`` matrix with a few
 rotations; the enclave adds a layer's bias after decrypting (see
-``he.graph.Stage``). The kinds are :mod:`he.cyclic` (dense layers),
-:mod:`he.grouped` (sparse layers such as convolutions) and :mod:`he.paired`
-(two rows per complex slot); :mod:`he.layout_kinds` reads any of them from a
+``heclave.graph.model.Stage``). The kinds are :mod:`.cyclic` (dense layers),
+:mod:`.grouped` (sparse layers such as convolutions) and :mod:`.paired`
+(two rows per complex slot); the package (:func:`heclave.graph.layouts.layout_from_wire`) reads any of them from a
 plan, and ``plan.layouts`` chooses among them with the cost model.
 
 CKKS slots are complex and the weights real, so every layout has two lanes:
 a batch puts a second set of queries in the imaginary parts (``LANES``), and a
 single query, whose input is real, can use complex diagonals to put a second
-row in each slot instead (:class:`he.paired.PairedRows`).
+row in each slot instead (:class:`.paired.PairedRows`).
 """
 
 from __future__ import annotations

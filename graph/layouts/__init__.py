@@ -1,15 +1,21 @@
-"""Every kind of slot layout, by the name a plan gives it."""
+"""Slot layouts of an ``he`` layer, one module per kind, and the registry that reads any of them from a plan.
+
+:mod:`.base` says what every layout provides; :mod:`.cyclic` (dense layers),
+:mod:`.grouped` (sparse layers such as convolutions) and :mod:`.paired` (two
+rows per complex slot) are the kinds. ``heclave.plan.layouts`` chooses among
+them with the cost model.
+"""
 
 from __future__ import annotations
 
 from heclave.protocol.errors import PlanError
 
-from .cyclic import LinearGeometry
+from .base import Layout
+from .cyclic import CyclicLayout
 from .grouped import GroupedLayout
-from .layout import Layout
 from .paired import PairedRows
 
-KINDS: dict[str, type[Layout]] = {"cyclic": LinearGeometry, "grouped": GroupedLayout, "paired": PairedRows}
+KINDS: dict[str, type[Layout]] = {"cyclic": CyclicLayout, "grouped": GroupedLayout, "paired": PairedRows}
 
 
 def layout_from_wire(data: dict) -> Layout:
