@@ -10,10 +10,12 @@ overflows. The enclave runs this module: numpy and the standard library only.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
-from heclave.graph.ops import EnclaveOp, OpKind
+from heclave.graph.ops import BINARY, EnclaveOp, OpKind
+from heclave.protocol.errors import PlanError
 
 SQRT_HALF = math.sqrt(0.5)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -84,10 +86,28 @@ def adaptive_maxpool2d(x: np.ndarray, op: EnclaveOp) -> np.ndarray:
     return np.stack([rows[:, :, j * w // ow : -(-(j + 1) * w // ow)].max(axis=2) for j in range(ow)], axis=2)
 
 
-def apply_op(x: np.ndarray, op: EnclaveOp) -> np.ndarray:
-    """One step on an activation of ``op.in_shape`` values (any shape); the result in ``op.out_shape``."""
+def combine(x: np.ndarray, op: EnclaveOp, operand: np.ndarray) -> np.ndarray:
+    """An add, mul or concat step of ``x`` (in ``op.in_shape``) with the earlier value ``operand``."""
+    other = np.asarray(operand, dtype=np.float64).reshape(op.operand_shape)
+    if op.kind is OpKind.ADD:
+        return x + other
+    if op.kind is OpKind.MUL:
+        return x * other
+    return np.concatenate([other, x] if op.before else [x, other], axis=op.dim)
+
+
+def apply_op(x: np.ndarray, op: EnclaveOp, values: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
+    """One step on an activation of ``op.in_shape`` values (any shape); the result in ``op.out_shape``.
+
+    ``values`` holds the graph's earlier values (one sample's each) that add, mul
+    and concat steps name.
+    """
     x = np.asarray(x, dtype=np.float64).reshape(op.in_shape)
     kind = op.kind
+    if kind in BINARY:
+        if values is None or op.operand not in values:
+            raise PlanError(f"A {kind.value} step needs value {op.operand}, which is not at hand.")
+        return combine(x, op, values[op.operand])
     if kind is OpKind.RELU:
         return relu(x)
     if kind is OpKind.RELU6:
@@ -119,8 +139,8 @@ def apply_op(x: np.ndarray, op: EnclaveOp) -> np.ndarray:
     raise NotImplementedError(f"no kernel for enclave step {kind.value}")
 
 
-def apply_ops(x: np.ndarray, ops: tuple[EnclaveOp, ...]) -> np.ndarray:
-    """Apply a stage's nonlinear steps in order; returns the flattened result."""
+def apply_ops(x: np.ndarray, ops: tuple[EnclaveOp, ...], values: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
+    """Apply a stage's nonlinear steps in order (with the earlier ``values`` they name); the flattened result."""
     for op in ops:
-        x = apply_op(x, op)
+        x = apply_op(x, op, values)
     return np.asarray(x).reshape(-1)

@@ -11,7 +11,7 @@ follow it, and the last stage's output is released as the policy says.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -19,14 +19,15 @@ import msgpack
 from heclave.protocol.errors import ErrorCode, PlanError, ProtocolError
 
 from .layouts import Layout, layout_from_wire
-from .ops import EnclaveOp
+from .ops import BINARY, EnclaveOp
 from .params import CkksParams
 from .placement import Placement, WeightForm
 from .release import ReleasePolicy
 
 # 2: an ``he`` stage's layout covers W only; its bias travels to the enclave. 3: a stage's ``layout``.
 # 4: an enclave step carries exactly its kind's fields (``graph.ops.FIELDS``); more kinds of step.
-GRAPH_FORMAT = 4
+# 5: a stage names the value it reads (``source``); add, mul and concat steps name another.
+GRAPH_FORMAT = 5
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class Stage:
     nonlinear steps (in the enclave, except after a ``plain`` layer, whose steps the server runs too).
 
     ``weight_bits`` is the fixed-point scale of a ``blinded`` layer's weights.
+    ``source`` is the value the layer reads: 0 the model's input, ``j + 1``
+    stage ``j``'s result; ``None`` (the previous stage's result) until the
+    graph resolves it. The values form a graph, not only a chain: a residual
+    block's second layer ends with an ``add`` step naming the block's input.
 
     An ``he`` layer's layout covers ``W`` only: the enclave adds the bias after
     it decrypts, where it is exact and free, instead of spending a column of
@@ -47,6 +52,12 @@ class Stage:
     ops: tuple[EnclaveOp, ...] = ()
     placement: Placement = Placement.HE
     weight_bits: int = 0
+    source: int | None = None
+
+    @property
+    def operands(self) -> set[int]:
+        """The earlier values the stage's steps combine with its own."""
+        return {op.operand for op in self.ops if op.kind in BINARY}
 
     @property
     def in_features(self) -> int:
@@ -64,6 +75,7 @@ class Stage:
             "ops": [op.to_wire() for op in self.ops],
             "placement": self.placement.value,
             "weight_bits": self.weight_bits,
+            "source": self.source,
         }
 
     @classmethod
@@ -75,9 +87,16 @@ class Stage:
                 tuple(EnclaveOp.from_wire(op) for op in d["ops"]),
                 Placement.parse(d["placement"]),
                 int(d["weight_bits"]),
+                _int(d["source"]),
             )
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, ValueError):
             raise PlanError("Malformed stage in the model graph.") from None
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("not an integer")
+    return value
 
 
 def _size(shape: tuple[int, ...]) -> int:
@@ -99,27 +118,59 @@ class ModelGraph:
     name: str = "model"
 
     def __post_init__(self) -> None:
+        resolved = tuple(replace(s, source=i) if s.source is None else s for i, s in enumerate(self.stages))
+        object.__setattr__(self, "stages", resolved)
         self.validate()
 
     def validate(self) -> None:
-        """Check that the stages chain: each layer's width matches what precedes it."""
+        """Check that the values connect: each stage reads an earlier value of its width, each step
+        receives its shape, and each add, mul or concat names an earlier value of the shape it declares."""
         if not self.stages:
             raise PlanError("A model graph needs at least one affine layer.")
-        width = _size(self.input_shape)
+        sizes = [_size(self.input_shape)]
         for i, stage in enumerate(self.stages):
             g = stage.layout
             if g.slots != self.params.slots:
                 raise PlanError(f"Stage {i} is laid out for {g.slots} slots, the parameters give {self.params.slots}.")
-            if stage.in_features != width:
-                raise PlanError(f"Stage {i} takes {stage.in_features} inputs but receives {width}.")
+            if not 0 <= stage.source <= i or (i == 0 and stage.source != 0):
+                raise PlanError(f"Stage {i} reads value {stage.source}; it may read the input or an earlier result.")
+            if stage.in_features != sizes[stage.source]:
+                raise PlanError(
+                    f"Stage {i} takes {stage.in_features} inputs but value {stage.source} has {sizes[stage.source]}."
+                )
             if g.rows != _size(stage.out_shape):
                 raise PlanError(f"Stage {i} has {g.rows} outputs but declares shape {stage.out_shape}.")
+            if stage.placement is Placement.PLAIN and stage.operands:
+                raise PlanError(f"Stage {i} is 'plain' but its steps combine earlier values the server does not hold.")
             shape = stage.out_shape
             for op in stage.ops:
                 if _size(op.in_shape) != _size(shape):
                     raise PlanError(f"Stage {i}: step {op.kind.value} expects shape {op.in_shape}, receives {shape}.")
+                if op.kind in BINARY and not (op.operand <= i and _size(op.operand_shape) == sizes[op.operand]):
+                    raise PlanError(f"Stage {i}: step {op.kind.value} names value {op.operand}, which it cannot have.")
                 shape = op.out_shape
-            width = _size(shape)
+            sizes.append(_size(shape))
+
+    @property
+    def last_reads(self) -> dict[int, int]:
+        """For each value a stage reads, the last stage that reads it: the enclave keeps it until then."""
+        last: dict[int, int] = {}
+        for i, stage in enumerate(self.stages):
+            for value in (stage.source, *stage.operands):
+                last[value] = i
+        return last
+
+    def plain_run_end(self, index: int) -> int:
+        """The last stage of the run of ``plain`` stages from ``index`` that the server computes at once:
+        each reads the previous one's result."""
+        stages, last = self.stages, self.last_reads
+        while index + 1 < len(stages) and stages[index + 1].placement is Placement.PLAIN:
+            # The enclave never sees a value inside the run: only the next stage may read it.
+            readers = {i for i, st in enumerate(stages) if index + 1 in (st.source, *st.operands)}
+            if readers != {index + 1} or last.get(index + 1) != index + 1:
+                break
+            index += 1
+        return index
 
     @property
     def output_size(self) -> int:

@@ -48,6 +48,11 @@ class OpKind(str, Enum):
     LAYER_NORM = "layer_norm"
     MAXPOOL2D = "maxpool2d"
     ADAPTIVE_MAXPOOL2D = "adaptive_maxpool2d"
+    # Steps that combine the activation with an earlier one (``operand``, a value of the graph): a residual
+    # addition, a gating product (squeeze-and-excitation) and a concatenation cost the server nothing here.
+    ADD = "add"
+    MUL = "mul"
+    CONCAT = "concat"
 
     @classmethod
     def parse(cls, value: Any) -> OpKind:
@@ -68,7 +73,11 @@ FIELDS: dict[OpKind, tuple[str, ...]] = {
     OpKind.LAYER_NORM: ("axes", "eps"),
     OpKind.MAXPOOL2D: ("kernel", "stride", "padding", "dilation", "ceil_mode"),
     OpKind.ADAPTIVE_MAXPOOL2D: ("output_size",),
+    OpKind.ADD: ("operand", "operand_shape"),
+    OpKind.MUL: ("operand", "operand_shape"),
+    OpKind.CONCAT: ("operand", "operand_shape", "dim", "before"),
 }
+BINARY = frozenset({OpKind.ADD, OpKind.MUL, OpKind.CONCAT})
 GELU_FORMS = ("none", "tanh")
 
 
@@ -89,6 +98,19 @@ def _ints(value: Any, what: str, length: int | None = None) -> tuple[int, ...]:
     return tuple(_int(v, what) for v in value)
 
 
+def _shape(value: Any, what: str) -> tuple[int, ...]:
+    """An activation's shape: 1 to ``MAX_RANK`` positive axes holding at most ``MAX_FEATURES`` values."""
+    shape = _ints(value, what)
+    size = 1
+    for d in shape:
+        if d < 1:
+            raise PlanError(f"{what} has an empty axis: {shape}.")
+        size *= d
+        if size > MAX_FEATURES:
+            raise PlanError(f"{what} {shape} exceeds {MAX_FEATURES} values.")
+    return shape
+
+
 def _float(value: Any, what: str) -> float:
     try:
         number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
@@ -97,6 +119,16 @@ def _float(value: Any, what: str) -> float:
     if not math.isfinite(number):
         raise PlanError(f"{what} must be a finite number, got {value!r:.40}.")
     return number
+
+
+def broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """numpy's broadcast of two shapes, or ``None`` where they do not broadcast."""
+    if len(a) < len(b):
+        a, b = b, a
+    b = (1,) * (len(a) - len(b)) + b
+    if any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
+        return None
+    return tuple(max(x, y) for x, y in zip(a, b))
 
 
 def pool_length(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
@@ -117,7 +149,9 @@ class EnclaveOp:
     ``in_shape`` a (log-)softmax normalises; ``axes`` and ``eps``: LayerNorm
     over the trailing ``axes`` axes; the max-pool window (``kernel`` ...
     ``ceil_mode``, as torch's MaxPool2d on ``(C, H, W)``); ``output_size`` of
-    an adaptive max-pool.
+    an adaptive max-pool; ``operand``, the value an add, mul or concat step
+    takes besides the activation (0 the model's input, ``i + 1`` stage ``i``'s
+    output), of shape ``operand_shape``; ``before``: a concat puts it first.
     """
 
     kind: OpKind
@@ -128,6 +162,9 @@ class EnclaveOp:
     dilation: tuple[int, int] = (1, 1)
     ceil_mode: bool = False
     output_size: tuple[int, int] = (1, 1)
+    operand: int = 0
+    operand_shape: tuple[int, ...] = (1,)
+    before: bool = False
     slope: float = 0.01
     alpha: float = 1.0
     approximate: str = "none"
@@ -138,14 +175,7 @@ class EnclaveOp:
     def __post_init__(self) -> None:
         kind = OpKind.parse(self.kind)
         name = kind.value
-        shape = _ints(self.in_shape, f"The input shape of a {name} step")
-        size = 1
-        for d in shape:
-            if d < 1:
-                raise PlanError(f"The input shape of a {name} step has an empty axis: {shape}.")
-            size *= d
-            if size > MAX_FEATURES:
-                raise PlanError(f"A {name} step on shape {shape} exceeds {MAX_FEATURES} values.")
+        shape = _shape(self.in_shape, f"The input shape of a {name} step")
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "in_shape", shape)
         for f in fields(self)[2:]:
@@ -153,18 +183,22 @@ class EnclaveOp:
                 raise PlanError(f"A {name} step takes no {f.name}.")
         for f in ("kernel", "stride", "padding", "dilation", "output_size"):
             object.__setattr__(self, f, _ints(getattr(self, f), f"The {f} of a {name} step", 2))
+        object.__setattr__(self, "operand_shape", _shape(self.operand_shape, f"The operand shape of a {name} step"))
         for f in ("slope", "alpha", "eps"):
             object.__setattr__(self, f, _float(getattr(self, f), f"The {f} of a {name} step"))
-        for f in ("dim", "axes"):
+        for f in ("dim", "axes", "operand"):
             object.__setattr__(self, f, _int(getattr(self, f), f"The {f} of a {name} step"))
-        if not isinstance(self.ceil_mode, bool):
-            raise PlanError(f"The ceil_mode of a {name} step must be true or false, got {self.ceil_mode!r:.40}.")
+        for f in ("ceil_mode", "before"):
+            if not isinstance(getattr(self, f), bool):
+                raise PlanError(f"The {f} of a {name} step must be true or false, got {getattr(self, f)!r:.40}.")
         if self.approximate not in GELU_FORMS:
             raise PlanError(f"GELU's form must be one of {GELU_FORMS}, got {self.approximate!r:.40}.")
         self._check(kind, shape)
 
     def _check(self, kind: OpKind, shape: tuple[int, ...]) -> None:
-        if kind in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX) and not 0 <= self.dim < len(shape):
+        if kind in BINARY:
+            self._check_binary(kind, shape)
+        if kind in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX, OpKind.CONCAT) and not 0 <= self.dim < len(shape):
             raise PlanError(f"A {kind.value} step's axis {self.dim} is outside its input shape {shape}.")
         if kind is OpKind.LAYER_NORM:
             if not 1 <= self.axes <= len(shape):
@@ -181,6 +215,20 @@ class EnclaveOp:
                 "side must be between 1 and the input's."
             )
 
+    def _check_binary(self, kind: OpKind, shape: tuple[int, ...]) -> None:
+        if self.operand < 0:
+            raise PlanError(f"A {kind.value} step's operand must be a value of the graph, got {self.operand}.")
+        other = self.operand_shape
+        if kind is OpKind.CONCAT:
+            if len(other) != len(shape) or not 0 <= self.dim < len(shape):
+                raise PlanError(f"A concat step along axis {self.dim} cannot join shapes {shape} and {other}.")
+            if any(a != b for i, (a, b) in enumerate(zip(shape, other)) if i != self.dim):
+                raise PlanError(f"A concat step along axis {self.dim} cannot join shapes {shape} and {other}.")
+        elif broadcast(shape, other) is None:
+            raise PlanError(f"A {kind.value} step's shapes {shape} and {other} do not broadcast.")
+        if math.prod(self.out_shape) > MAX_FEATURES:
+            raise PlanError(f"A {kind.value} step's result exceeds {MAX_FEATURES} values.")
+
     def _check_pool(self, shape: tuple[int, ...]) -> None:
         c, h, w = shape
         for k, s, p, d in zip(self.kernel, self.stride, self.padding, self.dilation):
@@ -193,6 +241,11 @@ class EnclaveOp:
         out = self.out_shape
         if min(out) < 1:
             raise PlanError(f"Max-pool step {self.kernel}/{self.stride} does not fit its input shape {shape}.")
+        for n, o_len, k, s, p, d in zip((h, w), out[1:], self.kernel, self.stride, self.padding, self.dilation):
+            if o_len * k <= MAX_POOL_WORK and not all(
+                any(0 <= o * s - p + t * d < n for t in range(k)) for o in range(o_len)
+            ):
+                raise PlanError(f"Max-pool step {self.kernel} on shape {shape} has a window that sees only padding.")
         (ph, pw), (rh, rw) = self.padding, self.pool_right_padding
         work = math.prod(out) * math.prod(self.kernel)
         if c * (h + ph + rh) * (w + pw + rw) > MAX_POOL_PADDED or work > MAX_POOL_WORK:
@@ -207,6 +260,11 @@ class EnclaveOp:
 
     @property
     def out_shape(self) -> tuple[int, ...]:
+        if self.kind in (OpKind.ADD, OpKind.MUL):
+            return broadcast(self.in_shape, self.operand_shape) or self.in_shape
+        if self.kind is OpKind.CONCAT:
+            joined = self.in_shape[self.dim] + self.operand_shape[self.dim]
+            return (*self.in_shape[: self.dim], joined, *self.in_shape[self.dim + 1 :])
         if self.kind is OpKind.ADAPTIVE_MAXPOOL2D:
             return (self.in_shape[0], *self.output_size)
         if self.kind is not OpKind.MAXPOOL2D:
@@ -237,6 +295,8 @@ class EnclaveOp:
             value = d[name]
             if name in ("kernel", "stride", "padding", "dilation", "output_size"):
                 value = _ints(value, f"The {name} of a {kind.value} step", 2)
+            elif name == "operand_shape":
+                value = _ints(value, f"The operand shape of a {kind.value} step")
             elif name == "approximate" and not isinstance(value, str):
                 raise PlanError(f"GELU's form must be one of {GELU_FORMS}, got {value!r:.40}.")
             values[name] = value

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from heclave.graph.ops import GELU_FORMS, EnclaveOp, OpKind
+from heclave.graph.ops import BINARY, GELU_FORMS, EnclaveOp, OpKind
 from heclave.protocol.errors import PlanError
 
 K = OpKind
@@ -278,8 +278,22 @@ _TORCH: dict[OpKind, Callable[[torch.Tensor, EnclaveOp], torch.Tensor]] = {
 }
 
 
-def torch_step(op: EnclaveOp) -> Callable[[torch.Tensor], torch.Tensor]:
+def torch_step(op: EnclaveOp, values: dict[int, torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``op`` as a differentiable torch function on a batch of flattened activations (for the assessment's
-    attacks, which differentiate through the server's view)."""
+    attacks, which differentiate through the server's view); add, mul and concat take the earlier value
+    they name from ``values``."""
+    if op.kind in BINARY:
+        return lambda h: _torch_combine(h, op, values[op.operand])
     apply = _TORCH[op.kind]
     return lambda h: apply(h.reshape(len(h), *op.in_shape), op).reshape(len(h), -1)
+
+
+def _torch_combine(h: torch.Tensor, op: EnclaveOp, operand: torch.Tensor) -> torch.Tensor:
+    x, other = h.reshape(len(h), *op.in_shape), operand.reshape(len(h), *op.operand_shape)
+    if op.kind is OpKind.ADD:
+        joined = x + other
+    elif op.kind is OpKind.MUL:
+        joined = x * other
+    else:
+        joined = torch.cat([other, x] if op.before else [x, other], dim=op.dim + 1)
+    return joined.reshape(len(h), -1)

@@ -65,15 +65,19 @@ def cut_functions(imported: ImportedModel) -> list[tuple[str, Callable[[torch.Te
     """The server's view at each candidate cut, as differentiable torch functions of the input batch."""
     cuts: list[tuple[str, Callable]] = [("input", lambda x: x.reshape(len(x), -1))]
     for i, (affine, ops) in enumerate(imported.stages[:-1]):
-        done = [(torch.from_numpy(a.weight), torch.from_numpy(a.bias), o) for a, o in imported.stages[: i + 1]]
+        done = [
+            (torch.from_numpy(a.weight), torch.from_numpy(a.bias), o, imported.source(j))
+            for j, (a, o) in enumerate(imported.stages[: i + 1])
+        ]
 
         def view(x: torch.Tensor, done=done) -> torch.Tensor:
-            h = x.reshape(len(x), -1)
-            for weight, bias, steps in done:
-                h = h @ weight.T + bias
+            values = {0: x.reshape(len(x), -1)}
+            for j, (weight, bias, steps, source) in enumerate(done):
+                h = values[source] @ weight.T + bias
                 for op in steps:
-                    h = torch_step(op)(h)
-            return h
+                    h = torch_step(op, values)(h)
+                values[j + 1] = h
+            return values[len(done)]
 
         label = "+".join(["linear"] + [op.kind.value for op in ops])
         cuts.append((f"after stage {i + 1} ({label}, {affine.out_shape})", view))

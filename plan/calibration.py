@@ -27,6 +27,7 @@ from heclave.he.context import SecretKeySet
 from heclave.he.serialize import to_bytes
 from heclave.plan.costs import ENCLAVE_FACTOR, UnitCosts
 from heclave.protocol.errors import PlanError
+from heclave.protocol.storage import PUBLIC_MODE, write_atomic
 
 CALIBRATION_FORMAT = 1
 DEFAULT_PATH = Path.home() / ".config" / "heclave" / "costs.json"
@@ -50,7 +51,7 @@ class Calibration:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"format": CALIBRATION_FORMAT, "he": asdict(self.he), "plaintext": asdict(self.plaintext)}
-        path.write_text(json.dumps(data, indent=2))
+        write_atomic(path, json.dumps(data, indent=2).encode(), PUBLIC_MODE)
 
     @classmethod
     def load(cls, path: Path = DEFAULT_PATH) -> Calibration:

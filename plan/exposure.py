@@ -17,12 +17,12 @@ def exposure(graph: ModelGraph) -> list[str]:
     for i, stage in enumerate(stages):
         where = f"layer {i + 1} ({stage.layout.rows}x{stage.in_features})"
         if stage.placement is Placement.PLAIN:
-            seen.append("the input" if i == 0 else f"the activation entering {where}")
+            seen.append("the input" if stage.source == 0 else f"the activation entering {where}")
             seen.append(f"the weights of {where}")
             seen.append(f"the result of {where}, which no one checks: the server can change it")
             if i == len(stages) - 1:
                 seen.append("the output (before release)")
-            elif stages[i + 1].placement is not Placement.PLAIN:
+            elif graph.plain_run_end(i) == i:
                 seen.append(f"the activation leaving {where}")
         elif stage.placement is Placement.BLINDED:
             seen.append(f"the weights of {where} (quantized)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from heclave.graph.placement import Placement, WeightForm
 from heclave.protocol.errors import PlanError
+from heclave.protocol.storage import PUBLIC_MODE, write_atomic
 
 PLAN_FILE_FORMAT = 1
 
@@ -37,7 +38,7 @@ class PlanFile:
         return {"format": PLAN_FILE_FORMAT, **asdict(self)}
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=2))
+        write_atomic(path, json.dumps(self.to_json(), indent=2).encode(), PUBLIC_MODE)
 
     @classmethod
     def read(cls, path: Path) -> PlanFile:

@@ -40,6 +40,7 @@ class Plan:
             rows.append(
                 {
                     "stage": i,
+                    "reads": "input" if stage.source == 0 else f"stage {stage.source - 1}",
                     "shape": f"{g.rows}x{stage.in_features}",
                     "placement": stage.placement.value,
                     "layout": g.describe() if he else "-",
@@ -78,14 +79,14 @@ def plan_model(
     if len(chosen) != len(imported.stages):
         raise PlanError(f"The model has {len(imported.stages)} stages but {len(chosen)} placements were given.")
     stages, weights, supports = [], [], []
-    for (affine, ops), placement in zip(imported.stages, chosen):
+    for i, ((affine, ops), placement) in enumerate(zip(imported.stages, chosen)):
         w = affine.augmented
         if placement is Placement.HE:
             layout = choose_layout(affine.weight_support, params.slots, form is WeightForm.ENCRYPTED, costs, batch)
         else:
             layout = unused_layout(w.shape[0], w.shape[1], params.slots)
         bits = weight_scale(w) if placement is Placement.BLINDED else 0
-        stages.append(Stage(layout, affine.out_shape, tuple(ops), placement, bits))
+        stages.append(Stage(layout, affine.out_shape, tuple(ops), placement, bits, imported.source(i)))
         weights.append(w)
         supports.append(affine.support)
     graph = ModelGraph(imported.input_shape, tuple(stages), params, form, release, name)

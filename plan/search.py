@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from heclave.graph.ops import BINARY
 from heclave.graph.placement import Placement, WeightForm
 from heclave.plan.costs import estimate_parts
 from heclave.protocol.errors import PlanError
@@ -56,9 +57,9 @@ def stage_costs(
 
 
 def allowed(
-    stage: int, protect: set[str], form: WeightForm, cut_ssim: dict[int, float] | None, threshold: float | None
+    reads: int, protect: set[str], form: WeightForm, cut_ssim: dict[int, float] | None, threshold: float | None
 ) -> list[Placement]:
-    """The placements stage ``stage`` may take under the protections asked for."""
+    """The placements a stage reading value ``reads`` may take under the protections asked for."""
     options = []
     for placement in Placement:
         if "weights" in protect and (
@@ -67,8 +68,8 @@ def allowed(
         ):
             continue
         if "input" in protect and placement is Placement.PLAIN:
-            # A plain stage shows the server the activation entering it: cut depth ``stage``.
-            if cut_ssim is None or threshold is None or cut_ssim.get(stage, 1.0) >= threshold:
+            # A plain stage shows the server the activation entering it: the cut at value ``reads``.
+            if cut_ssim is None or threshold is None or cut_ssim.get(reads, 1.0) >= threshold:
                 continue
         options.append(placement)
     return options
@@ -94,7 +95,11 @@ def cheapest(
             f"this model has {len(imported.stages)}. Give placements explicitly."
         )
     costs = stage_costs(imported, calibration, form, batch)
-    choices = [allowed(i, protect, form, cut_ssim, threshold) for i in range(len(costs))]
+    # A plain stage shows the server the value it reads: the cut at that value.
+    choices = [allowed(imported.source(i), protect, form, cut_ssim, threshold) for i in range(len(costs))]
+    for i, (_, ops) in enumerate(imported.stages):
+        if any(op.kind in BINARY for op in ops):  # the server holds none of the values such steps combine
+            choices[i] = [p for p in choices[i] if p is not Placement.PLAIN]
     best: Prediction | None = None
     closest_share = 1.0
     for combo in itertools.product(*choices):

@@ -104,11 +104,11 @@ class ModelRuntime:
                 polynomials[i] = _polynomials(graph, i, masks[i])
         return cls(graph, keys, weights, biases, polynomials, verify=verify)
 
-    def accept(self, request: Request, form: Form, buffers: list[bytes] | tuple[bytes, ...]) -> tuple[int, np.ndarray]:
+    def accept(self, request: Request, form: Form, buffers: list[bytes] | tuple[bytes, ...]) -> int:
         """The request's expected stage, finished from what the server sent: checked, verified, its steps applied.
 
         Returns the last stage the result covers (a run of ``plain`` stages is
-        one hand-over) and the activation after it. Raises :class:`IntegrityError`
+        one hand-over), whose result is now among the request's values. Raises :class:`IntegrityError`
         (after drawing fresh check vectors) if the server's result is not the
         layer applied to the activation handed out.
         """
@@ -121,9 +121,10 @@ class ModelRuntime:
             )
         batch, g = request.batch, stage.layout
         if form is Form.PLAIN:
-            last = self.plain_run_end(index)
+            last = self.graph.plain_run_end(index)
             shape = (batch, _size(self.graph.stages[last].result_shape))
-            return last, parse_values(buffers, "<f8", shape, "plain activation")
+            self._keep(request, last, parse_values(buffers, "<f8", shape, "plain activation"))
+            return last
         if form is Form.BLINDED:
             values = parse_values(buffers, "<i8", (batch, g.rows), "blinded layer output")
             if values.min(initial=0) < 0 or values.max(initial=0) >= P:
@@ -134,14 +135,21 @@ class ModelRuntime:
             ys = g.scatter_batch(self._decrypt(index, buffers, batch), batch)
             self._verify(index, request, ys)
             ys = ys + self.biases[index]
-        return index, np.stack([apply_ops(y, stage.ops) for y in ys])
-
-    def plain_run_end(self, index: int) -> int:
-        """The last stage of the run of ``plain`` stages starting at ``index``: the server runs them at once."""
-        stages = self.graph.stages
-        while index + 1 < len(stages) and stages[index + 1].placement is Placement.PLAIN:
-            index += 1
+        self._finish(request, index, ys)
         return index
+
+    def _finish(self, request: Request, index: int, ys: np.ndarray) -> None:
+        """Stage ``index``'s steps on its affine output ``ys``, with the earlier values they combine."""
+        stage, values = self.graph.stages[index], request.values
+        rows = [{v: values[v][b] for v in stage.operands} for b in range(len(ys))]
+        self._keep(request, index, np.stack([apply_ops(y, stage.ops, row) for y, row in zip(ys, rows)]))
+
+    def _keep(self, request: Request, index: int, result: np.ndarray) -> None:
+        """Record stage ``index``'s result as value ``index + 1``, and forget the values no stage after it reads."""
+        request.values[index + 1] = result
+        last, final = self.graph.last_reads, len(self.graph.stages)
+        for value in [v for v in request.values if v != final and last.get(v, -1) <= index]:
+            del request.values[value]
 
     def _decrypt(self, index: int, buffers: list[bytes] | tuple[bytes, ...], batch: int) -> np.ndarray:
         """A stage's partial sums, after refusing any ciphertext the honest stage would not have produced."""
@@ -183,14 +191,15 @@ class ModelRuntime:
             "was ended and nothing was released. Send it again; if this repeats, the server is misbehaving."
         )
 
-    def advance(self, start: int, xs: np.ndarray) -> tuple[int, np.ndarray]:
-        """Run ``enclave`` stages from ``start`` on; returns the next stage to hand over and its input."""
-        index = start
-        while index < len(self.graph.stages) and self.graph.stages[index].placement is Placement.ENCLAVE:
-            ys = self.weights[index].apply(np.concatenate([xs, np.ones((len(xs), 1))], axis=1))
-            xs = np.stack([apply_ops(y, self.graph.stages[index].ops) for y in ys])
+    def advance(self, request: Request, start: int) -> tuple[int, np.ndarray]:
+        """Run ``enclave`` stages from ``start`` on; returns the next stage to hand over and its input, or the
+        number of stages and the model's output."""
+        stages, index = self.graph.stages, start
+        while index < len(stages) and stages[index].placement is Placement.ENCLAVE:
+            xs = request.values[stages[index].source]
+            self._finish(request, index, self.weights[index].apply(np.concatenate([xs, np.ones((len(xs), 1))], axis=1)))
             index += 1
-        return index, xs
+        return index, request.values[stages[index].source if index < len(stages) else index]
 
     def handout(self, request: Request, index: int, xs: np.ndarray) -> tuple[Form, list[bytes], float]:
         """Stage ``index``'s input for the server, recorded in ``request`` for the check; with offline ms spent.

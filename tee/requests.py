@@ -38,7 +38,8 @@ class Request:
     check needs of ``inputs``, made between messages while the server computes
     (``offline_ms`` counts it until a reply reports it), and ``bound`` the
     largest perturbation the request's checks so far could have let through
-    (``tee.verify``).
+    (``tee.verify``). ``values`` holds the graph's values (``[B, size]`` each) that
+    a later stage still reads: a residual block's input until its addition.
     """
 
     model_id: str
@@ -51,6 +52,7 @@ class Request:
     expectation: Expectation | None = field(default=None, repr=False)
     offline_ms: float = 0.0
     bound: float = 0.0
+    values: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     opened: float = field(default_factory=time.monotonic)
 
 
