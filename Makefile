@@ -27,7 +27,7 @@ lint: $(STAMP)
 
 # The fuzz tests of `make test`, with many more examples.
 fuzz: $(STAMP)
-	HECLAVE_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/test_fuzz.py
+	HECLAVE_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/e2e/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis he/_rns.*.so

@@ -4,7 +4,7 @@ The enclave decrypts and encrypts a ciphertext per layer, and through sealapi
 each one crossed Python as a list of 4096 floats and a zstd-compressed file.
 Here a polynomial is a ``uint64`` array per prime and the transforms run in C
 (``he/_rns.c``); the tables use SEAL's own root for each prime, so the result is
-bit-for-bit SEAL's NTT form (``tests/test_rns.py`` checks it against SEAL's).
+bit-for-bit SEAL's NTT form (``tests/he/test_rns.py`` checks it against SEAL's).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ SEAL's symmetric encryption of zero is ``(-(a s + e), a)`` with ``a`` uniform
 modulo each prime and ``e`` from a centered binomial distribution over 21 coin
 pairs (standard deviation about 3.24, SEAL's default noise sampler). The enclave
 draws the same two distributions here for its own encryptions
-(``SecretKeySet.key_mask`` and ``encrypt_masked``); ``tests/test_sampling.py``
+(``SecretKeySet.key_mask`` and ``encrypt_masked``); ``tests/he/test_sampling.py``
 checks the distributions and that SEAL decrypts the result.
 
 Randomness is AES-256 in counter mode under a key from ``os.urandom``

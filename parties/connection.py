@@ -64,8 +64,8 @@ class AttestedConnection:
         """Replace the session with a fresh one (after a failure that may have desynchronised it)."""
         self.session = self._open_session()
 
-    def request(self, message: Message) -> Message:
-        return self.client.request(message)
+    def request(self, message: Message, timeout_s: float | None = None) -> Message:
+        return self.client.request(message, timeout_s)
 
     def close(self) -> None:
         self.client.close()

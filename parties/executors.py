@@ -2,9 +2,12 @@
 
 The server runs one request pipeline per *lane*; each lane evaluates its layers
 on a worker of its own, so independent requests proceed in parallel while the
-enclave (one process) serves them all. A model is shipped to a lane's worker
-the first time that lane needs it, and only once: its bundle holds public
-material only (the model's public context, weights in the owner's form).
+enclave (one process) serves them all. A deployment is complete only once every
+lane's worker has installed its model (:meth:`Executor.install`); a model the
+server restored from disk is shipped to a lane's worker the first time that
+lane needs it. A bundle holds public material only (the model's public context,
+weights in the owner's form), and goes to a worker process as a stream of
+bounded parts (``protocol.streams``), never as one buffer.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from heclave.he.linear import OpCounter
+from heclave.protocol import streams
+from heclave.protocol.errors import HeclaveError
 from heclave.protocol.messages import Message, MessageType
 from heclave.protocol.transport import Client
 
@@ -35,6 +41,14 @@ class Executor(ABC):
     lanes: int
 
     @abstractmethod
+    def install(self, source: BundleSource) -> None:
+        """Install a model on every lane's worker, or raise what a worker refused (and leave it on none)."""
+
+    @abstractmethod
+    def uninstall(self, model_id: str) -> None:
+        """Forget a model on every worker (undeployed, or its deployment failed); never raises for one."""
+
+    @abstractmethod
     def evaluate(
         self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int, source: BundleSource
     ) -> tuple[list[bytes], OpCounter]:
@@ -51,6 +65,12 @@ class InlineExecutor(Executor):
 
     def __init__(self) -> None:
         self._worker = HeWorker()
+
+    def install(self, source: BundleSource) -> None:
+        self._worker.install(source())
+
+    def uninstall(self, model_id: str) -> None:
+        self._worker.uninstall(model_id)
 
     def evaluate(
         self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int, source: BundleSource
@@ -72,21 +92,56 @@ class ProcessExecutor(Executor):
         self._endpoints = [child.wait_ready()["endpoint"] for child in self._children]
         self._timeout_s = timeout_s
         self._local = threading.local()
+        self._installed: list[set[str]] = [set() for _ in range(lanes)]
+        self._lock = threading.Lock()
 
-    def _lane(self, lane: int) -> tuple[Client, set[str]]:
+    def _lane(self, lane: int) -> Client:
         # A ZeroMQ socket belongs to one thread: each lane's thread makes its own.
         clients = self._local.__dict__.setdefault("clients", {})
         if lane not in clients:
-            clients[lane] = (Client(self._endpoints[lane], timeout_s=self._timeout_s), set())
+            clients[lane] = Client(self._endpoints[lane], timeout_s=self._timeout_s)
         return clients[lane]
+
+    def _send(self, client: Client, lane: int, bundle: Bundle) -> None:
+        """Stream ``bundle`` to ``lane``'s worker, which installs it on the last part."""
+        begin = Message(MessageType.INSTALL, {"model_id": bundle.model_id, "masks": bundle.masks})
+        streams.send(client.request, begin, bundle.items)
+        with self._lock:
+            self._installed[lane].add(bundle.model_id)
+
+    def _send_once(self, lane: int, bundle: Bundle) -> None:
+        # A socket of this call's own: it runs on a thread of install's pool, not on a lane's thread.
+        with Client(self._endpoints[lane], timeout_s=self._timeout_s) as client:
+            self._send(client, lane, bundle)
+
+    def install(self, source: BundleSource) -> None:
+        bundle = source()
+        # The workers build their kernels at once, each in its own process.
+        with ThreadPoolExecutor(self.lanes, thread_name_prefix="install") as pool:
+            done = [pool.submit(self._send_once, lane, bundle) for lane in range(self.lanes)]
+            failures = [f.exception() for f in done if f.exception() is not None]
+        if failures:
+            self.uninstall(bundle.model_id)
+            raise failures[0]
+
+    def uninstall(self, model_id: str) -> None:
+        for lane, endpoint in enumerate(self._endpoints):
+            with self._lock:
+                self._installed[lane].discard(model_id)
+            try:
+                with Client(endpoint, timeout_s=self._timeout_s) as client:
+                    client.request(Message(MessageType.UNINSTALL, {"model_id": model_id}))
+            except HeclaveError as exc:
+                log.warning("worker %d did not forget model %s: %s", lane, model_id, exc.message)
 
     def evaluate(
         self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int, source: BundleSource
     ) -> tuple[list[bytes], OpCounter]:
-        client, installed = self._lane(lane)
-        if model_id not in installed:
-            client.request(Message(MessageType.INSTALL, {"model_id": model_id}, [source().to_bytes()]))
-            installed.add(model_id)
+        client = self._lane(lane)
+        with self._lock:
+            installed = model_id in self._installed[lane]
+        if not installed:
+            self._send(client, lane, source())
         content = {"model_id": model_id, "stage": stage, "batch": batch}
         reply = client.request(Message(MessageType.EVALUATE, content, inputs))
         return list(reply.buffers), OpCounter(**reply.content["ops"])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,11 @@ from heclave.arith.sparse import SparseMatrix
 from heclave.graph.placement import Placement, WeightForm
 from heclave.graph.release import ReleasePolicy
 from heclave.he.context import PublicContext
-from heclave.he.linear import diagonal_mask, encrypt_diagonals, pack_mask, unpack_mask
+from heclave.he.linear import diagonal_mask, pack_mask, unpack_mask
 from heclave.plan import Plan, plan_pytorch
-from heclave.protocol.errors import ChannelError
+from heclave.protocol import streams
+from heclave.protocol.channel import seal_chunks
+from heclave.protocol.errors import ChannelError, HeclaveError
 from heclave.protocol.evidence import VerifierPolicy
 from heclave.protocol.identity import Identity, parse_public
 from heclave.protocol.messages import Message, MessageType, field_of
@@ -27,6 +30,12 @@ from heclave.protocol.messages import Message, MessageType, field_of
 from .connection import AttestedConnection
 
 log = logging.getLogger(__name__)
+
+# How long a failed deployment's clean-up waits for the server: it may be the server that is gone.
+FORGET_S = 30.0
+Progress = Callable[[str, int, int], None]
+"""Told how a deployment advances: ``("prepare", weight items made, of)`` while the server's weights are
+encrypted (or serialised), then ``("upload", bytes sent, of)``."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,9 @@ class ModelOwner:
             placements=placements,
         )
 
-    def deploy(self, plan: Plan, readers: Iterable[bytes | str] = (), anyone: bool = False) -> str:
+    def deploy(
+        self, plan: Plan, readers: Iterable[bytes | str] = (), anyone: bool = False, progress: Progress | None = None
+    ) -> str:
         """Register the plan with the enclave, then upload its weights to the server; returns the model id.
 
         The model belongs to this owner's identity. It may be queried by this
@@ -96,10 +107,19 @@ class ModelOwner:
         weights, a float64 matrix for ``plain``, field integers for ``blinded``,
         nothing for ``enclave``). The two steps are :meth:`register` and
         :meth:`upload`; the server accepts the upload only from the transport
-        client that registered.
+        client that registered. ``progress`` hears how the upload advances.
+
+        A deployment that fails after the registration (a refused frame, a
+        lost connection, a worker refusing the weights) is undeployed again
+        where it can be, so it holds none of this owner's models at the
+        enclave; the server keeps nothing of it either way.
         """
         registration = self.register(plan, readers, anyone)
-        self.upload(plan, registration)
+        try:
+            self.upload(plan, registration, progress)
+        except BaseException:
+            self._forget(registration.model_id)
+            raise
         return registration.model_id
 
     def register(self, plan: Plan, readers: Iterable[bytes | str] = (), anyone: bool = False) -> Registration:
@@ -115,19 +135,35 @@ class ModelOwner:
             **_rights(readers, anyone),
         }
         session = self.connection.session
-        envelope = session.seal(msgpack.packb(payload), b"register")
-        content = {"graph": graph_bytes, "session_id": session.session_id}
-        reply = self.connection.request(Message(MessageType.REGISTER, content, [envelope]))
+        sealed = msgpack.packb(payload)
+        envelopes = seal_chunks(session, sealed, b"register")
+        content = {"graph": graph_bytes, "session_id": session.session_id, "sealed_bytes": len(sealed)}
+        del payload, weights, biases, sealed
+        reply = self.connection.request(Message(MessageType.REGISTER, content, envelopes))
         model_id = field_of(reply.content, "model_id", str)
         context = self._bound_context(model_id, field_of(reply.content, "binding", bytes), reply.buffers)
         return Registration(model_id, context, masks)
 
-    def upload(self, plan: Plan, registration: Registration) -> None:
+    def upload(self, plan: Plan, registration: Registration, progress: Progress | None = None) -> None:
         """The second step of :meth:`deploy`: the weights, in the forms the server may hold, under the
-        registered model's context and with the masks the enclave was given."""
-        frames = self._server_weights(plan, registration.context, registration.masks)
+        registered model's context and with the masks the enclave was given.
+
+        They go as a stream (``protocol.streams``): their sizes first, then parts of at most 16 MB, one
+        ciphertext or one chunk of a matrix per frame; the server keeps the model only once all of it
+        arrived and its workers accepted it. ``progress`` is told ``("prepare", items, of)`` while the
+        weights are encrypted (or serialised) and ``("upload", bytes, of)`` while they travel.
+        """
+        items = self._server_weights(plan, registration.context, registration.masks, progress)
         content = {"model_id": registration.model_id, "masks": registration.masks}
-        self.connection.request(Message(MessageType.DEPLOY, content, frames))
+        told = None if progress is None else functools.partial(progress, "upload")
+        streams.send(self.connection.request, Message(MessageType.DEPLOY, content), items, told)
+
+    def _forget(self, model_id: str) -> None:
+        """Undeploy a model whose upload failed, if the server and the enclave can still be reached."""
+        try:
+            self._owner_request(MessageType.UNDEPLOY, model_id, {"model_id": model_id}, b"undeployed:", FORGET_S)
+        except HeclaveError as exc:
+            log.warning("model %s was registered but not deployed, and could not be removed: %s", model_id, exc.message)
 
     def grant(self, model_id: str, readers: Iterable[bytes | str], anyone: bool = False) -> None:
         """Replace who may query ``model_id`` (this owner always may); the enclave confirms under the session."""
@@ -138,12 +174,14 @@ class ModelOwner:
         """Remove ``model_id``: the enclave forgets its keys and secrets, the server stops serving it."""
         self._owner_request(MessageType.UNDEPLOY, model_id, {"model_id": model_id}, b"undeployed:")
 
-    def _owner_request(self, kind: MessageType, model_id: str, asked: dict, confirmed: bytes) -> None:
+    def _owner_request(
+        self, kind: MessageType, model_id: str, asked: dict, confirmed: bytes, timeout_s: float | None = None
+    ) -> None:
         """Send an owner's sealed instruction about ``model_id``; return once the enclave confirmed it did it."""
         session = self.connection.session
         envelope = session.seal(msgpack.packb(asked), kind.encode() + b":" + model_id.encode())
         content = {"model_id": model_id, "session_id": session.session_id, "envelope": envelope}
-        reply = self.connection.request(Message(kind, content))
+        reply = self.connection.request(Message(kind, content), timeout_s)
         done = msgpack.unpackb(session.open(field_of(reply.content, "ack", bytes), confirmed + model_id.encode()))
         if done.get("model_id") != model_id:
             raise ChannelError(f"The enclave confirmed another model than {model_id}; the {kind} did not happen.")
@@ -183,9 +221,12 @@ class ModelOwner:
                 weights[str(i)] = SparseMatrix.from_dense(quantize(w, stage.weight_bits)).to_bytes()
         return weights, biases
 
-    def _server_weights(self, plan: Plan, context: PublicContext, masks: list[bytes]) -> list[bytes]:
+    def _server_weights(
+        self, plan: Plan, context: PublicContext, masks: list[bytes], progress: Progress | None = None
+    ) -> list[bytes]:
         """Each stage's weights in the form the server may hold; encrypted diagonals as ``masks`` select them."""
         graph, frames = plan.graph, []
+        count = _item_count(plan, masks)
         for i, (stage, w) in enumerate(zip(graph.stages, plan.weights)):
             placement = stage.placement
             if placement is Placement.HE:
@@ -198,18 +239,36 @@ class ModelOwner:
                     placement.value if placement is not Placement.HE else "plain weights",
                 )
             if encrypted:
-                mask = unpack_mask(masks[i], stage.layout, f"Stage {i}")
-                frames.extend(encrypt_diagonals(context, stage.layout, w, mask))
-            elif placement is Placement.BLINDED:
+                diagonals = stage.layout.diagonals(w)
+                for index in zip(*np.nonzero(unpack_mask(masks[i], stage.layout, f"Stage {i}"))):
+                    frames.append(context.encrypt(diagonals[index]))
+                    if progress is not None:
+                        progress("prepare", len(frames), count)
+                continue
+            if placement is Placement.BLINDED:
                 frames.append(SparseMatrix.from_dense(quantize(w, stage.weight_bits)).to_bytes())
             elif placement is Placement.PLAIN:
                 frames.append(SparseMatrix.from_dense(w).to_bytes())
             elif placement is Placement.HE:
                 frames.append(np.ascontiguousarray(w, dtype="<f8").tobytes())
+            if progress is not None and placement is not Placement.ENCLAVE:
+                progress("prepare", len(frames), count)
         return frames
 
     def close(self) -> None:
         self.connection.close()
+
+
+def _item_count(plan: Plan, masks: list[bytes]) -> int:
+    """How many weight items the server receives: one per encrypted diagonal, one matrix per other server stage."""
+    encrypted = plan.graph.weight_form is WeightForm.ENCRYPTED
+    count = 0
+    for i, stage in enumerate(plan.graph.stages):
+        if stage.placement is Placement.HE and encrypted:
+            count += int(unpack_mask(masks[i], stage.layout, f"Stage {i}").sum())
+        elif stage.placement is not Placement.ENCLAVE:
+            count += 1
+    return count
 
 
 def _rights(readers: Iterable[bytes | str], anyone: bool) -> dict:

@@ -4,6 +4,8 @@ clients, each talking to a server it pins under its identity."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -117,7 +119,30 @@ def deploy(
         batch=batch,
         placements=placements,
     )
-    click.echo(owner.deploy(plan, [parse_reader(r) for r in readers], anyone))
+    with _deploy_progress(weights) as progress:
+        model_id = owner.deploy(plan, [parse_reader(r) for r in readers], anyone, progress)
+    click.echo(model_id)
+
+
+@contextmanager
+def _deploy_progress(weights: str) -> Iterator[Callable[[str, int, int], None]]:
+    """Bars on stderr for a deployment's steps (``ModelOwner.deploy``'s ``progress``) when it is a terminal, gone
+    once it is done; the model id alone goes to stdout."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    labels = {"prepare": f"{'encrypting' if weights == 'encrypted' else 'preparing'} weights", "upload": "uploading"}
+    columns = (TextColumn("model owner: {task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bars:
+        tasks: dict[str, int] = {}
+
+        def progress(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = bars.add_task(labels.get(step, step), total=total)
+            bars.update(tasks[step], completed=done, total=total)
+
+        yield progress
 
 
 def parse_reader(text: str) -> bytes:

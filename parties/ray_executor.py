@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from heclave.he.linear import OpCounter
+from heclave.protocol.errors import HeclaveError
 
 from .bundles import Bundle
 from .executors import BundleSource, Executor
@@ -51,6 +52,9 @@ class _Actor:
     def install(self, bundle: bytes) -> None:
         self.worker.install(Bundle.from_bytes(bundle, Path("<ray object store>")))
 
+    def uninstall(self, model_id: str) -> None:
+        self.worker.uninstall(model_id)
+
     def evaluate(self, model_id: str, stage: int, inputs: list[bytes], batch: int) -> tuple[list[bytes], dict]:
         outputs, ops = self.worker.evaluate(model_id, stage, inputs, batch)
         return outputs, ops.__dict__
@@ -78,6 +82,29 @@ class RayExecutor(Executor):
             if model_id not in self._bundles:
                 self._bundles[model_id] = self._ray.put(source().to_bytes())
             return self._bundles[model_id]
+
+    def install(self, source: BundleSource) -> None:
+        bundle = source()
+        ref = self._bundle_ref(bundle.model_id, lambda: bundle)
+        try:
+            self._ray.get([actor.install.remote(ref) for actor in self._actors])
+        except Exception as exc:  # Ray wraps an actor's refusal (a HeclaveError) in a type of its own
+            self.uninstall(bundle.model_id)
+            cause = getattr(exc, "cause", None)
+            raise (cause if isinstance(cause, HeclaveError) else exc) from None
+        with self._lock:
+            for installed in self._installed:
+                installed.add(bundle.model_id)
+
+    def uninstall(self, model_id: str) -> None:
+        with self._lock:
+            self._bundles.pop(model_id, None)
+            for installed in self._installed:
+                installed.discard(model_id)
+        try:
+            self._ray.get([actor.uninstall.remote(model_id) for actor in self._actors])
+        except Exception as exc:  # Ray wraps an actor's failure in its own types
+            log.warning("a Ray actor did not forget model %s: %s", model_id, type(exc).__name__)
 
     def evaluate(
         self, lane: int, model_id: str, stage: int, inputs: list[bytes], batch: int, source: BundleSource

@@ -24,20 +24,22 @@ from heclave.arith.sparse import SparseMatrix
 from heclave.arith.values import parse_values
 from heclave.graph.model import ModelGraph
 from heclave.graph.placement import Form, Placement
-from heclave.he.context import PublicContext
 from heclave.he.linear import OpCounter
 from heclave.protocol.errors import ErrorCode, ForbiddenError, HeclaveError, ProtocolError, QuotaError, UnavailableError
 from heclave.protocol.messages import Message, MessageType, batch_size, field_of
+from heclave.protocol.streams import Incoming, StreamTable
 from heclave.protocol.transport import Client, dispatch
 
-from .bundles import Bundle, BundleStore
+from .bundles import MAX_WEIGHT_BYTES, Bundle, BundleStore
 from .executors import Executor
-from .worker import build_kernels, split_weights
+from .worker import check_sizes, split_weights
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_UPLOADS = 256
 PENDING_PER_CLIENT = 8
+# What all uploads in progress may declare together: each keeps what arrived until its model is deployed.
+MAX_STAGED_BYTES = 4 * MAX_WEIGHT_BYTES
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Server:
         self._registered: OrderedDict[str, tuple[ModelGraph, bytes, str]] = OrderedDict()
         self._deployments: dict[str, Deployment] = {}
         self._store = store
+        self._streams = StreamTable(MAX_STAGED_BYTES, PENDING_PER_CLIENT)
         self._local = threading.local()
         self._handlers = {
             MessageType.EVIDENCE: self._relay,
@@ -114,6 +117,7 @@ class Server:
             MessageType.UNDEPLOY: self._undeploy,
             MessageType.REGISTER: self._register,
             MessageType.DEPLOY: self._deploy,
+            MessageType.PART: self._part,
             MessageType.INFER: self._infer,
         }
 
@@ -174,7 +178,11 @@ class Server:
                 "first ('deploy'), or wait until they are forgotten."
             )
         graph = ModelGraph.from_bytes(graph_bytes)
-        content = {"graph": graph_bytes, "session_id": field_of(request.content, "session_id", bytes)}
+        content = {
+            "graph": graph_bytes,
+            "session_id": field_of(request.content, "session_id", bytes),
+            "sealed_bytes": field_of(request.content, "sealed_bytes", int),
+        }
         reply = self._ask_enclave(Message(MessageType.REGISTER_MODEL, content, request.buffers))
         model_id = field_of(reply.content, "model_id", str)
         if len(reply.buffers) != 1:
@@ -186,8 +194,24 @@ class Server:
         return request.reply(reply.content, reply.buffers)
 
     def _deploy(self, request: Message, lane: int, client: str = "") -> Message:
-        """A registered model's weights, encrypted under its own public context: checked, stored, served."""
+        """Begin the upload of a registered model's weights: their sizes, checked against the graph and the
+        limit before any of them is kept; the weights follow as ``part`` messages (``protocol.streams``)."""
         model_id = field_of(request.content, "model_id", str)
+        graph, _ = self._registration(model_id, client)
+        masks = field_of(request.content, "masks", list)
+        if request.buffers:
+            raise ProtocolError("'deploy' declares the weights' sizes; they follow as parts.", ErrorCode.BAD_FIELD)
+        incoming = Incoming(request.content.get("sizes"), MAX_WEIGHT_BYTES, f"weights of model {model_id}")
+        check_sizes(graph, masks, incoming.sizes)
+        finish = functools.partial(self._commit, model_id, client, masks)
+        stream = self._streams.begin(client, model_id, incoming, finish)
+        return request.reply({"stream": stream})
+
+    def _part(self, request: Message, lane: int, client: str = "") -> Message:
+        return self._streams.part(client, request)
+
+    def _registration(self, model_id: str, client: str) -> tuple[ModelGraph, bytes]:
+        """The graph and public context of a model ``client`` registered and has not deployed yet."""
         registered = self._registered.get(model_id)
         if registered is None:
             raise HeclaveError(f"Model {model_id!r} is not registered; register it first.", ErrorCode.UNKNOWN_MODEL)
@@ -196,14 +220,26 @@ class Server:
             raise ForbiddenError(
                 f"Model {model_id!r} was registered by another client; only it may upload the weights."
             )
-        masks, weights = field_of(request.content, "masks", list), list(request.buffers)
-        build_kernels(graph, PublicContext.from_bytes(context).toolkit, masks, weights)
+        return graph, context
+
+    def _commit(self, model_id: str, client: str, masks: list, request: Message, weights: list[bytes]) -> Message:
+        """All the weights arrived: the deployment is kept only once every worker installed it and its bundle
+        is on disk; anything failing before leaves no bundle and no deployment (the registration stays, so the
+        owner may upload again or undeploy)."""
+        graph, context = self._registration(model_id, client)
         bundle = Bundle(model_id, graph.to_bytes(), context, masks, weights)
-        if self._store is not None:
-            self._store.save(bundle)
-        self._deployments[model_id] = Deployment.of(graph, bundle)
-        del self._registered[model_id]
-        log.info("deployed model %s with %s weights", model_id, graph.weight_form.value)
+        deployment = Deployment.of(graph, bundle)
+        self.executor.install(lambda: bundle)
+        try:
+            if self._store is not None:
+                self._store.save(bundle)
+        except BaseException:
+            self.executor.uninstall(model_id)
+            raise
+        self._deployments[model_id] = deployment
+        self._registered.pop(model_id, None)
+        size = sum(len(w) for w in weights)
+        log.info("deployed model %s with %s weights (%d bytes)", model_id, graph.weight_form.value, size)
         return request.reply({"model_id": model_id, "context_mb": len(context) / 1e6})
 
     def _undeploy(self, request: Message, lane: int, client: str = "") -> Message:
@@ -211,9 +247,12 @@ class Server:
         reply = self._relay(request, lane)
         model_id = field_of(request.content, "model_id", str)
         self._registered.pop(model_id, None)
+        self._streams.drop(model_id)
         # Only an id this server serves names a file: the client's string never reaches the filesystem.
-        if self._deployments.pop(model_id, None) is not None and self._store is not None:
-            self._store.delete(model_id)
+        if self._deployments.pop(model_id, None) is not None:
+            self.executor.uninstall(model_id)
+            if self._store is not None:
+                self._store.delete(model_id)
         log.info("undeployed model %s", model_id)
         return reply
 
@@ -283,9 +322,7 @@ class Server:
             out = np.stack([w_q.apply_mod(row) for row in blinded])
             return Form.BLINDED.value, [out.astype("<i8").tobytes()]
         xs = parse_values(frames, "<f8", (batch, g.cols - 1), "plain activation")
-        while True:  # a run of plain stages, their nonlinear steps included, all on the server
-            ys = deployment.matrices[index].apply(np.concatenate([xs, np.ones((batch, 1))], axis=1))
-            xs = np.stack([apply_ops(y, stages[index].ops) for y in ys])
-            if index + 1 == len(stages) or stages[index + 1].placement is not Placement.PLAIN:
-                return Form.PLAIN.value, [np.ascontiguousarray(xs, dtype="<f8").tobytes()]
-            index += 1
+        for stage in range(index, deployment.graph.plain_run_end(index) + 1):  # their nonlinear steps too
+            ys = deployment.matrices[stage].apply(np.concatenate([xs, np.ones((batch, 1))], axis=1))
+            xs = np.stack([apply_ops(y, stages[stage].ops) for y in ys])
+        return Form.PLAIN.value, [np.ascontiguousarray(xs, dtype="<f8").tobytes()]

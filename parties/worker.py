@@ -10,11 +10,11 @@ does not care which.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -26,9 +26,10 @@ from heclave.he.serialize import to_bytes
 from heclave.protocol import service
 from heclave.protocol.errors import CiphertextError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from heclave.protocol.messages import Message, MessageType, batch_size, field_of
+from heclave.protocol.streams import Incoming, StreamTable
 from heclave.protocol.transport import dispatch, router, serve
 
-from .bundles import Bundle
+from .bundles import MAX_BUNDLE_BYTES, Bundle
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ NOT_INSTALLED = "not installed on this worker"
 OPTIONS = service.options("tcp://127.0.0.1:*", "Endpoint the server connects to.", "{endpoint}")
 
 
-def split_weights(graph: ModelGraph, masks: list, weights: list[bytes]) -> list[tuple[np.ndarray | None, list[bytes]]]:
-    """A deployment's server-side weight frames, stage by stage, with each ``he`` stage's diagonal mask.
+def stage_items(graph: ModelGraph, masks: list) -> list[tuple[np.ndarray | None, int]]:
+    """How many weight items each stage of a deployment carries, with each encrypted ``he`` stage's mask.
 
     ``he`` stages carry a float64 matrix (plain weights) or one ciphertext per
     nonzero diagonal; ``plain`` stages a sparse float64 matrix; ``blinded`` stages
@@ -46,31 +47,49 @@ def split_weights(graph: ModelGraph, masks: list, weights: list[bytes]) -> list[
     """
     if len(masks) != len(graph.stages) or not all(isinstance(m, bytes) for m in masks):
         raise ProtocolError("A deployment carries one packed diagonal mask per stage.", ErrorCode.BAD_FIELD)
-    out: list[tuple[np.ndarray | None, list[bytes]]] = []
-    weights = list(weights)
+    out: list[tuple[np.ndarray | None, int]] = []
     for i, stage in enumerate(graph.stages):
-        g = stage.layout
         if stage.placement is Placement.ENCLAVE:
-            out.append((None, []))
-            continue
-        if stage.placement is not Placement.HE:
-            if not weights:
-                raise PlanError(f"Stage {i} ({stage.placement.value}) needs its weight matrix.")
-            out.append((None, [weights.pop(0)]))
-            continue
-        if graph.weight_form is WeightForm.PLAIN:
-            if not weights or len(weights[0]) != g.rows * g.cols * 8:
-                raise PlanError(f"Stage {i} needs a {g.rows}x{g.cols} matrix of 8-byte numbers.")
-            out.append((None, [weights.pop(0)]))
-            continue
-        mask = unpack_mask(masks[i], g, f"Stage {i}")
-        count = int(mask.sum())
-        if len(weights) < count:
-            raise PlanError(f"Stage {i} needs {count} encrypted diagonals, the deployment has {len(weights)} left.")
-        out.append((mask, weights[:count]))
-        weights = weights[count:]
-    if weights:
-        raise PlanError(f"The deployment carries {len(weights)} weight frames more than its stages use.")
+            out.append((None, 0))
+        elif stage.placement is not Placement.HE or graph.weight_form is WeightForm.PLAIN:
+            out.append((None, 1))
+        else:
+            mask = unpack_mask(masks[i], stage.layout, f"Stage {i}")
+            out.append((mask, int(mask.sum())))
+    return out
+
+
+def check_sizes(graph: ModelGraph, masks: list, sizes: list[int]) -> None:
+    """Refuse weight items (given by their sizes, as a deployment declares them before sending any) that do not
+    fit the graph: another number than its stages use, or a plain-weight matrix of another shape."""
+    counts = stage_items(graph, masks)
+    needed = sum(count for _, count in counts)
+    if len(sizes) != needed:
+        each = ", ".join(
+            f"stage {i}: {count} {'encrypted diagonals' if mask is not None else 'matrix' if count else 'none'}"
+            for i, (mask, count) in enumerate(counts)
+        )
+        raise PlanError(
+            f"The deployment carries {len(sizes)} weight items; its stages need {needed} ({each}). "
+            "Upload the weights of the plan that was registered."
+        )
+    start = 0
+    for i, (stage, (mask, count)) in enumerate(zip(graph.stages, counts)):
+        g = stage.layout
+        if stage.placement is Placement.HE and mask is None and sizes[start] != g.rows * g.cols * 8:
+            raise PlanError(f"Stage {i} needs a {g.rows}x{g.cols} matrix of 8-byte numbers.")
+        start += count
+
+
+def split_weights(graph: ModelGraph, masks: list, weights: list[bytes]) -> list[tuple[np.ndarray | None, list[bytes]]]:
+    """A deployment's server-side weight items, stage by stage (:func:`stage_items`), with each encrypted
+    ``he`` stage's diagonal mask."""
+    check_sizes(graph, masks, [len(w) for w in weights])
+    out: list[tuple[np.ndarray | None, list[bytes]]] = []
+    start = 0
+    for mask, count in stage_items(graph, masks):
+        out.append((mask, weights[start : start + count]))
+        start += count
     return out
 
 
@@ -111,6 +130,10 @@ class HeWorker:
         kernels = build_kernels(graph, context.toolkit, bundle.masks, list(bundle.weights))
         self._models[bundle.model_id] = _Installed(context, kernels)
 
+    def uninstall(self, model_id: str) -> None:
+        """Forget a model's kernels (undeployed, or its deployment failed); nothing if it is not here."""
+        self._models.pop(model_id, None)
+
     def evaluate(self, model_id: str, stage: int, inputs: list[bytes], batch: int) -> tuple[list[bytes], OpCounter]:
         """One layer over every ciphertext group of a batch: serialised outputs and the operations done."""
         installed = self._models.get(model_id)
@@ -135,19 +158,37 @@ class HeWorker:
 
 
 class WorkerService:
-    """A worker process's message handler: ``install`` and ``evaluate``."""
+    """A worker process's message handler: ``install`` (a bundle, streamed in parts), ``uninstall`` and
+    ``evaluate``. Only its server reaches it."""
 
     def __init__(self) -> None:
         self.worker = HeWorker()
-        self._handlers = {MessageType.INSTALL: self._install, MessageType.EVALUATE: self._evaluate}
+        # Each lane installs one model at a time, and a deployment installs on every worker at once.
+        self._streams = StreamTable(capacity=2 * MAX_BUNDLE_BYTES)
+        self._handlers = {
+            MessageType.INSTALL: self._install,
+            MessageType.PART: functools.partial(self._streams.part, ""),
+            MessageType.UNINSTALL: self._uninstall,
+            MessageType.EVALUATE: self._evaluate,
+        }
 
     def handle(self, request: Message) -> Message:
         return dispatch(self._handlers, request, "worker")
 
     def _install(self, request: Message) -> Message:
-        if len(request.buffers) != 1:
-            raise ProtocolError("'install' carries the model's bundle.", ErrorCode.BAD_FIELD)
-        self.worker.install(Bundle.from_bytes(request.buffers[0], Path("<install>")))
+        """Begin receiving a model's bundle: its items' sizes first; the model is installed on the last part."""
+        model_id = field_of(request.content, "model_id", str)
+        masks = field_of(request.content, "masks", list)
+        incoming = Incoming(request.content.get("sizes"), MAX_BUNDLE_BYTES, f"bundle of model {model_id}")
+
+        def finish(part: Message, items: list[bytes]) -> Message:
+            self.worker.install(Bundle.of_items(model_id, masks, items))
+            return part.reply({"model_id": model_id})
+
+        return request.reply({"stream": self._streams.begin("", model_id, incoming, finish)})
+
+    def _uninstall(self, request: Message) -> Message:
+        self.worker.uninstall(field_of(request.content, "model_id", str))
         return request.reply()
 
     def _evaluate(self, request: Message) -> Message:

@@ -14,21 +14,32 @@ counter per direction) with a header ``session id || counter`` as associated
 data, plus a purpose string the caller chooses (``b"infer:" + request id``...).
 An envelope that is replayed, reordered, truncated or altered is refused, and
 the channel does not resynchronise: the owner opens a new session.
+
+A payload larger than one ``CHUNK_BYTES`` frame (a model's secrets, sealed
+to the enclave) goes as several envelopes (:func:`seal_chunks`), each bound
+by its associated data to the purpose, its position, the number of chunks and
+the total size: the counters already refuse a reordered, repeated or missing
+envelope, and the bound count and total refuse a payload cut short after a
+whole envelope. The receiver checks the declared total against its limit
+before it allocates anything (:func:`open_chunks`).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from .errors import ChannelError
+from .errors import ChannelError, ErrorCode, HeclaveError, ProtocolError
 from .noise import XK, CipherState, HandshakeState
+from .streams import CHUNK_BYTES, chunk_count, chunks_of
 
 PROTOCOL_NAME = b"Noise_XK_25519_AESGCM_SHA256"
 LABEL = b"heclave/v2/channel"
 _HEADER = struct.Struct(">16sQ")
+_CHUNK = struct.Struct(">IIQ")  # a sealed chunk's index, the number of chunks, the payload's total size
 _REFUSED = "Envelope authentication failed; open a new session."
 
 
@@ -64,6 +75,45 @@ class Session:
         if session_id != self.session_id or counter != self.recv.nonce:
             raise ChannelError(_REFUSED)
         return self.recv.decrypt_with_ad(header + associated, envelope[_HEADER.size :])
+
+
+def seal_chunks(session: Session, payload: bytes, purpose: bytes) -> list[bytes]:
+    """``payload`` sealed in ``session`` as envelopes of at most ``CHUNK_BYTES`` of it each, every one bound to
+    ``purpose``, its index, the number of chunks and ``len(payload)``; send that total beside them."""
+    count = chunk_count(len(payload))
+    return [
+        session.seal(chunk, purpose + _CHUNK.pack(index, count, len(payload)))
+        for index, chunk in enumerate(chunks_of(payload))
+    ]
+
+
+def open_chunks(session: Session, envelopes: Sequence[bytes], purpose: bytes, total: int, limit: int) -> bytearray:
+    """The payload :func:`seal_chunks` sealed, if its declared ``total`` is at most ``limit`` (checked before
+    anything is allocated) and ``envelopes`` are exactly its chunks, in order, each unaltered.
+
+    Raises ``too_large`` for a total past the limit, ``incomplete`` for a number of envelopes the total does
+    not need, and :class:`ChannelError` for anything else (a chunk reordered, repeated, dropped and replaced,
+    altered, or sealed for another total).
+    """
+    if not 0 <= total <= limit:
+        raise ProtocolError(
+            f"A sealed payload of {total} bytes exceeds the limit of {limit}; nothing was opened.", ErrorCode.TOO_LARGE
+        )
+    count = chunk_count(total)
+    if len(envelopes) != count:
+        raise HeclaveError(
+            f"A sealed payload of {total} bytes comes in {count} envelopes, not {len(envelopes)}: some were dropped "
+            "or repeated on the way. Open a new session and send it again.",
+            ErrorCode.INCOMPLETE,
+        )
+    payload = bytearray(total)
+    for index, envelope in enumerate(envelopes):
+        chunk = session.open(envelope, purpose + _CHUNK.pack(index, count, total))
+        start = index * CHUNK_BYTES
+        if len(chunk) != min(CHUNK_BYTES, total - start):
+            raise ChannelError(_REFUSED)
+        payload[start : start + len(chunk)] = chunk
+    return payload
 
 
 def _established(handshake: HandshakeState) -> Session:

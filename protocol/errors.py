@@ -18,6 +18,7 @@ class ErrorCode(str, Enum):
     UNSUPPORTED_VERSION = "unsupported_version"
     UNKNOWN_TYPE = "unknown_type"
     TOO_LARGE = "too_large"
+    INCOMPLETE = "incomplete"
     BAD_FIELD = "bad_field"
     BAD_CIPHERTEXT = "bad_ciphertext"
     UNKNOWN_MODEL = "unknown_model"

@@ -19,14 +19,15 @@ import msgpack
 
 from .errors import ErrorCode, HeclaveError, ProtocolError, error_from_reply
 
-PROTOCOL_VERSION = 1
+# 2: a model's weights and bundles travel as streams of parts, its secrets sealed in chunks (protocol.streams).
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 1 << 20
 MAX_BUFFERS = 8192
 MAX_BUFFER_BYTES = 64 << 20
-# A whole message, header and buffers. The largest honest ones carry a model: the owner's encrypted
-# weights (``deploy``; 54 ciphertexts of about 330 KB, 18 MB, for the largest benchmark, the VGG-style CNN
-# at batch 8) and, to a worker, the bundle with the model's public context (its Galois keys, tens of MB).
-# 1 GiB leaves room for models many times larger; without it, 8192 buffers of 64 MB would be 512 GiB.
+# A whole message, header and buffers. A model's weights and bundle travel as streams of parts of at most
+# 16 MB (``protocol.streams``); the largest honest message is a model's secrets sealed to the enclave
+# (``register``, at most 512 MB in 16 MB envelopes; 62 MB for Orion's LeNet). Without this limit, 8192
+# buffers of 64 MB would be 512 GiB.
 MAX_MESSAGE_BYTES = 1 << 30
 OK = "ok"
 ERROR = "error"
@@ -52,11 +53,14 @@ class MessageType(StrEnum):
     ACTIVATE = "activate"  # from the server: one stage's result, for the next stage's input or the release
     # The server answers these.
     REGISTER = "register"  # a model owner registers a graph; the enclave makes its keys
-    DEPLOY = "deploy"  # the model owner uploads the registered model's weights
+    DEPLOY = "deploy"  # the model owner declares the registered model's weights; they follow as parts
     INFER = "infer"  # a data owner's encrypted batch and its sealed authorisation
     # A worker answers these, from its server.
-    INSTALL = "install"  # a deployment's bundle: graph, public context and weights
+    INSTALL = "install"  # a deployment's bundle (graph, public context, weights) declared; it follows as parts
+    UNINSTALL = "uninstall"  # forget a model: undeployed, or its deployment failed
     EVALUATE = "evaluate"  # one stage of one batch
+    # The server and the workers answer this: the next frames of a stream begun by deploy or install.
+    PART = "part"
 
 
 @dataclass(frozen=True)

@@ -12,24 +12,31 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
 
 
-def write_atomic(path: Path, data: bytes, mode: int = SECRET_MODE) -> None:
+def write_atomic(path: Path, data: bytes | Iterable[bytes], mode: int = SECRET_MODE) -> None:
     """Write ``data`` to ``path`` via a private temporary file, fsync and rename; the file gets exactly ``mode``
-    (owner-only unless a caller says the content is public), whatever the umask."""
+    (owner-only unless a caller says the content is public), whatever the umask.
+
+    ``data`` may also be pieces written one after another, so a large file (a model's bundle) is never
+    joined into one more copy in memory first.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE)
     try:
         try:
             os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

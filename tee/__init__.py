@@ -2,7 +2,7 @@
 
 Its trusted computing base is this package, ``he``, ``arith``, ``graph`` and
 ``protocol`` plus numpy, tenseal, pyzmq, msgpack, cryptography and zstandard
-(``tests/test_tcb.py`` holds it to that). It never imports torch.
+(``tests/tee/test_tcb.py`` holds it to that). It never imports torch.
 """
 
 from .enclave import Enclave

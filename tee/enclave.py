@@ -9,7 +9,8 @@ nothing the server says that it cannot check:
   sessions are counted per identity (``tee.sessions``);
 - ``register_model``: a model graph and the secrets its owner sealed to the
   enclave (the graph's hash, the weights it needs for its own stages and for
-  checking the server's, the biases, who may query the model); the enclave
+  checking the server's, the biases, who may query the model), as sealed
+  chunks bound to their position and total (``protocol.channel``); the enclave
   makes the model's own CKKS key set and answers with its public context
   (Galois keys for exactly the rotations the graph uses) and a binding sealed
   to the owner. The model belongs to the registering identity (``tee.models``);
@@ -44,7 +45,7 @@ from heclave.graph.model import ModelGraph
 from heclave.graph.params import CkksParams
 from heclave.graph.placement import Form, Placement
 from heclave.he.context import SecretKeySet, public_parameters
-from heclave.protocol.channel import Session
+from heclave.protocol.channel import Session, open_chunks
 from heclave.protocol.errors import ChannelError, ErrorCode, HeclaveError, PlanError, ProtocolError
 from heclave.protocol.evidence import Runtime
 from heclave.protocol.messages import Message, MessageType, batch_size, field_of
@@ -60,6 +61,10 @@ from .sessions import SessionTable
 from .state import EnclaveState
 
 log = logging.getLogger(__name__)
+
+# A model's secrets as its owner seals them (weights the enclave needs, biases, masks): they stay in the
+# enclave's memory, of which Gramine gives it a fixed size (2 GB by default, tee/gramine).
+MAX_SECRETS_BYTES = 512 << 20
 
 
 class Enclave:
@@ -142,11 +147,8 @@ class Enclave:
     def _register_model(self, request: Message) -> Message:
         graph_bytes = field_of(request.content, "graph", bytes)
         session = self._session(request.content)
-        if len(request.buffers) != 1:
-            raise ProtocolError(
-                "'register_model' carries the owner's sealed envelope as its one buffer.", ErrorCode.BAD_FIELD
-            )
-        vouched = _unpack_map(session.open(request.buffers[0], b"register"))
+        total = field_of(request.content, "sealed_bytes", int)
+        vouched = _unpack_map(open_chunks(session, request.buffers, b"register", total, MAX_SECRETS_BYTES))
         if vouched.get("graph") != hashlib.sha256(graph_bytes).digest():
             raise ChannelError("The model graph is not the one the model owner sealed; refusing it.")
         graph = ModelGraph.from_bytes(graph_bytes)
@@ -213,11 +215,11 @@ class Enclave:
         blob = authorisation.get("input")
         if not isinstance(blob, bytes) or len(blob) != batch * size * 8:
             raise ProtocolError(f"The sealed input must hold {batch}x{size} float64 values.", ErrorCode.BAD_FIELD)
-        xs = np.frombuffer(blob, dtype="<f8").reshape(batch, size)
         state = Request(model_id, request_id, session, batch)
+        state.values[0] = np.frombuffer(blob, dtype="<f8").reshape(batch, size)
         self._requests.open(state)
         with _ending_on_failure(self._requests, state):
-            index, xs = runtime.advance(0, xs)
+            index, xs = runtime.advance(state, 0)
             plain_input = index == 0 and runtime.graph.stages[0].placement is Placement.PLAIN
             if plain_input and authorisation.get("allow_plain_input") is not True:
                 raise PlanError(
@@ -240,8 +242,8 @@ class Enclave:
                     "the request.",
                     ErrorCode.OUT_OF_ORDER,
                 )
-            last, xs = runtime.accept(state, _form(request.content), request.buffers)
-            following, xs = runtime.advance(last + 1, xs)
+            last = runtime.accept(state, _form(request.content), request.buffers)
+            following, xs = runtime.advance(state, last + 1)
             return self._continue(request, runtime, state, following, xs)
 
     def _continue(self, request: Message, runtime: ModelRuntime, state: Request, index: int, xs: np.ndarray) -> Message:

@@ -27,18 +27,29 @@ def run_encrypted(keys: SecretKeySet, graph: ModelGraph, weights: list[np.ndarra
     """Run a planned model layer by layer: kernels as the server runs them, bias and steps as the enclave does."""
     context = keys.public.with_galois(keys.galois_keys(graph.rotation_steps), graph.rotation_steps)
     toolkit = context.toolkit
-    activation = np.asarray(x, dtype=np.float64).reshape(-1)
-    for stage, w_aug in zip(graph.stages, weights):
+    values = {0: np.asarray(x, dtype=np.float64).reshape(-1)}
+    for i, (stage, w_aug) in enumerate(zip(graph.stages, weights)):
         g, w, bias = stage.layout, w_aug[:, :-1], w_aug[:, -1]
         if graph.weight_form is WeightForm.PLAIN:
             kernel = LinearKernel.from_plain(toolkit, g, w)
         else:
             mask, frames = encrypt_weights(context, g, w)
             kernel = LinearKernel.from_encrypted(toolkit, g, mask, frames)
-        inputs = [toolkit.load_ciphertext(keys.encrypt_symmetric(row)) for row in g.gather(activation)]
+        inputs = [toolkit.load_ciphertext(keys.encrypt_symmetric(row)) for row in g.gather(values[stage.source])]
         outputs = kernel.evaluate(inputs, context, OpCounter())
-        activation = apply_ops(g.scatter(np.stack([keys.decrypt_complex(ct) for ct in outputs])) + bias, stage.ops)
-    return activation
+        partials = np.stack([keys.decrypt_complex(ct) for ct in outputs])
+        values[i + 1] = apply_ops(g.scatter(partials) + bias, stage.ops, values)
+    return values[len(graph.stages)]
+
+
+def run_imported(imported, x: np.ndarray, stages: int | None = None) -> np.ndarray:
+    """An imported model in plain numpy: each composed affine map on the value it reads, then its exact steps;
+    the result of the first ``stages`` stages (all by default)."""
+    values = {0: np.asarray(x, dtype=np.float64).reshape(-1)}
+    count = len(imported.stages) if stages is None else stages
+    for i, (affine, ops) in enumerate(imported.stages[:count]):
+        values[i + 1] = apply_ops(affine.weight @ values[imported.source(i)] + affine.bias, tuple(ops), values)
+    return values[count]
 
 
 def deployed_kernel(keys: SecretKeySet, layout, w: np.ndarray, form: WeightForm):
@@ -75,6 +86,33 @@ def raw_socket(cluster) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cluster.endpoint)
     return sock
+
+
+def deployed_models(cluster) -> set[str]:
+    """The ids of the models the cluster's enclave holds (registered, and not undeployed), from its sealed state."""
+    from heclave.tee.state import MODELS_DIR
+
+    return {path.stem for path in (cluster.workdir / "enclave-state" / MODELS_DIR).glob("*.sealed")}
+
+
+def undeploy(cluster, *model_ids: str) -> None:
+    """Undeploy ``MODEL_OWNER``'s models from the cluster, so that the suites after find its quota free;
+    models already gone, or another identity's, are left alone."""
+    from heclave.parties.model_owner import ModelOwner
+    from heclave.protocol.errors import ErrorCode, HeclaveError
+
+    if not model_ids:
+        return
+    owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
+    try:
+        for model_id in model_ids:
+            try:
+                owner.undeploy(model_id)
+            except HeclaveError as exc:
+                if exc.code not in (ErrorCode.UNKNOWN_MODEL, ErrorCode.FORBIDDEN):
+                    raise
+    finally:
+        owner.close()
 
 
 def open_session(handle, evidence, identity: Identity = DATA_OWNER):

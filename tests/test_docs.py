@@ -114,3 +114,13 @@ def test_the_readme_names_exactly_what_the_enclave_runs():
     assert set(re.findall(r"`([a-z]+)/`", claim.group(1))) == ours
     named = set(re.split(r",\s*|\s+and\s+", claim.group(2).strip()))
     assert named == {DISTRIBUTIONS.get(lib, lib) for lib in libraries}
+
+
+def test_every_test_path_the_docs_and_the_code_name_exists():
+    """The README, ``docs/`` and the code's docstrings point at test files that are there (tests move)."""
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    texts += [path for folder in FOLDERS for path in sorted((ROOT / folder).rglob("*.py"))]
+    named = {(text, path) for text in texts for path in re.findall(r"`(tests/[\w/.-]*)`", text.read_text())}
+    assert len(named) > 10
+    missing = sorted(f"{text.relative_to(ROOT)}: {path}" for text, path in named if not (ROOT / path).exists())
+    assert not missing, f"these name test paths that do not exist: {missing}"

@@ -20,7 +20,7 @@ ALLOWED = {
     "plan": {"protocol", "graph", "arith", "he"},
     "parties": {"protocol", "graph", "arith", "he", "plan", "tee", "workloads"},
     "examples": {"protocol", "graph", "arith", "he", "plan", "parties", "workloads"},
-    "benchmarks": {"protocol", "graph", "arith", "he", "plan", "parties", "workloads"},
+    "benchmarks": {"protocol", "graph", "arith", "he", "plan", "parties", "examples", "workloads"},
 }
 SERVER_SIDE = ("heclave.parties.serving", "heclave.parties.server", "heclave.parties.worker")
 

@@ -1,8 +1,11 @@
-"""Fixtures of the attack suite: deployed models, honest and attacking owners, the operator (see ``tools``)."""
+"""Fixtures of the attack suite: deployed models, honest and attacking owners, the operator (see ``tools``).
+
+The suite attacks the session's shared ``cluster`` (``tests/conftest.py``); every attack must leave it serving
+honest requests (``still_serves``), and its models are undeployed when the suite ends."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -11,36 +14,28 @@ import torch
 from heclave.graph.placement import Placement
 from heclave.graph.release import ReleasePolicy
 from heclave.parties.data_owner import DataOwner
-from heclave.parties.processes import Cluster
 from tests.helpers import DATA_OWNER
 
-from .tools import ATTACKER, DEV, INPUT, Deployed, LyingServer, Operator, assert_close, deploy, two_layers
+from .tools import ATTACKER, DEV, INPUT, Deployed, LyingServer, Operator, assert_close, deployed, two_layers
 
 
 @pytest.fixture(scope="package")
-def cluster(tmp_path_factory):
-    """One real enclave and server for the whole attack suite (the operator's models stay deployed)."""
-    with Cluster(tmp_path_factory.mktemp("attacks")) as running:
-        yield running
-
-
-@pytest.fixture(scope="package")
-def victim(cluster) -> Deployed:
+def victim(cluster) -> Iterator[Deployed]:
     """Someone else's model: the operator wants its weights, and its users' inputs and outputs."""
-    return deploy(cluster, two_layers(11))
+    yield from deployed(cluster, two_layers(11))
 
 
 @pytest.fixture(scope="package")
-def twin(cluster) -> Deployed:
+def twin(cluster) -> Iterator[Deployed]:
     """Another model of the victim's architecture (same layouts), under its own key set."""
-    return deploy(cluster, two_layers(12))
+    yield from deployed(cluster, two_layers(12))
 
 
 @pytest.fixture(scope="package")
-def own_model(cluster) -> Deployed:
+def own_model(cluster) -> Iterator[Deployed]:
     """The operator's own one-stage model, releasing logits to 8 decimals: the best decryption oracle it can get."""
     torch.manual_seed(13)
-    return deploy(cluster, torch.nn.Sequential(torch.nn.Linear(INPUT, 4)), release=ReleasePolicy(decimals=8))
+    yield from deployed(cluster, torch.nn.Sequential(torch.nn.Linear(INPUT, 4)), release=ReleasePolicy(decimals=8))
 
 
 @pytest.fixture(scope="package")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +31,7 @@ from .tools import (
     Deployed,
     Probe,
     assert_close,
-    deploy,
+    deployed,
     output_polynomials,
     random_input,
     run_to,
@@ -111,9 +113,9 @@ def _key_term(probe: Probe) -> float:
 
 
 @pytest.fixture(scope="module")
-def he_then_plain(cluster) -> Deployed:
+def he_then_plain(cluster) -> Iterator[Deployed]:
     """A model whose owner let the server run its second layer in the clear (it sees that layer's input)."""
-    return deploy(cluster, two_layers(15), placements=["he", "plain"])
+    yield from deployed(cluster, two_layers(15), placements=["he", "plain"])
 
 
 def test_key_probe_before_a_plain_stage_is_not_handed_out_in_the_clear(operator, attacker, he_then_plain, still_serves):
@@ -139,7 +141,7 @@ def test_key_probe_before_a_plain_stage_is_not_handed_out_in_the_clear(operator,
 
 
 @pytest.fixture(scope="module")
-def wide_he_then_plain(cluster) -> Deployed:
+def wide_he_then_plain(cluster) -> Iterator[Deployed]:
     """A 64-64-4 model, first layer ``he`` (its 64 rows sum all 4096 slots), second ``plain``; its owner's biases
     keep the ReLU open at x = 0 (with others, the server, which sees the plain layer's input, first looks for an
     input that opens it)."""
@@ -147,7 +149,7 @@ def wide_he_then_plain(cluster) -> Deployed:
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
     with torch.no_grad():
         net[0].bias.fill_(1.0)
-    return deploy(cluster, net, input_shape=(64,), placements=["he", "plain"])
+    yield from deployed(cluster, net, input_shape=(64,), placements=["he", "plain"])
 
 
 def test_the_server_cannot_recover_a_models_secret_key_before_a_plain_stage(

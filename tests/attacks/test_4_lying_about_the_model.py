@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Iterator
 
 import msgpack
 import numpy as np
@@ -22,7 +23,7 @@ from .tools import (
     DEV,
     Deployed,
     assert_close,
-    deploy,
+    deployed,
     random_input,
     two_layers,
 )
@@ -34,9 +35,9 @@ BAD, INTEGRITY = ErrorCode.BAD_CIPHERTEXT, ErrorCode.INTEGRITY
 
 
 @pytest.fixture(scope="module")
-def plain_first(cluster) -> Deployed:
+def plain_first(cluster) -> Iterator[Deployed]:
     """A model whose first layer runs in the clear on the server: it sees the input."""
-    return deploy(cluster, two_layers(14), placements=["plain", "he"])
+    yield from deployed(cluster, two_layers(14), placements=["plain", "he"])
 
 
 def test_the_lying_servers_faithful_relay_gives_the_data_owner_the_model(lying_server, victim, operator):
@@ -159,9 +160,9 @@ def test_a_plain_stages_result_is_the_servers_word_and_the_plan_says_so(operator
 
 
 @pytest.fixture(scope="module")
-def blinded_first(cluster) -> Deployed:
+def blinded_first(cluster) -> Iterator[Deployed]:
     """A model whose first layer the server computes on one-time padded field vectors (Slalom's way)."""
-    return deploy(cluster, two_layers(16), placements=["blinded", "he"])
+    yield from deployed(cluster, two_layers(16), placements=["blinded", "he"])
 
 
 def test_a_blinded_stages_honest_result_passes(operator, attacker, blinded_first):

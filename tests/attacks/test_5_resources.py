@@ -19,7 +19,7 @@ from heclave.protocol.curve import CurveKeys
 from heclave.protocol.errors import ErrorCode
 from heclave.protocol.messages import MAX_BUFFER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode
 from heclave.protocol.transport import read_public_key
-from tests.test_limits import zstd_frame
+from tests.he.test_sealformat import zstd_frame
 
 from .tools import random_input
 

@@ -15,7 +15,6 @@ import secrets
 
 import pytest
 
-from heclave.parties.processes import Cluster
 from heclave.protocol.curve import CurveKeys
 from heclave.protocol.errors import NoReplyError
 from heclave.protocol.messages import Message
@@ -25,12 +24,11 @@ REFUSED_WITHIN_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory):
+def guarded(tmp_path_factory, cluster_with):
     """A second enclave and server, the server started with ``--allow-clients`` naming one client key."""
-    workdir = tmp_path_factory.mktemp("guarded")
-    listed, allowed = CurveKeys.generate(), workdir / "allowed-clients"
+    listed, allowed = CurveKeys.generate(), tmp_path_factory.mktemp("guarded") / "allowed-clients"
     allowed.write_bytes(b"# the one client this deployment serves\n" + listed.public + b"\n")
-    with Cluster(workdir, server_args=("--allow-clients", str(allowed))) as running:
+    with cluster_with("--allow-clients", str(allowed)) as running:
         yield running, listed, allowed
 
 

@@ -13,7 +13,6 @@ import torch
 from heclave.parties import server
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
-from heclave.parties.processes import Cluster
 from heclave.protocol.channel import OwnerHandshake, Session
 from heclave.protocol.errors import ErrorCode, HeclaveError
 from heclave.protocol.evidence import Evidence
@@ -168,9 +167,9 @@ def test_a_registered_model_is_uploaded_only_by_the_client_that_registered_it(cl
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory):
+def fresh(cluster_with):
     """A cluster of its own, whose quotas the floods below may fill, with a legitimate owner's model."""
-    with Cluster(tmp_path_factory.mktemp("floods")) as running:
+    with cluster_with() as running:
         model = deploy(running, two_layers(31))
         yield running, model
 

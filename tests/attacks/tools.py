@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from heclave.protocol.errors import ErrorCode, HeclaveError, ProtocolError
 from heclave.protocol.identity import Identity
 from heclave.protocol.messages import Message
 from heclave.protocol.transport import Client, CurveKeys, handle_frames, router, write_public_key
-from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER
+from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, undeploy
 
 from .forge import parse_output
 
@@ -81,6 +81,13 @@ def deploy(cluster, net: torch.nn.Module, input_shape: tuple[int, ...] = (INPUT,
     finally:
         owner.close()
     return Deployed(model_id, net.double().eval(), plan)
+
+
+def deployed(cluster, net: torch.nn.Module, input_shape: tuple[int, ...] = (INPUT,), **options) -> Iterator[Deployed]:
+    """:func:`deploy` for a fixture (``yield from deployed(...)``): undeploys the model when the fixture ends."""
+    model = deploy(cluster, net, input_shape, **options)
+    yield model
+    undeploy(cluster, model.model_id)
 
 
 def two_layers(seed: int) -> torch.nn.Module:
@@ -129,12 +136,10 @@ class Operator:
             blinded = np.frombuffer(inputs[0], dtype="<i8").reshape(batch, -1)
             return [np.stack([matrix[stage].apply_mod(row) for row in blinded]).astype("<i8").tobytes()]
         xs = np.frombuffer(inputs[0], dtype="<f8").reshape(batch, -1)
-        while True:
-            ys = matrix[stage].apply(np.concatenate([xs, np.ones((batch, 1))], axis=1))
-            xs = np.stack([apply_ops(y, stages[stage].ops) for y in ys])
-            if stage + 1 == len(stages) or stages[stage + 1].placement is not Placement.PLAIN:
-                return [np.ascontiguousarray(xs, dtype="<f8").tobytes()]
-            stage += 1
+        for index in range(stage, self.graph(model_id).plain_run_end(stage) + 1):
+            ys = matrix[index].apply(np.concatenate([xs, np.ones((batch, 1))], axis=1))
+            xs = np.stack([apply_ops(y, stages[index].ops) for y in ys])
+        return [np.ascontiguousarray(xs, dtype="<f8").tobytes()]
 
     def ask(self, kind: str, content: dict, buffers: list[bytes] | tuple[bytes, ...] = ()) -> Message:
         return self.enclave.request(Message(kind, content, list(buffers)))

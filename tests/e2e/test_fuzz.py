@@ -19,11 +19,12 @@ from heclave.he.context import SecretKeySet
 from heclave.he.serialize import to_bytes
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
+from heclave.parties.worker import WorkerService
 from heclave.protocol.errors import CiphertextError, ErrorCode
 from heclave.protocol.messages import PROTOCOL_VERSION, Message, decode, encode
 from heclave.protocol.transport import Client, handle_frames, read_public_key
 from heclave.tee.enclave import Enclave
-from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, layer_output, raw_socket
+from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, layer_output, raw_socket, undeploy
 
 EXAMPLES = int(os.environ.get("HECLAVE_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -39,6 +40,10 @@ FIELDS = [
     "batch",
     "handshake",
     "handshake_id",
+    "sizes",
+    "stream",
+    "part",
+    "sealed_bytes",
 ]
 TYPES = [
     "evidence",
@@ -51,10 +56,15 @@ TYPES = [
     "deploy",
     "model_info",
     "infer",
+    "part",
+    "install",
+    "uninstall",
+    "evaluate",
     "x",
 ]
 
 KNOWN_MODELS: list[str] = []
+WORKER = WorkerService()
 _VALID_CT = SecretKeySet(CkksParams()).public.encrypt(np.linspace(-1, 1, 64))
 
 
@@ -119,6 +129,12 @@ def test_enclave_handler_answers_anything_with_one_reply(enclave, frames):
     _assert_one_reply(handle_frames(frames, enclave.handle))
 
 
+@FUZZ
+@given(frames=requests())
+def test_worker_handler_answers_anything_with_one_reply(frames):
+    _assert_one_reply(handle_frames(frames, WORKER.handle))
+
+
 @pytest.fixture(scope="module")
 def deployed(cluster):
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
@@ -126,6 +142,7 @@ def deployed(cluster):
     KNOWN_MODELS.append(owner.deploy(owner.plan(model, (6,), "encrypted"), readers=[DATA_OWNER.public]))
     owner.close()
     yield KNOWN_MODELS[-1]
+    undeploy(cluster, *KNOWN_MODELS)
     KNOWN_MODELS.clear()
 
 

@@ -12,7 +12,7 @@ from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
 from heclave.protocol.errors import ChannelError, HeclaveError
 from heclave.protocol.messages import MAX_BUFFER_BYTES, Message, decode, encode
-from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, raw_socket
+from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, raw_socket, undeploy
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,8 @@ def model(cluster):
     owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
     model_id = owner.deploy(owner.plan(net, (12,), "encrypted"), readers=[DATA_OWNER.public])
     owner.close()
-    return model_id, net.double().eval()
+    yield model_id, net.double().eval()
+    undeploy(cluster, model_id)
 
 
 @pytest.fixture

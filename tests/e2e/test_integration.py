@@ -15,7 +15,7 @@ from heclave.protocol.errors import AttestationError, CiphertextError, HeclaveEr
 from heclave.protocol.messages import Message, decode, encode
 from heclave.protocol.transport import Client, CurveKeys, read_public_key
 from heclave.workloads import INPUT_SHAPE, train_digits_cnn
-from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, raw_socket
+from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER, raw_socket, undeploy
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def deployed(cluster, trained):
     model_id = owner.deploy(owner.plan(trained[0], INPUT_SHAPE, "encrypted"), readers=[DATA_OWNER.public])
     yield model_id
     owner.close()
+    undeploy(cluster, model_id)
 
 
 @pytest.fixture

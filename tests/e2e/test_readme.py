@@ -14,7 +14,7 @@ import torch
 
 from heclave.workloads import digits_cnn
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _free_port() -> int:

@@ -32,9 +32,9 @@ def _deploy_digits(cluster: Cluster, seed: int, weights: str, count: int) -> tup
 
 
 @pytest.fixture(scope="module")
-def small_cluster(tmp_path_factory):
-    args = ("--max-queue", "1", "--enclave-timeout", "3")
-    with Cluster(tmp_path_factory.mktemp("reliability"), server_args=args) as running:
+def small_cluster(cluster_with):
+    """A server with a queue of one and a short enclave timeout, whose enclave the tests kill."""
+    with cluster_with("--max-queue", "1", "--enclave-timeout", "3") as running:
         yield running, *_deploy_digits(running, seed=3, weights="plain", count=4)
 
 
@@ -88,8 +88,8 @@ def test_a_dead_enclave_fails_the_request_in_bounded_time_and_service_resumes(sm
     fresh.close()
 
 
-def test_a_supervising_server_restarts_its_enclave_and_keeps_serving_without_redeploying(tmp_path):
-    with Cluster(tmp_path, server_args=("--spawn-enclave", "--enclave-timeout", "5")) as cluster:
+def test_a_supervising_server_restarts_its_enclave_and_keeps_serving_without_redeploying(cluster_with):
+    with cluster_with("--spawn-enclave", "--enclave-timeout", "5") as cluster:
         model_id, x, reference = _deploy_digits(cluster, seed=4, weights="encrypted", count=3)
         os.kill(cluster.children[1].wait_ready()["enclave_pid"], signal.SIGKILL)
         deadline = time.monotonic() + 60
@@ -148,8 +148,8 @@ def _stopped(pid: int, timeout_s: float) -> bool:
     return False
 
 
-def test_a_killed_server_takes_its_workers_and_supervised_enclave_with_it(tmp_path):
-    with Cluster(tmp_path, server_args=("--spawn-enclave", "--workers", "2")) as cluster:
+def test_a_killed_server_takes_its_workers_and_supervised_enclave_with_it(cluster_with):
+    with cluster_with("--spawn-enclave", "--workers", "2") as cluster:
         status = cluster.children[1].wait_ready()
         children = [status["enclave_pid"], *status["worker_pids"]]
         assert len(children) == 3

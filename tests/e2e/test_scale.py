@@ -10,7 +10,6 @@ import torch
 
 from heclave.parties.data_owner import DataOwner
 from heclave.parties.model_owner import ModelOwner
-from heclave.parties.processes import Cluster
 from heclave.workloads import INPUT_SHAPE, train_digits_cnn
 from tests.helpers import DATA_OWNER, DEV, MODEL_OWNER
 
@@ -26,9 +25,9 @@ def trained():
 @pytest.mark.parametrize(
     "server_args", [("--workers", "2"), ("--ray", "local", "--workers", "2")], ids=["processes", "ray"]
 )
-def test_two_workers_serve_concurrent_owners_exactly(tmp_path, trained, server_args):
+def test_two_workers_serve_concurrent_owners_exactly(cluster_with, trained, server_args):
     model, x, reference = trained
-    with Cluster(tmp_path, server_args=server_args) as cluster:
+    with cluster_with(*server_args) as cluster:
         assert cluster.children[1].wait_ready()["lanes"] == 2
         owner = ModelOwner(cluster.endpoint, cluster.server_key_file, MODEL_OWNER, DEV)
         model_id = owner.deploy(owner.plan(model, INPUT_SHAPE, "encrypted", batch=4), readers=[DATA_OWNER.public])

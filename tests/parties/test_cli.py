@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from heclave.protocol.identity import Identity
-from tests.test_measure import sigstruct
+from tests.tee.test_measure import sigstruct
 
 HECLAVE = str(Path(sys.executable).parent / "heclave")
 

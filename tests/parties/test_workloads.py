@@ -1,5 +1,5 @@
 """Commands take their workload from ``--workload`` (digits by default): a workload of 4x4 noise images
-(``tests/tiny_workload.py``) through the real ``heclave plan``, ``heclave assess`` and ``heclave demo``."""
+(``tests/parties/tiny_workload.py``) through the real ``heclave plan``, ``heclave assess`` and ``heclave demo``."""
 
 from __future__ import annotations
 

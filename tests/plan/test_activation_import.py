@@ -12,23 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from heclave.arith.nonlinear import apply_ops
 from heclave.graph.model import ModelGraph
 from heclave.graph.ops import OpKind
 from heclave.plan import from_pytorch, plan_pytorch
 from heclave.plan.assessment import cut_functions
 from heclave.plan.importer import ImportedModel
 from heclave.protocol.errors import PlanError
+from tests.helpers import run_imported
 
 K = OpKind
-
-
-def _run(imported: ImportedModel, x: np.ndarray, stages: int | None = None) -> np.ndarray:
-    """The imported chain in plain numpy: each composed affine map, then its exact steps."""
-    h = np.asarray(x, dtype=np.float64).reshape(-1)
-    for affine, ops in imported.stages[:stages]:
-        h = apply_ops(affine.weight @ h + affine.bias, tuple(ops))
-    return h
 
 
 def _randomize(model: nn.Module, seed: int) -> nn.Module:
@@ -48,7 +40,7 @@ def _agrees(model: nn.Module, shape: tuple[int, ...], seed: int) -> ImportedMode
         x = 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
         with torch.no_grad():
             expected = model.double()(x[None]).reshape(-1).numpy()
-        got = _run(imported, x.numpy())
+        got = run_imported(imported, x.numpy())
         assert np.abs(got - expected).max() <= 1e-10 * max(1.0, np.abs(expected).max())
     return imported
 
@@ -202,7 +194,7 @@ def test_the_assessments_view_of_each_cut_is_the_imported_chain():
     imported = from_pytorch(_randomize(model, 11), (1, 5, 5))
     x = torch.randn((4, 1, 5, 5), generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     for depth, (_, view) in enumerate(cut_functions(imported)):
-        expected = np.stack([_run(imported, v, depth) if depth else v.reshape(-1) for v in x.numpy()])
+        expected = np.stack([run_imported(imported, v, depth) if depth else v.reshape(-1) for v in x.numpy()])
         np.testing.assert_allclose(view(x).detach().numpy(), expected, rtol=1e-12, atol=1e-12)
 
 

@@ -19,7 +19,7 @@ import pytest
 jinja2 = pytest.importorskip("jinja2")
 from jinja2 import meta  # noqa: E402
 
-GRAMINE_DIR = Path(__file__).resolve().parents[1] / "tee" / "gramine"
+GRAMINE_DIR = Path(__file__).resolve().parents[2] / "tee" / "gramine"
 TEMPLATE = GRAMINE_DIR / "heclave-enclave.manifest.template"
 MAKEFILE = GRAMINE_DIR / "Makefile"
 

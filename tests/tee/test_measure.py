@@ -14,7 +14,7 @@ import pytest
 from heclave.protocol.errors import AttestationError
 from heclave.protocol.evidence import Evidence, Runtime, VerifierPolicy, report_data
 from heclave.tee.measure import SIG_FILE, Sigstruct, measure, pinning_policy, read_sigstruct
-from tests.test_attestation import CONTEXT, IDENTITY, build_quote
+from tests.protocol.test_evidence import CONTEXT, IDENTITY, build_quote
 
 HEADER = bytes.fromhex("06000000e10000000000010000000000")
 HEADER2 = bytes.fromhex("01010000600000006000000001000000")
