@@ -31,8 +31,7 @@ Nothing here downloads anything.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -44,7 +43,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from heclave.workloads import INPUT_SHAPE as DIGITS_SHAPE
-from heclave.workloads import Split, train_digits_cnn
+from heclave.workloads import Split, single_threaded, train_digits_cnn
 
 __all__ = [
     "ZOO",
@@ -299,7 +298,7 @@ def train_breast_cancer_mlp(steps: int = 300, seed: int = SEED) -> tuple[nn.Modu
     model = breast_cancer_mlp()
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
-    with _single_threaded():
+    with single_threaded():
         model.train()
         for _ in range(steps):
             optimiser.zero_grad()
@@ -308,22 +307,9 @@ def train_breast_cancer_mlp(steps: int = 300, seed: int = SEED) -> tuple[nn.Modu
     return model.eval(), x_test, y_test
 
 
-@contextlib.contextmanager
-def _single_threaded() -> Iterator[None]:
-    """torch on one thread, for training the small models: a second thread only adds synchronisation, which on
-    a busy 2-core machine made training the digits CNN take 17 s instead of 0.7 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _trained_digits_cnn() -> nn.Module:
     """The demo's digits CNN, trained as :func:`heclave.workloads.train_digits_cnn` trains it."""
-    with _single_threaded():
-        return train_digits_cnn()[0]
+    return train_digits_cnn()[0]
 
 
 ZOO: dict[str, ZooModel] = {

@@ -7,7 +7,8 @@ so a task of one's own needs no change here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +60,25 @@ def digits_cnn() -> nn.Module:
     )
 
 
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch on one thread, for training small models: a second thread only adds synchronisation, which on a
+    busy 2-core machine made training the digits CNN take 31 s instead of 1.1 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_digits_cnn(epochs: int = 12, seed: int = 0) -> tuple[nn.Module, np.ndarray, np.ndarray]:
-    """Train the CNN in a few seconds on CPU; returns the model and the held-out images and labels."""
+    """Train the CNN in a second or two on CPU; returns the model and the held-out images and labels."""
+    with single_threaded():
+        return _train_digits_cnn(epochs, seed)
+
+
+def _train_digits_cnn(epochs: int, seed: int) -> tuple[nn.Module, np.ndarray, np.ndarray]:
     torch.manual_seed(seed)
     x_train, x_test, y_train, y_test = digits_split(seed)
     model = digits_cnn()
