@@ -99,9 +99,17 @@ class Client:
     def request(self, message: Message, timeout_s: float | None = None) -> Message:
         """Send ``message`` and return its reply, raising the remote error if any."""
         frames = encode(message)
-        self._socket.send_multipart(frames, copy=False)
-        self.bytes_sent += size_of(frames)
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        # A DEALER with no connected peer (a refused handshake drops it) blocks on send: bound that wait too.
+        self._socket.setsockopt(zmq.SNDTIMEO, max(1, int((timeout_s or self.timeout_s) * 1000)))
+        try:
+            self._socket.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise NoReplyError(
+                f"Could not send {message.type!r} to {self.endpoint} within {timeout_s or self.timeout_s:.0f} s: "
+                "no connection was accepted; check the address, the server's key and that this client is allowed."
+            ) from None
+        self.bytes_sent += size_of(frames)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._socket.poll(int(remaining * 1000)):

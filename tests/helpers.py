@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import tenseal.sealapi as seal
 import zmq
@@ -125,3 +129,23 @@ def open_session(handle, evidence, identity: Identity = DATA_OWNER):
     third, session = handshake.finish(reply.content["handshake"])
     handle(Message("confirm_session", {"handshake_id": reply.content["handshake_id"], "handshake": third}))
     return session
+
+
+def enclave_modules() -> list[str]:
+    """Every module a fresh interpreter loads for the enclave program (``python -m heclave.tee``)."""
+    probe = (
+        "import json, sys, heclave.tee.__main__, heclave.tee.enclave;"
+        "print(json.dumps(sorted(m for m in sys.modules if not m.startswith('_'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def assert_released_close(inference, expected: np.ndarray) -> None:
+    """An inference's released logits agree with torch's ``expected`` (one row per input) and pick its labels:
+    within 1e-3 of the logits' range plus the release's flooding noise (``tee.release``) and rounding to 1e-4."""
+    got = np.stack([np.asarray(r["logits"]) for r in inference.results])
+    spread = expected.max() - expected.min()
+    assert np.abs(got - expected).max() < 1e-3 * spread + 6 * inference.noise_sd + 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()

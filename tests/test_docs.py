@@ -4,7 +4,6 @@ torch, and what the enclave runs."""
 from __future__ import annotations
 
 import ast
-import json
 import re
 import shlex
 import subprocess
@@ -15,6 +14,7 @@ import click
 import pytest
 
 from heclave.cli import main
+from tests.helpers import enclave_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -98,13 +98,7 @@ def test_the_readme_names_exactly_the_packages_that_import_torch():
 
 
 def test_the_readme_names_exactly_what_the_enclave_runs():
-    probe = (
-        "import json, sys, heclave.tee.__main__, heclave.tee.enclave;"
-        "print(json.dumps(sorted(m for m in sys.modules if not m.startswith('_'))))"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    modules = json.loads(done.stdout)
+    modules = enclave_modules()
     libraries = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"heclave", "cython_runtime"}
     ours = {m.split(".")[1] for m in modules if m.startswith("heclave.")}
     claim = re.search(

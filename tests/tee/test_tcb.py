@@ -6,9 +6,9 @@ zstandard reads the server's SEAL frames, which SEAL compresses with zstd (``he.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
+
+from tests.helpers import enclave_modules
 
 ALLOWED = {
     "cryptography",
@@ -24,13 +24,7 @@ ENCLAVE_CODE = {"heclave", "heclave.tee", "heclave.he", "heclave.arith", "heclav
 
 
 def test_the_enclave_program_imports_only_its_allowed_dependencies():
-    probe = (
-        "import json, sys, heclave.tee.__main__, heclave.tee.enclave;"
-        "print(json.dumps(sorted(m for m in sys.modules if not m.startswith('_'))))"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    modules = set(json.loads(done.stdout))
+    modules = set(enclave_modules())
     imported = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names)
     assert imported <= ALLOWED, f"the enclave imports {sorted(imported - ALLOWED)}"
     ours = {".".join(m.split(".")[:2]) for m in modules if m.split(".")[0] == "heclave"}
